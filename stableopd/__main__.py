@@ -1,0 +1,3 @@
+from stableopd.cli import main
+
+main()

@@ -1,0 +1,102 @@
+"""The sampling contract and the backend registry.
+
+A backend turns prompt token ids into samples: for each prompt, `n` responses, each with its token ids,
+the log-prob of every sampled token under the distribution it was drawn from, and why it ended
+("stop": a stop token was sampled, and it is the last id of `token_ids`; "length": the budget ran out).
+Backends that hold their own copy of the weights (vLLM) implement `sync_weights`; the trainer calls it
+after every optimizer step.
+
+Built-ins and plugins are found the same way: through the entry-point group `stableopd.backends`
+(this package declares `hf` and `vllm` there). A plugin package adds, in its pyproject.toml,
+
+    [project.entry-points."stableopd.backends"]
+    mine = "my_pkg.backend:MyBackend"
+
+where `MyBackend(model=..., tokenizer=..., model_path=..., stop_ids=..., options=dict)` implements the
+`Backend` protocol. See examples/plugin_backend/ for a complete one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from stableopd.errors import UserError
+
+ENTRY_POINT_GROUP = "stableopd.backends"
+# Used when the package's own metadata is missing (e.g. running from a source tree that was not installed).
+BUILTIN_BACKENDS = {"hf": "stableopd.backends.hf:HFBackend", "vllm": "stableopd.backends.vllm:VLLMBackend"}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 128
+    seed: int = 0
+
+
+@dataclass
+class Sample:
+    token_ids: list[int]  # (T,) includes the stop token when finish_reason == "stop"
+    logprobs: list[float]  # (T,) sampler log-prob of each sampled token
+    finish_reason: Literal["stop", "length"]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+
+    def generate(self, prompts_P: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
+        """(P prompts) -> P lists of params.n samples, in prompt order."""
+        ...
+
+    def sync_weights(self, model: Any) -> None:
+        """Make the next `generate` sample from `model`'s current weights (no-op when shared)."""
+        ...
+
+
+def available_backends() -> dict[str, str]:
+    """name -> "module:attr" for every registered backend (built-ins and plugins)."""
+    found = dict(BUILTIN_BACKENDS)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found[ep.name] = ep.value
+    return found
+
+
+def _load_target(target: str):
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.value == target:
+            return ep.load()
+    import importlib
+
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def build_backend(name: str, *, model: Any, tokenizer: Any, model_path: str, stop_ids: list[int],
+                  options: dict[str, Any] | None = None) -> Backend:
+    """Instantiate the backend registered as `name`; unknown names list the available ones."""
+    registry = available_backends()
+    if name not in registry:
+        raise UserError(f"unknown sampling backend '{name}'; available: {', '.join(sorted(registry))}")
+    try:
+        cls = _load_target(registry[name])
+    except ImportError as exc:
+        raise UserError(f"sampling backend '{name}' cannot be imported ({exc})") from None
+    backend = cls(model=model, tokenizer=tokenizer, model_path=model_path, stop_ids=stop_ids,
+                  options=dict(options or {}))
+    if not isinstance(backend, Backend):
+        raise UserError(f"sampling backend '{name}' ({registry[name]}) does not implement generate/sync_weights")
+    return backend
+
+
+def split_stop(sample: Sample, stop_ids: list[int]) -> tuple[list[int], list[float], bool]:
+    """(response ids without the stop token, their log-probs, truncated?) for a sample."""
+    if sample.finish_reason == "stop" and sample.token_ids and sample.token_ids[-1] in stop_ids:
+        return sample.token_ids[:-1], sample.logprobs[:-1], False
+    return list(sample.token_ids), list(sample.logprobs), sample.finish_reason == "length"

@@ -1,0 +1,126 @@
+"""Hugging Face `generate` backend: batched, left-padded sampling from the training model itself.
+
+It shares the trainer's model object, so there is no weight copy and `sync_weights` has nothing to do.
+`logprobs` are taken from generate's processed scores: the log-softmax of the logits after temperature,
+top-k and top-p, i.e. the distribution each token was actually drawn from. Embedding rows past the
+tokenizer's vocabulary (padding, e.g. Qwen2.5's 151,936 rows for 151,665 tokens) are masked out, the
+same restriction the trainer's kernels apply. At temperature 1 with no
+top-k/top-p they equal the teacher-forced log-probs of the same model (tests/test_backends.py checks
+this). With temperature 0 (greedy) no warper runs and they are the temperature-1 log-probs of the argmax.
+
+Sampling is reproducible: each call seeds its own RNG stream from `params.seed` and restores the
+global RNG afterwards, so sampling does not perturb training randomness (and resume stays exact).
+
+Options (`sampling.options`): `batch_size` prompts per generate call (default 16).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from stableopd.backends.base import Sample, SamplingParams
+from stableopd.errors import UserError
+
+
+class HFOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    batch_size: int = Field(default=16, ge=1)
+
+
+class _MaskPaddedRows:
+    """Logits processor: rows past the tokenizer's vocabulary (embedding padding) can never be sampled."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.shape[-1] > self.vocab_size:
+            scores[:, self.vocab_size:] = float("-inf")
+        return scores
+
+
+class HFBackend:
+    name = "hf"
+
+    def __init__(self, *, model: Any, tokenizer: Any, model_path: str, stop_ids: list[int],
+                 options: dict[str, Any]) -> None:
+        try:
+            self.options = HFOptions(**options)
+        except ValidationError as err:
+            raise UserError(f"sampling.options for the hf backend: {err.errors()[0]['msg']} "
+                            f"({'.'.join(map(str, err.errors()[0]['loc']))})") from None
+        self.model, self.tokenizer, self.stop_ids = model, tokenizer, list(stop_ids)
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.stop_ids[0]
+        self.vocab_size = len(tokenizer)
+
+    def sync_weights(self, model: Any) -> None:
+        self.model = model  # same object as the trainer's: nothing to copy
+
+    def _gen_config(self, params: SamplingParams):
+        from transformers import GenerationConfig
+
+        greedy = params.temperature == 0
+        return GenerationConfig(
+            do_sample=not greedy,
+            temperature=None if greedy else params.temperature,
+            top_p=None if greedy or params.top_p >= 1.0 else params.top_p,
+            top_k=None if greedy or params.top_k == 0 else params.top_k,
+            max_new_tokens=params.max_new_tokens,
+            num_return_sequences=params.n,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.pad_id,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+
+    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)  # (B, L)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)  # (B, L)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+        device = next(self.model.parameters()).device
+        return ids.to(device), mask.to(device)
+
+    @torch.no_grad()
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[list[Sample]]:
+        from transformers import LogitsProcessorList
+
+        ids, mask = self._left_pad(prompts)
+        was_training = self.model.training
+        self.model.eval()
+        devices = [ids.device] if ids.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=self._gen_config(params),
+                                      logits_processor=LogitsProcessorList([_MaskPaddedRows(self.vocab_size)]))
+        if was_training:
+            self.model.train()
+        gen = out.sequences[:, ids.shape[1]:].cpu()  # (B*n, T)
+        scores = torch.stack(out.scores, dim=1).float()  # (B*n, T, V) processed logits
+        logprobs = torch.log_softmax(scores, dim=-1).gather(-1, gen.unsqueeze(-1).to(scores.device))
+        logprobs = logprobs.squeeze(-1).cpu()  # (B*n, T)
+        results: list[list[Sample]] = []
+        for row in range(gen.shape[0]):
+            toks = gen[row].tolist()
+            end = next((t + 1 for t, tok in enumerate(toks) if tok in self.stop_ids), None)
+            reason = "stop" if end is not None else "length"
+            end = end if end is not None else len(toks)
+            sample = Sample(token_ids=toks[:end], logprobs=logprobs[row, :end].tolist(), finish_reason=reason)
+            if row % params.n == 0:
+                results.append([])
+            results[-1].append(sample)
+        return results
+
+    def generate(self, prompts_P: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
+        out: list[list[Sample]] = []
+        size = self.options.batch_size
+        for start in range(0, len(prompts_P), size):
+            # a distinct, reproducible stream per batch; independent of how many batches ran before
+            out.extend(self._generate_batch(prompts_P[start:start + size], params, params.seed * 100_003 + start))
+        return out

@@ -1,0 +1,152 @@
+"""The `stableopd` command line: thin Typer commands over the `run_*` stages.
+
+Every command takes `-c CONFIG.yaml` and repeatable `-s key=value` overrides; short flags such as
+`--student` are sugar for config keys. Bad input ends with exit code 2 and one line (`--debug` shows
+the traceback); a collapse stop ends with exit code 3.
+
+    stableopd --help
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from stableopd.config import Config, load_config
+from stableopd.errors import CollapseStop, UserError
+from stableopd.progress import console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="On-policy distillation that sees length inflation and truncation collapse coming.")
+
+ConfigOpt = typer.Option(None, "-c", "--config", help="YAML config file.")
+SetOpt = typer.Option([], "-s", "--set", help="Override a config key: -s loss.ref_kl_coef=0.02 (repeatable).")
+DebugOpt = typer.Option(False, "--debug", help="Show tracebacks.")
+
+
+def _guard(debug: bool, body: Callable[[], int | None]) -> None:
+    """Run a command body; turn known failures into one line and an exit code."""
+    try:
+        code = body() or 0
+    except (UserError, CollapseStop) as exc:
+        if debug:
+            raise
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        console.print("interrupted", highlight=False)
+        code = 130
+    raise typer.Exit(code)
+
+
+def _config(path: Path | None, sets: list[str], flags: dict[str, Any]) -> Config:
+    return load_config(path, sets, flags)
+
+
+@app.command()
+def rollout(config: Path = ConfigOpt, sets: list[str] = SetOpt,
+            model: str = typer.Option(None, "--model", help="Model to sample from (sets student.name)."),
+            data: str = typer.Option(None, "--data", help="Prompts: file, builtin:arith or dataset name."),
+            out: Path = typer.Option(None, "--out", help="Output JSONL (default rollouts.jsonl)."),
+            debug: bool = DebugOpt) -> None:
+    """Sample n responses per prompt and write rollout records as JSONL."""
+    def body() -> int:
+        from stableopd.rollout import print_rollout_summary, run_rollout
+
+        cfg = _config(config, sets, {"student.name": model, "data.source": data, "out": out and str(out)})
+        dest = Path(cfg.out or "rollouts.jsonl")
+        print_rollout_summary(run_rollout(cfg, out=dest), dest)
+        return 0
+    _guard(debug, body)
+
+
+@app.command()
+def distill(config: Path = ConfigOpt, sets: list[str] = SetOpt,
+            student: str = typer.Option(None, "--student", help="Student model (sets student.name)."),
+            teacher: str = typer.Option(None, "--teacher", help="Teacher model (sets teacher.name)."),
+            data: str = typer.Option(None, "--data", help="Training prompts (sets data.source)."),
+            out: Path = typer.Option(None, "--out", help="Run directory (sets out)."),
+            resume: bool = typer.Option(False, "--resume", help="Continue from the latest complete checkpoint."),
+            debug: bool = DebugOpt) -> None:
+    """Distill the teacher into the student with OPD or StableOPD."""
+    def body() -> int:
+        from stableopd.trainer import run_distill
+
+        cfg = _config(config, sets, {"student.name": student, "teacher.name": teacher, "data.source": data,
+                                     "out": out and str(out)})
+        return run_distill(cfg, resume=resume)
+    _guard(debug, body)
+
+
+@app.command()
+def sft(config: Path = ConfigOpt, sets: list[str] = SetOpt,
+        student: str = typer.Option(None, "--student", help="Model to fine-tune (sets student.name)."),
+        data: str = typer.Option(None, "--data", help="Examples with golden solutions (sets data.source)."),
+        out: Path = typer.Option(None, "--out", help="Run directory (sets out)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue from the latest complete checkpoint."),
+        debug: bool = DebugOpt) -> None:
+    """Warm-start the student with supervised fine-tuning on golden solutions."""
+    def body() -> int:
+        from stableopd.trainer import run_sft
+
+        cfg = _config(config, sets, {"student.name": student, "data.source": data, "out": out and str(out)})
+        return run_sft(cfg, resume=resume)
+    _guard(debug, body)
+
+
+@app.command("eval")
+def eval_(targets: list[str] = typer.Argument(None, help="Models or run directories to evaluate."),
+          config: Path = ConfigOpt, sets: list[str] = SetOpt,
+          model: list[str] = typer.Option([], "--model", help="Model or run directory (repeatable)."),
+          data: str = typer.Option(None, "--data", help="Problems with answers (sets data.source)."),
+          responses: Path = typer.Option(None, "--responses", help="Score existing generations instead."),
+          step: int = typer.Option(None, "--step", help="Checkpoint step of a run directory."),
+          out: Path = typer.Option(None, "--out", help="Folder for per-sample JSONL."),
+          as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+          debug: bool = DebugOpt) -> None:
+    """Measure accuracy with real answer checking, on models or on existing responses."""
+    def body() -> int:
+        from stableopd.evaluate import run_eval
+
+        cfg = _config(config, sets, {"data.source": data, "out": out and str(out)})
+        return run_eval(cfg, models=list(model) + list(targets or []), step=step, responses=responses,
+                        out=Path(cfg.out) if cfg.out else None, as_json=as_json, console=console)
+    _guard(debug, body)
+
+
+@app.command()
+def diagnose(path: Path = typer.Argument(..., help="Run directory, metrics.jsonl, or a JSONL of responses."),
+             config: Path = ConfigOpt, sets: list[str] = SetOpt,
+             as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON on stdout."),
+             plots: Path = typer.Option(None, "--plots", help="Folder for PNG plots and report.md."),
+             strict: bool = typer.Option(False, "--strict", help="Exit 1 unless the run is healthy."),
+             text_field: str = typer.Option(None, "--text-field", help="Field holding the response text."),
+             debug: bool = DebugOpt) -> None:
+    """Say whether and when a run is inflating or collapsing."""
+    def body() -> int:
+        from stableopd.diagnostics import run_diagnose
+
+        cfg = _config(config, sets, {"diagnose.text_field": text_field})
+        return run_diagnose(path, cfg.diagnose, as_json=as_json, plots_dir=plots, strict=strict, console=console)
+    _guard(debug, body)
+
+
+@app.command()
+def models() -> None:
+    """List the built-in models and aliases."""
+    from stableopd.models import describe_models
+
+    for name, what in describe_models().items():
+        typer.echo(f"{name:18s} {what}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+

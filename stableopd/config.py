@@ -1,0 +1,257 @@
+"""One pydantic config shared by every command, loaded from YAML and `-s key=value` overrides.
+
+Precedence, highest first: command-line flags (`--student`, `--model`, ...), `-s` overrides, the YAML
+file given with `-c`, then the defaults below. Every section forbids unknown keys, so a typo is an
+error that names the key and lists the valid ones. `dump_config` writes the resolved config that
+`load_config` reads back to an equal object; every run directory keeps one.
+
+    stableopd distill -c examples/smoke.yaml -s loss.ref_kl_coef=0.02
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from stableopd.errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(Section):
+    """A model: alias (`tiny`, `qwen-1.5b`, ...), Hugging Face id, local directory or `.gguf` file."""
+
+    name: str = "tiny"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class DataConfig(Section):
+    """Prompts: a local JSONL/Parquet file, `builtin:arith`, or a Hugging Face dataset name."""
+
+    source: str = "builtin:arith"
+    split: str = "train"
+    val_source: str | None = None  # None: `source` with `val_split` (builtin:arith uses a held-out seed)
+    val_split: str = "validation"
+    id_field: str = "id"
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    solution_field: str = "solution"
+    limit: int | None = Field(default=None, ge=1)
+    val_limit: int | None = Field(default=64, ge=1)
+    shuffle: bool = True
+    seed: int = 0
+    chat_template: bool = True
+    system_prompt: str | None = None
+    max_prompt_tokens: int = Field(default=1024, ge=1)
+
+
+class SamplingConfig(Section):
+    """How rollouts are drawn. `options` go to the backend, which validates them itself."""
+
+    backend: str = "hf"
+    n: int = Field(default=4, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)  # 0 = off
+    max_new_tokens: int = Field(default=128, ge=1)
+    seed: int = 0
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class LossConfig(Section):
+    """The distillation objective. See stableopd/losses.py for the formulas."""
+
+    objective: Literal["opd", "stableopd", "jsd"] = "stableopd"
+    advantage: Literal["log_ratio", "power", "clip", "log_compress"] = "log_ratio"
+    power_alpha: float = Field(default=5.0, gt=0.0)
+    adv_clip: float = Field(default=1.0, gt=0.0)
+    clip_eps: float = Field(default=0.2, gt=0.0)
+    aggregation: Literal["seq_mean", "token_mean"] = "seq_mean"
+    ref_kl_coef: float = Field(default=0.01, ge=0.0)
+    gold_coef: float = Field(default=0.1, ge=0.0)
+    jsd_beta: float = Field(default=0.5, ge=0.0, le=1.0)
+    teacher_temperature: float = Field(default=1.0, gt=0.0)
+    chunk_size: int = Field(default=1024, ge=1)
+
+
+class TrainConfig(Section):
+    steps: int = Field(default=100, ge=1)
+    prompts_per_step: int = Field(default=8, ge=1)
+    lr: float = Field(default=1e-6, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    micro_batch: int = Field(default=8, ge=1)  # sequences per forward/backward
+    epochs_per_batch: int = Field(default=1, ge=1)
+    grad_clip: float = Field(default=1.0, ge=0.0)  # 0 = off
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    save_every: int = Field(default=50, ge=1)
+    keep_last: int = Field(default=3, ge=1)
+    eval_every: int = Field(default=10, ge=0)  # 0 = no validation
+    rollouts_every: int = Field(default=1, ge=0)  # write rollouts/step_N.jsonl every k steps; 0 = never
+    seed: int = 0
+    stop_on_collapse: bool = False
+    max_bad_steps: int = Field(default=3, ge=1)  # consecutive non-finite steps before stopping
+
+
+class EvalConfig(Section):
+    """`stableopd eval` (stableopd/evaluate.py). Unset keys take the preset's value when `preset` is set."""
+
+    n: int = Field(default=1, ge=1)  # samples per problem: accuracy is avg@n
+    temperature: float = Field(default=0.6, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_new_tokens: int | None = Field(default=None, ge=1)  # None: sampling.max_new_tokens
+    checker: str = "auto"  # a name registered in stableopd/answers.py: auto, math, numeric, or a plugin's
+    pass_k: list[int] = Field(default_factory=lambda: [1])  # unbiased pass@k for each k (k <= n)
+    preset: str | None = None  # math500, aime24, aime25, amc, minerva, olympiadbench (eval_presets.py)
+    response_field: str = "response"  # text field of `eval --responses FILE.jsonl` lines
+
+    @field_validator("pass_k")
+    @classmethod
+    def _positive_k(cls, v: list[int]) -> list[int]:
+        if not v or any(k < 1 for k in v):
+            raise ValueError("must be a non-empty list of positive integers, e.g. [1, 4]")
+        return v
+
+
+class DiagnoseConfig(Section):
+    """Repetition rules and the collapse/inflation detector (rules in stableopd/repetition.py, diagnostics.py)."""
+
+    rep_tail_chars: int = Field(default=10_000, ge=1)  # L; short generations need a smaller L
+    rep_ratio: float = Field(default=10.0, gt=0.0)  # tau
+    rep_token_ngram: int = Field(default=16, ge=1)  # a token is repetitive inside a repeated n-token window
+    text_field: str = "response"
+    finish_field: str = "finish_reason"
+    truncated_field: str = "truncated"
+    step_field: str = "step"
+    chunk_size: int = Field(default=0, ge=0)  # responses with no step field: 0 = one step, k = steps of k records
+    collapse_trunc: float = Field(default=0.95, ge=0.0, le=1.0)
+    collapse_rep_jump: float = Field(default=0.2, ge=0.0, le=1.0)
+    patience: int = Field(default=3, ge=1)  # steps an excursion must last before it counts
+    max_gap: int = Field(default=1, ge=0)  # failing steps tolerated inside a collapse excursion
+    inflation_window: int = Field(default=20, ge=3)
+    inflation_min_growth: float = Field(default=0.3, ge=0.0)  # relative growth of the length median
+    inflation_trunc_rise: float = Field(default=0.15, ge=0.0, le=1.0)  # absolute rise of the trunc median
+    examples: int = Field(default=5, ge=0)  # worst responses shown by diagnose
+    example_files: int = Field(default=3, ge=0)  # last rollout files read for examples when metrics exist
+
+    def thresholds(self) -> dict[str, Any]:
+        """Keyword arguments of `diagnostics.detect` and `diagnostics.CollapseGuard`."""
+        keys = ("collapse_trunc", "collapse_rep_jump", "patience", "max_gap")
+        keys += ("inflation_window", "inflation_min_growth", "inflation_trunc_rise")
+        return {k: getattr(self, k) for k in keys}
+
+
+class LoggingConfig(Section):
+    progress: bool = True
+    tensorboard: bool = False
+
+
+class Config(Section):
+    student: ModelSpec = Field(default_factory=ModelSpec)
+    teacher: ModelSpec = Field(default_factory=lambda: ModelSpec(name="tiny-teacher"))
+    data: DataConfig = Field(default_factory=DataConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    diagnose: DiagnoseConfig = Field(default_factory=DiagnoseConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    out: str | None = None  # run directory (distill, sft), JSONL file (rollout), folder (eval)
+
+    @field_validator("out")
+    @classmethod
+    def _non_empty_out(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must be a path, not an empty string")
+        return v
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    if not all(keys):
+        raise UserError(f"bad override key '{dotted}': use a dotted path such as loss.ref_kl_coef")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise UserError(f"bad override '{dotted}': '{key}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`loss.ref_kl_coef=0.02` -> ("loss.ref_kl_coef", 0.02); the value is read as YAML."""
+    if "=" not in text:
+        raise UserError(f"bad override '{text}': expected key=value, e.g. -s train.steps=10")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown config key '{loc}'{_valid_keys_hint(e['loc'])}")
+        else:
+            parts.append(f"config key '{loc}': {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(parts)
+
+
+def _valid_keys_hint(loc: tuple) -> str:
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return ""
+        model = ann
+    return "; valid keys here: " + ", ".join(model.model_fields)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file '{p}' does not exist")
+    try:
+        tree = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file '{p}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise UserError(f"config file '{p}' must hold a mapping of sections, not {type(tree).__name__}")
+    return tree
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+) -> Config:
+    """Build the config: defaults < YAML file < `-s` overrides < flags (dotted keys, None = unset)."""
+    tree = read_yaml(path) if path else {}
+    for text in overrides or []:
+        _set_dotted(tree, *parse_override(text))
+    for key, value in (flags or {}).items():
+        if value is not None:
+            _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise UserError(_format_validation_error(err)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

