@@ -16,7 +16,7 @@ from typing import Any
 import typer
 
 from stableopd.config import Config, load_config
-from stableopd.errors import CollapseStop, UserError
+from stableopd.errors import CollapseStop, TrainingStopped, UserError
 from stableopd.progress import console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -31,7 +31,7 @@ def _guard(debug: bool, body: Callable[[], int | None]) -> None:
     """Run a command body; turn known failures into one line and an exit code."""
     try:
         code = body() or 0
-    except (UserError, CollapseStop) as exc:
+    except (UserError, CollapseStop, TrainingStopped) as exc:
         if debug:
             raise
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)

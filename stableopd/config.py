@@ -94,6 +94,7 @@ class TrainConfig(Section):
     save_every: int = Field(default=50, ge=1)
     keep_last: int = Field(default=3, ge=1)
     eval_every: int = Field(default=10, ge=0)  # 0 = no validation
+    eval_at_start: bool = True  # validate once before the first update (logged as step 0)
     rollouts_every: int = Field(default=1, ge=0)  # write rollouts/step_N.jsonl every k steps; 0 = never
     seed: int = 0
     stop_on_collapse: bool = False

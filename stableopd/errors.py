@@ -18,3 +18,9 @@ class CollapseStop(Exception):
     """The collapse guard stopped a run (`train.stop_on_collapse`); exit code 3."""
 
     exit_code = 3
+
+
+class TrainingStopped(Exception):
+    """Too many consecutive non-finite steps; the last good checkpoint is kept. Exit code 4."""
+
+    exit_code = 4

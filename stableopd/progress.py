@@ -21,3 +21,51 @@ def progress_bar(label: str, total: int, *, enabled: bool = True) -> Iterator[Ca
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as prog:
         task = prog.add_task(label, total=total)
         yield lambda k=1: prog.advance(task, k)
+
+
+def _fmt(value, spec: str = ".3g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+@contextmanager
+def step_display(total: int, start: int, *, enabled: bool = True) -> Iterator[Callable]:
+    """A progress bar over training steps, plus one compact line per step (loss, length, trunc, rep, time).
+
+    Yields `show(step, metrics, verdict)`. The guard's verdict is shown in the bar and, when it changes
+    from healthy, as a warning line.
+    """
+    state = {"verdict": "healthy"}
+
+    def line(step: int, m: dict, verdict) -> str:
+        t = sum(m.get(k, 0.0) or 0.0 for k in ("time/rollout_s", "time/teacher_s", "time/train_s"))
+        val = f" val_acc {_fmt(m.get('val/accuracy'))}" if "val/accuracy" in m else ""
+        return (f"step {step:>5} loss {_fmt(m.get('loss/total'), '+.4f')} len {_fmt(m.get('rollout/length_mean'), '.1f')}"
+                f" trunc {_fmt(m.get('rollout/trunc_rate'), '.2f')} rep {_fmt(m.get('rollout/rep_rate'), '.2f')}"
+                f" adv {_fmt(m.get('adv/mean'), '+.3f')} gnorm {_fmt(m.get('optim/grad_norm'), '.3g')}{val}"
+                f" [{t:.1f}s: roll {_fmt(m.get('time/rollout_s'), '.1f')} teach {_fmt(m.get('time/teacher_s'), '.1f')}"
+                f" train {_fmt(m.get('time/train_s'), '.1f')}]")
+
+    def warn(step: int, verdict) -> None:
+        if verdict.verdict != state["verdict"]:
+            state["verdict"] = verdict.verdict
+            if verdict.verdict != "healthy":
+                console.print(f"[bold yellow]warning:[/] step {step}: {verdict.verdict} detected "
+                              f"(onset step {verdict.onset_step}): {'; '.join(verdict.reasons)}", highlight=False)
+
+    if not enabled:
+        def show(step, m, verdict):
+            warn(step, verdict)
+        yield show
+        return
+    with Progress(TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=console) as prog:
+        task = prog.add_task("distill", total=total, completed=start, status="")
+
+        def show(step, m, verdict):
+            prog.console.print(line(step, m, verdict), highlight=False)
+            warn(step, verdict)
+            status = (f"loss {_fmt(m.get('loss/total'), '+.3f')} len {_fmt(m.get('rollout/length_mean'), '.0f')} "
+                      f"trunc {_fmt(m.get('rollout/trunc_rate'), '.2f')} rep {_fmt(m.get('rollout/rep_rate'), '.2f')} "
+                      f"{verdict.verdict}")
+            prog.update(task, completed=step, status=status)
+        yield show

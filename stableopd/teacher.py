@@ -1,0 +1,61 @@
+"""Scoring sampled tokens with a frozen model (the teacher, or the student before its update).
+
+For each sequence, the log-prob of every target token under the model at `temperature`, computed in
+micro-batches under `no_grad` through the chunked kernel, so scoring a 7B teacher over 8k-token
+responses never materialises the (tokens x vocabulary) logits. Only the shared vocabulary counts
+(`vocab_size`): embedding rows past it are padding.
+
+    stableopd distill --student tiny --teacher tiny-teacher -s train.steps=2
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stableopd.batch import output_weight, pack, target_hidden
+from stableopd.kernels import linear_kl, linear_logprobs
+
+
+@torch.no_grad()
+def score_targets(model, prompts: list[list[int]], targets: list[list[int]], *, pad_id: int, micro_batch: int,
+                  chunk_size: int, vocab_size: int, temperature: float = 1.0) -> list[list[float]]:
+    """Per-sequence lists of log p(target_t | prefix) under `model`."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[list[float]] = []
+    for start in range(0, len(prompts), micro_batch):
+        packed = pack(prompts[start:start + micro_batch], targets[start:start + micro_batch], pad_id, device)
+        hidden = target_hidden(model, packed)  # (N, d)
+        lp, _ = linear_logprobs(hidden, output_weight(model), packed.targets, chunk_size=chunk_size,
+                                temperature=temperature, vocab_size=vocab_size)  # (N,)
+        flat = lp.float().cpu().tolist()
+        pos = 0
+        for n in packed.lengths:
+            out.append(flat[pos:pos + n])
+            pos += n
+    if was_training:
+        model.train()
+    return out
+
+
+@torch.no_grad()
+def mean_reverse_kl(student, teacher, prompts: list[list[int]], targets: list[list[int]], *, pad_id: int,
+                    micro_batch: int, chunk_size: int, vocab_size: int) -> float | None:
+    """Token mean of the full-vocabulary KL(student || teacher) at the prefixes of `targets`."""
+    device = next(student.parameters()).device
+    total, count = 0.0, 0
+    modes = (student.training, teacher.training)
+    student.eval()
+    teacher.eval()
+    for start in range(0, len(prompts), micro_batch):
+        packed = pack(prompts[start:start + micro_batch], targets[start:start + micro_batch], pad_id, device)
+        if not sum(packed.lengths):
+            continue
+        kl = linear_kl(target_hidden(student, packed), output_weight(student), target_hidden(teacher, packed),
+                       output_weight(teacher), None, chunk_size=chunk_size, vocab_size=vocab_size)  # (N,)
+        total += float(kl.sum())
+        count += kl.numel()
+    student.train(modes[0])
+    teacher.train(modes[1])
+    return total / count if count else None

@@ -1,0 +1,312 @@
+"""`stableopd distill`: the on-policy distillation loop, with validation, checkpoints, resume and guards.
+
+Each step: take `train.prompts_per_step` prompts (a seeded permutation per data epoch, so the data
+position is a function of the step), sample `sampling.n` rollouts per prompt from the current student,
+score every sampled token with the teacher (no gradient), then `update.accumulate` the loss over
+micro-batches and take one optimizer step (or `train.epochs_per_batch` steps on the same batch, with
+pi_old frozen before the first and the clipped surrogate). Sampling seeds are a function of the step,
+and checkpoints carry weights, optimizer and RNG state, so a run killed at any point and resumed ends
+with the same metrics and weights as one that never stopped (on CPU, same seed).
+
+Deviations from the paper: the paper does not say whether the stop token is trained; here it is (the
+teacher's view of when to stop is what length inflation is about). pi_ref for the KL term is the
+student as loaded at the start of the run (also after a resume), i.e. the warm-started student.
+
+    stableopd distill --student tiny --teacher tiny-teacher --out runs/smoke -s train.steps=4
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stableopd.backends.base import SamplingParams, build_backend
+from stableopd.checkpoint import list_checkpoints, load_latest, save_checkpoint, set_rng_state
+from stableopd.config import Config, dump_config
+from stableopd.data import Example, encode_prompts, load_examples
+from stableopd.diagnostics import CollapseGuard
+from stableopd.errors import CollapseStop, TrainingStopped, UserError
+from stableopd.kernels import make_adamw
+from stableopd.models import Loaded, check_compatible, load_model, stop_token_ids
+from stableopd.progress import console
+from stableopd.rollout import data_fields, sample_records, summarize, write_jsonl_atomic
+from stableopd.teacher import score_targets
+from stableopd.tracking import MetricsLog
+from stableopd.update import GoldSeq, LossSettings, RolloutSeq, accumulate
+from stableopd.validation import validate
+
+
+@dataclass
+class Setup:
+    student: Loaded
+    teacher: Loaded | None
+    ref: Loaded | None
+    vocab_size: int
+    stop_ids: list[int]
+    train: list[Example]
+    train_ids: list[list[int]]
+    val: list[Example]
+    val_ids: list[list[int]]
+
+
+def step_indices(n_examples: int, step: int, per_step: int, seed: int) -> list[int]:
+    """Example indices of `step` (1-based): consecutive slices of a fresh permutation per data epoch."""
+    out = []
+    for j in range(per_step):
+        pos = (step - 1) * per_step + j
+        epoch, offset = divmod(pos, n_examples)
+        perm = list(range(n_examples))
+        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+        out.append(perm[offset])
+    return out
+
+
+def _load(spec, *, device: str | None = None, name: str | None = None) -> Loaded:
+    return load_model(name or spec.name, dtype=spec.dtype, device=device or spec.device, revision=spec.revision,
+                      trust_remote_code=spec.trust_remote_code)
+
+
+def _examples(cfg: Config, split: str, source: str, limit: int | None) -> list[Example]:
+    d = cfg.data
+    return load_examples(source, split=split, fields=data_fields(d), limit=limit, shuffle=d.shuffle, seed=d.seed)
+
+
+def prepare(cfg: Config, *, student_path: str | None, need_teacher: bool, need_ref: bool) -> Setup:
+    """Load models and data and run every pre-flight check before any compute."""
+    d = cfg.data
+    train = _examples(cfg, d.split, d.source, d.limit)
+    val = _examples(cfg, d.val_split, d.val_source or d.source, d.val_limit) if cfg.train.eval_every else []
+    student = _load(cfg.student, name=student_path)
+    teacher = _load(cfg.teacher) if need_teacher else None
+    ref = _load(cfg.student) if need_ref else None
+    vocab = len(student.tokenizer)
+    for role, other in (("teacher", teacher), ("reference", ref)):
+        if other is not None:
+            vocab = min(vocab, check_compatible(student, other, chat_template=d.chat_template, role_b=role))
+            other.model.requires_grad_(False)
+    enc = dict(chat_template=d.chat_template, system_prompt=d.system_prompt, max_tokens=d.max_prompt_tokens)
+    train_ids = encode_prompts(student.tokenizer, train, **enc)
+    val_ids = encode_prompts(student.tokenizer, val, **enc)
+    limit = getattr(student.model.config, "max_position_embeddings", None)
+    longest = max(len(p) for p in train_ids + val_ids) + cfg.sampling.max_new_tokens
+    if limit and longest > limit:
+        raise UserError(f"prompt + sampling.max_new_tokens reaches {longest} tokens, over the student's context "
+                        f"of {limit}; shorten prompts (data.max_prompt_tokens) or lower sampling.max_new_tokens")
+    return Setup(student, teacher, ref, vocab, stop_token_ids(student.tokenizer, student.model), train, train_ids,
+                 val, val_ids)
+
+
+def loss_settings(cfg: Config, vocab_size: int) -> LossSettings:
+    lo = cfg.loss
+    return LossSettings(
+        objective=lo.objective, advantage=lo.advantage, power_alpha=lo.power_alpha, adv_clip=lo.adv_clip,
+        clip_eps=lo.clip_eps if cfg.train.epochs_per_batch > 1 else None, aggregation=lo.aggregation,
+        ref_kl_coef=lo.ref_kl_coef if lo.objective != "opd" else 0.0,
+        gold_coef=lo.gold_coef if lo.objective == "stableopd" else 0.0, jsd_beta=lo.jsd_beta,
+        teacher_temperature=lo.teacher_temperature, chunk_size=lo.chunk_size, vocab_size=vocab_size)
+
+
+def gold_targets(tokenizer, examples: list[Example], eos: int) -> list[list[int] | None]:
+    return [None if ex.solution is None else tokenizer(ex.solution, add_special_tokens=False)["input_ids"] + [eos]
+            for ex in examples]
+
+
+def sampling_params(cfg: Config, step: int) -> SamplingParams:
+    s = cfg.sampling
+    return SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                          max_new_tokens=s.max_new_tokens, seed=s.seed * 1_000_003 + step)
+
+
+def _start(cfg: Config, run_dir: Path, resume: bool):
+    if resume:
+        restored = load_latest(run_dir, warn=lambda m: console.print(f"[yellow]warning:[/] {m}"))
+        console.print(f"resuming from {restored.path}")
+        return restored
+    if list_checkpoints(run_dir) or (run_dir / "metrics.jsonl").exists():
+        raise UserError(f"run directory '{run_dir}' already holds a run; pass --resume to continue it "
+                        "or --out to start a new one")
+    return None
+
+
+def run_distill(cfg: Config, *, resume: bool = False) -> int:
+    run_dir = Path(cfg.out or "runs/distill")
+    restored = _start(cfg, run_dir, resume)
+    need_ref = cfg.loss.objective != "opd" and cfg.loss.ref_kl_coef > 0
+    setup = prepare(cfg, student_path=str(restored.path) if restored else None, need_teacher=True,
+                    need_ref=need_ref)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(dump_config(cfg))
+    tmp.replace(run_dir / "config.yaml")
+    optimizer = make_adamw([p for p in setup.student.model.parameters() if p.requires_grad], lr=cfg.train.lr,
+                           weight_decay=cfg.train.weight_decay)
+    start = 0
+    if restored:
+        optimizer.load_state_dict(restored.optimizer_state)
+        set_rng_state(restored.rng)
+        start = restored.step
+    else:
+        torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)
+    return distill_loop(cfg, setup, optimizer, run_dir, start=start, restored_state=restored.state if restored else {})
+
+
+def train_step(cfg: Config, setup: Setup, backend, optimizer, step: int, *, settings: LossSettings,
+               golds_all: list[list[int] | None]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One distillation step: sample, score, update. Returns (metrics, rollout records)."""
+    tok, model = setup.student.tokenizer, setup.student.model
+    idx = step_indices(len(setup.train), step, cfg.train.prompts_per_step, cfg.data.seed)
+    exs, pids = [setup.train[i] for i in idx], [setup.train_ids[i] for i in idx]
+    t0 = time.perf_counter()
+    records = sample_records(backend, tok, exs, pids, sampling_params(cfg, step), setup.stop_ids,
+                             rep_tail_chars=cfg.diagnose.rep_tail_chars, rep_ratio=cfg.diagnose.rep_ratio,
+                             progress=False)
+    t1 = time.perf_counter()
+    targets = [r["response_token_ids"] + ([] if r["truncated"] else [r["stop_token_id"]]) for r in records]
+    prompts = [r["prompt_token_ids"] for r in records]
+    teacher_lp = score_targets(setup.teacher.model, prompts, targets, pad_id=_pad(tok), micro_batch=cfg.train.micro_batch,
+                               chunk_size=cfg.loss.chunk_size, vocab_size=setup.vocab_size,
+                               temperature=cfg.loss.teacher_temperature)
+    t2 = time.perf_counter()
+    rollouts = [RolloutSeq(prompt=p, target=t, teacher_lp=tl, repetitive=_rep_mask(t),
+                           sampler_lp=r["sampler_logprobs"] + ([] if r["truncated"] else [r["stop_logprob"]]))
+                for p, t, tl, r in zip(prompts, targets, teacher_lp, records)]
+    golds = [GoldSeq(prompt=setup.train_ids[i], target=g) for i in idx if (g := golds_all[i]) is not None]
+    metrics = _update(cfg, setup, optimizer, rollouts, golds, settings, prompts, targets)
+    t3 = time.perf_counter()
+    for r, tl in zip(records, teacher_lp):
+        r["teacher_logprobs"] = tl[:r["n_tokens"]]
+        r["step"] = step
+    summary = summarize(records)
+    metrics.update({
+        "rollout/length_mean": summary["length_mean"], "rollout/length_max": summary["length_max"],
+        "rollout/trunc_rate": summary["trunc_rate"], "rollout/rep_rate": summary["rep_rate"],
+        "data/gold_count": len(golds), "data/gold_missing": len(idx) - len(golds),
+        "time/rollout_s": t1 - t0, "time/teacher_s": t2 - t1, "time/train_s": t3 - t2,
+    })
+    model.train()
+    return metrics, records
+
+
+def _pad(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def _rep_mask(ids: list[int]) -> list[bool]:
+    from stableopd.repetition import repetitive_token_mask
+
+    return repetitive_token_mask(ids)
+
+
+def _update(cfg: Config, setup: Setup, optimizer, rollouts, golds, settings: LossSettings, prompts, targets):
+    model = setup.student.model
+    tcfg = cfg.train
+    if tcfg.epochs_per_batch > 1:  # freeze pi_old before the first pass over this batch
+        old = score_targets(model, prompts, targets, pad_id=_pad(setup.student.tokenizer), micro_batch=tcfg.micro_batch,
+                            chunk_size=settings.chunk_size, vocab_size=setup.vocab_size)
+        for r, o in zip(rollouts, old):
+            r.old_lp = o
+    model.train()
+    metrics: dict[str, Any] = {}
+    teacher_model = setup.teacher.model if setup.teacher else None
+    ref_model = setup.ref.model if setup.ref else None
+    for _ in range(tcfg.epochs_per_batch):
+        optimizer.zero_grad(set_to_none=True)
+        metrics = accumulate(model, ref_model, teacher_model, rollouts, golds, settings, pad_id=_pad(setup.student.tokenizer),
+                             micro_batch=tcfg.micro_batch)
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
+        finite = math.isfinite(float(norm)) and math.isfinite(metrics.get("loss/total", 0.0))
+        metrics["optim/grad_norm"] = float(norm)
+        metrics["optim/skipped"] = 0 if finite else 1
+        if not finite:  # skip the update entirely: a NaN step must not touch the weights or Adam moments
+            optimizer.zero_grad(set_to_none=True)
+            break
+        optimizer.step()
+    metrics["optim/lr"] = optimizer.param_groups[0]["lr"]
+    return metrics
+
+
+def guard_from(cfg: Config) -> CollapseGuard:
+    return CollapseGuard(**cfg.diagnose.thresholds())
+
+
+def stop_for_collapse(run_dir: Path, verdict) -> CollapseStop:
+    return CollapseStop(f"collapse detected (onset step {verdict.onset_step}); checkpoint saved. "
+                        f"Look at it with: stableopd diagnose {run_dir}")
+
+
+def stop_for_nonfinite(k: int) -> TrainingStopped:
+    return TrainingStopped(f"{k} consecutive steps had a non-finite loss or gradient; stopped, keeping the last "
+                           "good checkpoint. Lower train.lr or check the data")
+
+
+def build_step_backend(cfg: Config, setup: Setup):
+    s = setup.student
+    return build_backend(cfg.sampling.backend, model=s.model, tokenizer=s.tokenizer, model_path=s.path,
+                         stop_ids=setup.stop_ids, options=cfg.sampling.options)
+
+
+def distill_loop(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start: int,
+                 restored_state: dict[str, Any]) -> int:
+    """Steps start+1 .. train.steps; returns the exit code (0), or raises a stop."""
+    from stableopd.progress import step_display
+
+    tcfg = cfg.train
+    log = MetricsLog.open(run_dir / "metrics.jsonl", keep_until=start if start else None)
+    guard = guard_from(cfg)
+    for row in log.rows:
+        if "rollout/trunc_rate" in row:
+            guard.update(row["step"], row)
+    backend = build_step_backend(cfg, setup)
+    settings = loss_settings(cfg, setup.vocab_size)
+    golds = gold_targets(setup.student.tokenizer, setup.train, setup.stop_ids[0] if setup.stop_ids else
+                         setup.student.tokenizer.eos_token_id)
+    bad = int(restored_state.get("consecutive_bad", 0))
+    skipped = int(restored_state.get("skipped_total", 0))
+    if start == 0 and tcfg.eval_every and tcfg.eval_at_start:
+        log.write({"step": 0, **validate(cfg, setup, backend, 0, run_dir)})
+
+    def save(step: int) -> None:
+        save_checkpoint(run_dir, step, model=setup.student.model, tokenizer=setup.student.tokenizer,
+                        optimizer=optimizer, state={"data_position": step * tcfg.prompts_per_step,
+                                                    "consecutive_bad": bad, "skipped_total": skipped},
+                        keep_last=tcfg.keep_last)
+
+    with step_display(tcfg.steps, start, enabled=cfg.logging.progress) as show:
+        for step in range(start + 1, tcfg.steps + 1):
+            metrics, records = train_step(cfg, setup, backend, optimizer, step, settings=settings, golds_all=golds)
+            backend.sync_weights(setup.student.model)
+            bad = bad + 1 if metrics["optim/skipped"] else 0
+            skipped += metrics["optim/skipped"]
+            metrics["optim/skipped_total"] = skipped
+            if tcfg.eval_every and step % tcfg.eval_every == 0:
+                metrics.update(validate(cfg, setup, backend, step, run_dir))
+            verdict = guard.update(step, metrics)
+            metrics["guard/verdict"] = verdict.verdict
+            metrics["guard/onset_step"] = verdict.onset_step
+            if tcfg.rollouts_every and step % tcfg.rollouts_every == 0:
+                write_jsonl_atomic(run_dir / "rollouts" / f"step_{step:06d}.jsonl", records)
+            log.write({"step": step, **metrics})
+            show(step, metrics, verdict)
+            if bad >= tcfg.max_bad_steps:
+                raise stop_for_nonfinite(bad)
+            collapse = verdict.verdict == "collapse" and tcfg.stop_on_collapse
+            if step % tcfg.save_every == 0 or step == tcfg.steps or collapse:
+                save(step)
+            if collapse:
+                raise stop_for_collapse(run_dir, verdict)
+    console.print(f"run directory: {run_dir}\nlook at it with: stableopd diagnose {run_dir}")
+    return 0
+
+
+def run_sft(cfg: Config, *, resume: bool = False) -> int:
+    from stableopd.sft import run_sft as _run
+
+    return _run(cfg, resume=resume)

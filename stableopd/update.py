@@ -1,0 +1,178 @@
+"""One optimisation pass of a distillation step: forward, losses and backward over micro-batches.
+
+`accumulate` runs the student over the step's rollouts (and golden solutions) in micro-batches and
+calls `backward` on each micro-batch's share of the loss. Every term is normalised by the counts of
+the whole step (losses.token_weights), so the accumulated gradient does not depend on how the step is
+split into micro-batches. The caller owns `zero_grad`, clipping and `optimizer.step`.
+
+Per rollout token t (the response's tokens, plus its stop token when it stopped):
+    A_t   = shaped( log pi_T(y_t) - log pi_old(y_t) )                       detached
+    L     = L_OPD(A) + gold_coef * L_SFT(golden) + ref_kl_coef * sum_t w_t KL_t(pi_theta || pi_ref)
+With `objective="jsd"` the OPD term is replaced by the full-vocabulary generalized JSD to the teacher
+at the same prefixes (TRL's GKD family), which needs the teacher's hidden states in the training pass.
+Truncated rollouts stay in the batch as they are, as in the paper: the point of StableOPD is to keep
+them from taking over, not to hide them from the loss.
+
+A token counts as repetitive (for `adv/repetitive_mean`, `rollout/rep_token_frac`) when
+stableopd.repetition.repetitive_token_mask marks it: it lies inside a span that repeats earlier
+token ids of the same response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from stableopd.batch import from_lists, output_weight, pack, target_hidden, to_rows
+from stableopd.kernels import linear_jsd, linear_kl, linear_logprobs
+from stableopd.losses import opd_loss, ref_kl_loss, sft_loss, shape_advantage, token_weights, weighted_sum
+
+
+@dataclass
+class RolloutSeq:
+    prompt: list[int]
+    target: list[int]  # response ids, plus the stop token when the response stopped
+    teacher_lp: list[float]  # (T,) log pi_T of each target token
+    sampler_lp: list[float]  # (T,) the sampler's log-probs of the same tokens
+    repetitive: list[bool]  # (T,)
+    old_lp: list[float] | None = None  # (T,) pi_old when several passes are made over one batch
+
+
+@dataclass
+class GoldSeq:
+    prompt: list[int]
+    target: list[int]  # golden solution ids plus the stop token
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    objective: str = "stableopd"
+    advantage: str = "log_ratio"
+    power_alpha: float = 5.0
+    adv_clip: float = 1.0
+    clip_eps: float | None = None
+    aggregation: str = "seq_mean"
+    ref_kl_coef: float = 0.01
+    gold_coef: float = 0.1
+    jsd_beta: float = 0.5
+    teacher_temperature: float = 1.0
+    chunk_size: int = 1024
+    vocab_size: int | None = None
+
+
+@dataclass
+class Sums:
+    """Plain token sums for the step's diagnostic metrics (independent of the loss aggregation)."""
+
+    values: dict[str, float] = field(default_factory=dict)
+
+    def add(self, key: str, value: torch.Tensor | float) -> None:
+        self.values[key] = self.values.get(key, 0.0) + float(value)
+
+    def ratio(self, num: str, den: str) -> float | None:
+        d = self.values.get(den, 0.0)
+        return self.values.get(num, 0.0) / d if d else None
+
+
+def _counts(lengths: list[int]) -> tuple[int, int]:
+    return sum(1 for n in lengths if n > 0), sum(lengths)
+
+
+def _rollout_chunk(student, ref, teacher, seqs: list[RolloutSeq], s: LossSettings, totals: tuple[int, int],
+                   pad_id: int, sums: Sums) -> dict[str, torch.Tensor]:
+    device = next(student.parameters()).device
+    packed = pack([q.prompt for q in seqs], [q.target for q in seqs], pad_id, device)
+    hidden = target_hidden(student, packed)  # (N, d)
+    new_flat, ent_flat = linear_logprobs(hidden, output_weight(student), packed.targets, chunk_size=s.chunk_size,
+                                         vocab_size=s.vocab_size)  # (N,), (N,)
+    new, mask = to_rows(new_flat, packed.lengths)  # (B, T)
+    teacher_lp, _ = from_lists([q.teacher_lp for q in seqs], device)  # (B, T)
+    sampler_lp, _ = from_lists([q.sampler_lp for q in seqs], device)  # (B, T)
+    rep, _ = from_lists([[float(r) for r in q.repetitive] for q in seqs], device)  # (B, T)
+    old = from_lists([q.old_lp for q in seqs], device)[0] if seqs[0].old_lp is not None else new.detach()
+    adv = shape_advantage(teacher_lp, old, s.advantage, alpha=s.power_alpha, bound=s.adv_clip)  # (B, T)
+    w = token_weights(mask, s.aggregation, total_seqs=totals[0], total_tokens=totals[1])  # (B, T)
+
+    if s.objective == "jsd":
+        with torch.no_grad():
+            t_hidden = target_hidden(teacher, packed)  # (N, d_T)
+        div = linear_jsd(hidden, output_weight(student), t_hidden, output_weight(teacher), None, beta=s.jsd_beta,
+                         temperature=s.teacher_temperature, chunk_size=s.chunk_size, vocab_size=s.vocab_size)
+        main = weighted_sum(to_rows(div, packed.lengths)[0], w)
+        metrics = {"loss/opd": main.detach()}
+    else:
+        main, metrics = opd_loss(new, old, adv, w, clip_eps=s.clip_eps)
+    total = main
+    if s.objective != "opd" and s.ref_kl_coef > 0:
+        with torch.no_grad():
+            r_hidden = target_hidden(ref, packed)  # (N, d)
+        kl = linear_kl(hidden, output_weight(student), r_hidden, output_weight(ref), None, chunk_size=s.chunk_size,
+                       vocab_size=s.vocab_size)  # (N,)
+        kl_loss, kl_metrics = ref_kl_loss(to_rows(kl, packed.lengths)[0], w)
+        metrics.update(kl_metrics)
+        total = total + s.ref_kl_coef * kl_loss
+    total.backward()
+
+    with torch.no_grad():
+        m = mask.float()
+        sums.add("tokens", m.sum())
+        sums.add("student_lp", (new.detach() * m).sum())
+        sums.add("teacher_lp", (teacher_lp * m).sum())
+        sums.add("entropy", ent_flat.detach().sum())
+        sums.add("adv", (adv * m).sum())
+        sums.add("rep_tokens", (rep * m).sum())
+        sums.add("adv_rep", (adv * rep * m).sum())
+        sums.add("adv_reg", (adv * (1 - rep) * m).sum())
+        sums.add("sample_minus_train", ((sampler_lp - new.detach()) * m).sum())
+        sums.values["sample_train_absmax"] = max(sums.values.get("sample_train_absmax", 0.0),
+                                                 float(((sampler_lp - new.detach()).abs() * m).max()))
+    return metrics
+
+
+def _gold_chunk(student, seqs: list[GoldSeq], s: LossSettings, totals: tuple[int, int], pad_id: int,
+                sums: Sums) -> dict[str, torch.Tensor]:
+    device = next(student.parameters()).device
+    packed = pack([q.prompt for q in seqs], [q.target for q in seqs], pad_id, device)
+    hidden = target_hidden(student, packed)  # (N, d)
+    lp, _ = linear_logprobs(hidden, output_weight(student), packed.targets, chunk_size=s.chunk_size,
+                            vocab_size=s.vocab_size)  # (N,)
+    rows, mask = to_rows(lp, packed.lengths)  # (B, T)
+    w = token_weights(mask, "seq_mean", total_seqs=totals[0], total_tokens=totals[1])  # (B, T)
+    loss, metrics = sft_loss(rows, w)
+    (s.gold_coef * loss).backward()
+    sums.add("gold_tokens", mask.sum())
+    return metrics
+
+
+def accumulate(student, ref, teacher, rollouts: list[RolloutSeq], golds: list[GoldSeq], s: LossSettings, *,
+               pad_id: int, micro_batch: int) -> dict[str, float]:
+    """Backward the whole step's loss into `student`'s .grad, micro-batch by micro-batch; return metrics."""
+    sums, acc = Sums(), {}
+    totals = _counts([len(q.target) for q in rollouts])
+    for start in range(0, len(rollouts), micro_batch):
+        for k, v in _rollout_chunk(student, ref, teacher, rollouts[start:start + micro_batch], s, totals, pad_id,
+                                   sums).items():
+            acc[k] = acc.get(k, 0.0) + float(v)
+    if s.objective == "stableopd" and s.gold_coef > 0 and golds:
+        gold_totals = _counts([len(q.target) for q in golds])
+        for start in range(0, len(golds), micro_batch):
+            for k, v in _gold_chunk(student, golds[start:start + micro_batch], s, gold_totals, pad_id, sums).items():
+                acc[k] = acc.get(k, 0.0) + float(v)
+    total = acc.get("loss/opd", 0.0) + s.gold_coef * acc.get("loss/gold_sft", 0.0) * (s.objective == "stableopd")
+    total += s.ref_kl_coef * acc.get("loss/ref_kl", 0.0)
+    out = {k: v for k, v in acc.items() if not k.endswith("weight_sum")}
+    out.update({
+        "loss/total": total,
+        "student/logprob_mean": sums.ratio("student_lp", "tokens"),
+        "teacher/logprob_mean": sums.ratio("teacher_lp", "tokens"),
+        "student/entropy_mean": sums.ratio("entropy", "tokens"),
+        "adv/mean": sums.ratio("adv", "tokens"),
+        "adv/repetitive_mean": sums.ratio("adv_rep", "rep_tokens"),
+        "adv/regular_mean": (sums.values.get("adv_reg", 0.0) / (sums.values["tokens"] - sums.values["rep_tokens"])
+                             if sums.values.get("tokens", 0) > sums.values.get("rep_tokens", 0) else None),
+        "rollout/rep_token_frac": sums.ratio("rep_tokens", "tokens"),
+        "diag/kl_sample_train": sums.ratio("sample_minus_train", "tokens"),
+        "diag/logprob_diff_max": sums.values.get("sample_train_absmax"),
+    })
+    return out
