@@ -1,0 +1,85 @@
+"""`stableopd sft`: supervised warm start on golden solutions (the paper warm-starts with SFT before OPD).
+
+It shares everything with `distill`: the config, the run directory layout (metrics.jsonl, val/,
+checkpoints/ in Hugging Face format with trainer state), the chunked kernels for the cross-entropy, the
+data order, validation and exact resume. Each step takes `train.prompts_per_step` examples that have a
+golden solution and minimises the token mean NLL per solution, then mean over solutions.
+
+    stableopd sft --student tiny --data "builtin:arith?digits=2" --out runs/sft -s train.steps=50 -s train.lr=1e-3
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from stableopd.checkpoint import save_checkpoint, set_rng_state
+from stableopd.config import Config, dump_config
+from stableopd.errors import UserError
+from stableopd.kernels import make_adamw
+from stableopd.progress import console, step_display
+from stableopd.tracking import MetricsLog
+from stableopd.trainer import _start, build_step_backend, gold_targets, guard_from, prepare, step_indices
+from stableopd.update import GoldSeq, LossSettings, accumulate
+from stableopd.validation import validate
+
+
+def run_sft(cfg: Config, *, resume: bool = False) -> int:
+    run_dir = Path(cfg.out or "runs/sft")
+    restored = _start(cfg, run_dir, resume)
+    setup = prepare(cfg, student_path=str(restored.path) if restored else None, need_teacher=False, need_ref=False)
+    tok = setup.student.tokenizer
+    eos = setup.stop_ids[0] if setup.stop_ids else tok.eos_token_id
+    golds_all = gold_targets(tok, setup.train, eos)
+    keep = [i for i, g in enumerate(golds_all) if g is not None]
+    if not keep:
+        raise UserError(f"sft needs golden solutions: no example in '{cfg.data.source}' has a "
+                        f"'{cfg.data.solution_field}' field (set data.solution_field)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    model = setup.student.model
+    optimizer = make_adamw([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
+                           weight_decay=cfg.train.weight_decay)
+    start = 0
+    if restored:
+        optimizer.load_state_dict(restored.optimizer_state)
+        set_rng_state(restored.rng)
+        start = restored.step
+    else:
+        torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)
+    settings = LossSettings(objective="stableopd", gold_coef=1.0, ref_kl_coef=0.0, chunk_size=cfg.loss.chunk_size,
+                            vocab_size=setup.vocab_size)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    backend = build_step_backend(cfg, setup)
+    log = MetricsLog.open(run_dir / "metrics.jsonl", keep_until=start if start else None)
+    tcfg = cfg.train
+    if start == 0 and tcfg.eval_every and tcfg.eval_at_start:
+        log.write({"step": 0, **validate(cfg, setup, backend, 0, run_dir)})
+    guard = guard_from(cfg)
+    with step_display(tcfg.steps, start, enabled=cfg.logging.progress) as show:
+        for step in range(start + 1, tcfg.steps + 1):
+            t0 = time.perf_counter()
+            idx = [keep[i] for i in step_indices(len(keep), step, tcfg.prompts_per_step, cfg.data.seed)]
+            golds = [GoldSeq(prompt=setup.train_ids[i], target=golds_all[i]) for i in idx]
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            m = accumulate(model, None, None, [], golds, settings, pad_id=pad, micro_batch=tcfg.micro_batch)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or float("inf"))
+            if torch.isfinite(norm):
+                optimizer.step()
+            metrics = {"loss/total": m.get("loss/gold_sft"), "loss/gold_sft": m.get("loss/gold_sft"),
+                       "optim/grad_norm": float(norm), "optim/lr": tcfg.lr, "optim/skipped": int(not torch.isfinite(norm)),
+                       "time/train_s": time.perf_counter() - t0}
+            if tcfg.eval_every and step % tcfg.eval_every == 0:
+                metrics.update(validate(cfg, setup, backend, step, run_dir))
+            log.write({"step": step, **metrics})
+            show(step, metrics, guard.verdict)
+            if step % tcfg.save_every == 0 or step == tcfg.steps:
+                save_checkpoint(run_dir, step, model=model, tokenizer=tok, optimizer=optimizer,
+                                state={"data_position": step * tcfg.prompts_per_step}, keep_last=tcfg.keep_last)
+    console.print(f"run directory: {run_dir}\nthe fine-tuned student: {run_dir}/checkpoints/step_{tcfg.steps:06d}")
+    return 0
