@@ -1,0 +1,168 @@
+"""The vLLM adapter against a test double of vLLM 0.33's API (tests/vllm_double.py says what it cannot cover).
+
+Real-engine tests sit at the end behind the `vllm` and `gpu` markers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+import torch
+
+from stableopd.backends import vllm as vb
+from stableopd.backends.base import SamplingParams, build_backend
+from stableopd.errors import UserError
+from stableopd.models import load_model, stop_token_ids
+from tests.vllm_double import CompletionOutput, FakeVLLM, Logprob
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    return FakeVLLM().install(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded():
+    return load_model("tiny")
+
+
+def _backend(loaded, **options):
+    return build_backend("vllm", model=loaded.model, tokenizer=loaded.tokenizer, model_path=loaded.path,
+                         stop_ids=stop_token_ids(loaded.tokenizer, loaded.model), options=options)
+
+
+def _teacher_forced(model, prompt, ids, vocab):
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1, :vocab]
+    return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(ids)[:, None])[:, 0]
+
+
+def test_module_imports_without_vllm_and_building_says_how_to_install(monkeypatch, tiny_loaded):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
+    importlib.reload(vb)
+    with pytest.raises(UserError, match=r"pip install 'stableopd\[vllm\]'"):
+        _backend(tiny_loaded)
+
+
+def test_options_are_validated_and_reach_the_engine(fake_vllm, tiny_loaded):
+    with pytest.raises(UserError, match="unknown vllm option 'sampling.options.gpu_mem'.*gpu_memory_utilization"):
+        _backend(tiny_loaded, gpu_mem=0.5)
+    with pytest.raises(UserError, match="tensor_parallel_size"):
+        _backend(tiny_loaded, tensor_parallel_size=0)
+    backend = _backend(tiny_loaded, gpu_memory_utilization=0.3, max_model_len=512)
+    kw = backend.llm.init_kwargs
+    assert kw["model"] == tiny_loaded.path and kw["logprobs_mode"] == "processed_logprobs"
+    assert kw["gpu_memory_utilization"] == 0.3 and kw["max_model_len"] == 512 and "sync_every" not in kw
+
+
+def test_sampling_kwargs_map_every_field():
+    p = SamplingParams(n=3, temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=64, seed=5)
+    kw = vb.sampling_kwargs(p, [2, 7], seed=11, allowed_token_ids=[0, 1, 2])
+    assert kw == {"n": 3, "temperature": 0.7, "top_p": 0.9, "top_k": 20, "max_tokens": 64, "seed": 11,
+                  "logprobs": 0, "stop_token_ids": [2, 7], "ignore_eos": False, "detokenize": False,
+                  "allowed_token_ids": [0, 1, 2]}
+    greedy = vb.sampling_kwargs(SamplingParams(n=4, temperature=0.0), [2], seed=0, allowed_token_ids=None)
+    assert greedy["n"] == 1 and greedy["top_k"] == 0 and "allowed_token_ids" not in greedy
+    with pytest.raises(UserError, match="at most 2.0"):
+        vb.sampling_kwargs(SamplingParams(temperature=2.5), [2], seed=0, allowed_token_ids=None)
+
+
+def test_parse_completion_keeps_stop_token_and_reads_logprobs():
+    lps = [{5: Logprob(-0.5)}, {6: Logprob(-1.5)}, {2: Logprob(-0.25)}]
+    s = vb.parse_completion(CompletionOutput(0, [5, 6, 2], lps, "stop", None), [2])
+    assert (s.token_ids, s.logprobs, s.finish_reason) == ([5, 6, 2], [-0.5, -1.5, -0.25], "stop")
+    s = vb.parse_completion(CompletionOutput(0, [5, 6], lps[:2], "length", None), [2])
+    assert s.finish_reason == "length"
+    with pytest.raises(RuntimeError, match="abort"):
+        vb.parse_completion(CompletionOutput(0, [5], lps[:1], "abort"), [2])
+    with pytest.raises(RuntimeError, match="logprobs=0"):
+        vb.parse_completion(CompletionOutput(0, [5, 6], None, "length"), [2])
+    with pytest.raises(RuntimeError, match="sampled token 6"):
+        vb.parse_completion(CompletionOutput(0, [5, 6], [{5: Logprob(-1.0)}, {9: Logprob(-1.0)}], "length"), [2])
+
+
+def test_generate_returns_processed_logprobs_that_match_a_teacher_forced_pass(fake_vllm, tiny_loaded):
+    backend = _backend(tiny_loaded)
+    tok = tiny_loaded.tokenizer
+    prompts = [tok("What is 1+1?")["input_ids"], tok("Hi")["input_ids"]]
+    out = backend.generate(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=3))
+    assert [len(s) for s in out] == [2, 2]
+    for prompt, samples in zip(prompts, out):
+        for s in samples:
+            assert all(t < len(tok) for t in s.token_ids)  # padded embedding rows are never sampled
+            ref = _teacher_forced(tiny_loaded.model, prompt, s.token_ids, len(tok))
+            torch.testing.assert_close(torch.tensor(s.logprobs), ref, atol=1e-4, rtol=0)
+            assert (s.finish_reason == "stop") == (s.token_ids[-1] in backend.stop_ids)
+    again = backend.generate(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=3))
+    assert [[s.token_ids for s in g] for g in again] == [[s.token_ids for s in g] for g in out]
+    greedy = backend.generate(prompts[:1], SamplingParams(n=3, temperature=0.0, max_new_tokens=8))
+    assert len(greedy[0]) == 3 and len({tuple(s.token_ids) for s in greedy[0]}) == 1
+
+
+def test_hf_weight_items_unwraps_names_and_skips_tied_head(tiny_loaded):
+    names = dict(vb.hf_weight_items(tiny_loaded.model))
+    assert set(names) == set(tiny_loaded.model.state_dict())
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self._orig_mod = inner
+            self.config = inner.config
+
+    wrapped = dict(vb.hf_weight_items(Wrapped(tiny_loaded.model)))
+    assert set(wrapped) == set(names)
+    tiny_loaded.model.config.tie_word_embeddings = True
+    try:
+        assert "lm_head.weight" not in dict(vb.hf_weight_items(tiny_loaded.model))
+    finally:
+        tiny_loaded.model.config.tie_word_embeddings = False
+
+
+def test_sync_pushes_weights_and_resets_prefix_cache(fake_vllm, tiny_loaded):
+    student = load_model("tiny")  # a private copy we can perturb
+    backend = _backend(student, sync_every=2)
+    engine = backend.llm.engine_model.hf_model
+    with torch.no_grad():
+        for p in student.model.parameters():
+            p.add_(0.01)
+    backend.sync_weights(student.model)  # 1st update: skipped (sync_every=2)
+    assert not torch.equal(engine.lm_head.weight, student.model.lm_head.weight)
+    backend.sync_weights(student.model)
+    for name, p in student.model.named_parameters():
+        assert torch.equal(dict(engine.named_parameters())[name], p), name
+    assert backend.llm.calls[-1] == "reset_prefix_cache"
+
+
+def test_sleep_mode_wakes_weights_before_sync_and_sleeps_after_sampling(fake_vllm, tiny_loaded):
+    backend = _backend(tiny_loaded, enable_sleep_mode=True)
+    tok = tiny_loaded.tokenizer
+    backend.generate([tok("Hi")["input_ids"]], SamplingParams(n=1, max_new_tokens=2))
+    backend.sync_weights(tiny_loaded.model)
+    backend.generate([tok("Hi")["input_ids"]], SamplingParams(n=1, max_new_tokens=2))
+    assert backend.llm.calls == ["generate", "sleep(1)", "wake_up(weights)", "reset_prefix_cache",
+                                 "wake_up(kv_cache)", "generate", "sleep(1)"]
+
+
+def test_scorer_refuses_temperature_and_matches_teacher_forced(fake_vllm, tiny_loaded):
+    scorer = vb.VLLMScorer(tiny_loaded.path, {})
+    tok = tiny_loaded.tokenizer
+    prompt, target = tok("What is 2+2?")["input_ids"], tok("4")["input_ids"] + [tok.eos_token_id]
+    with pytest.raises(UserError, match="ignore temperature"):
+        scorer.score([prompt], [target], temperature=0.7)
+    got = scorer.score([prompt], [target])[0]
+    ref = _teacher_forced(tiny_loaded.model, prompt, target, tiny_loaded.model.config.vocab_size)
+    torch.testing.assert_close(torch.tensor(got), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.vllm
+@pytest.mark.gpu
+def test_real_engine_logprobs_match_hf(tiny_loaded):
+    pytest.importorskip("vllm")
+    backend = _backend(tiny_loaded, gpu_memory_utilization=0.2, enforce_eager=True)
+    tok = tiny_loaded.tokenizer
+    prompt = tok("What is 1+1?")["input_ids"]
+    for s in backend.generate([prompt], SamplingParams(n=4, temperature=1.0, max_new_tokens=16, seed=1))[0]:
+        ref = _teacher_forced(tiny_loaded.model.cuda().float().cpu(), prompt, s.token_ids, len(tok))
+        torch.testing.assert_close(torch.tensor(s.logprobs), ref, atol=2e-2, rtol=0)
