@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape as rich_escape
 
 from stableopd.config import Config, load_config
 from stableopd.errors import CollapseStop, TrainingStopped, UserError
@@ -34,7 +35,7 @@ def _guard(debug: bool, body: Callable[[], int | None]) -> None:
     except (UserError, CollapseStop, TrainingStopped) as exc:
         if debug:
             raise
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {rich_escape(str(exc))}", highlight=False, soft_wrap=True)
         code = exc.exit_code
     except KeyboardInterrupt:
         console.print("interrupted", highlight=False)
