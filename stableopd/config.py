@@ -11,7 +11,8 @@ error that names the key and lists the valid ones. `dump_config` writes the reso
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -31,6 +32,8 @@ class ModelSpec(Section):
     device: str = "auto"
     revision: str | None = None
     trust_remote_code: bool = False
+    engine: Literal["hf", "vllm"] = "hf"  # teacher only: "vllm" scores with vLLM prompt_logprobs
+    engine_options: dict[str, Any] = Field(default_factory=dict)  # vLLM engine options when engine=vllm
 
 
 class DataConfig(Section):
@@ -64,6 +67,9 @@ class SamplingConfig(Section):
     max_new_tokens: int = Field(default=128, ge=1)
     seed: int = 0
     options: dict[str, Any] = Field(default_factory=dict)
+    # stop when sampler and trainer log-probs of the sampled tokens differ by more than this (mean, nats):
+    # a weight sync that did not take; checked at temperature 1 with no top-p/top-k; 0 = never
+    max_sync_mismatch: float = Field(default=0.05, ge=0.0)
 
 
 class LossConfig(Section):
@@ -131,7 +137,7 @@ class DiagnoseConfig(Section):
     finish_field: str = "finish_reason"
     truncated_field: str = "truncated"
     step_field: str = "step"
-    chunk_size: int = Field(default=0, ge=0)  # responses with no step field: 0 = one step, k = steps of k records
+    chunk_size: int = Field(default=0, ge=0)  # no step field: 0 = one step, k = k records a step
     collapse_trunc: float = Field(default=0.95, ge=0.0, le=1.0)
     collapse_rep_jump: float = Field(default=0.2, ge=0.0, le=1.0)
     patience: int = Field(default=3, ge=1)  # steps an excursion must last before it counts
@@ -192,11 +198,28 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise UserError(f"bad override '{text}': expected key=value, e.g. -s train.steps=10")
     key, raw = text.split("=", 1)
+    key = key.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    return key.strip(), value
+    if value is not None and not isinstance(value, str) and _is_text_field(key):
+        value = raw  # a text field takes the text as typed: "Answer: N" is not a mapping, "2024" not an int
+    return key, value
+
+
+def _is_text_field(dotted: str) -> bool:
+    """True when `dotted` names a `str` or `str | None` field of Config."""
+    model: Any = Config
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        field = model.model_fields.get(part)
+        model = field.annotation if field else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return False
+    field = model.model_fields.get(leaf)
+    ann = field.annotation if field else None
+    return ann is str or (get_origin(ann) in (Union, UnionType) and set(get_args(ann)) == {str, type(None)})
 
 
 def _format_validation_error(err: ValidationError) -> str:
