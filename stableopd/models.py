@@ -97,8 +97,12 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     except ImportError:
         raise UserError(f"loading '{gguf.name}' needs the gguf package: pip install 'stableopd[gguf]'") from None
     kw = {"gguf_file": gguf.name}
-    tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype="float32", **kw)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype="float32", **kw)
+    except Exception as exc:  # the gguf reader raises struct.error, ValueError, KeyError... on a bad file
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"cannot convert GGUF file '{gguf}' ({msg}); is it a complete llama.cpp model file?") from None
     model.hf_quantizer = None  # the weights are dequantised; save them as plain safetensors
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
@@ -233,6 +237,8 @@ def check_compatible(a: Loaded, b: Loaded, *, chat_template: bool, role_a: str =
             raise UserError(f"{role} '{m.name}' has no chat template; set data.chat_template=false to send raw prompts")
     vocab = min(len(ta), len(tb))
     for role, m in ((role_a, a), (role_b, b)):
+        if m.model is None:  # scored by another engine (vLLM): only its tokenizer is here
+            continue
         rows = m.model.get_output_embeddings().weight.shape[0]
         if rows < vocab:
             raise UserError(f"{role} '{m.name}' has {rows} output rows for a {vocab}-token vocabulary")

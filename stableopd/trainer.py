@@ -35,6 +35,7 @@ from stableopd.errors import CollapseStop, TrainingStopped, UserError
 from stableopd.kernels import make_adamw
 from stableopd.models import Loaded, check_compatible, load_model, stop_token_ids
 from stableopd.progress import console
+from stableopd.repetition import repetitive_token_mask
 from stableopd.rollout import data_fields, sample_records, summarize, write_jsonl_atomic
 from stableopd.teacher import score_targets
 from stableopd.tracking import MetricsLog
@@ -53,6 +54,7 @@ class Setup:
     train_ids: list[list[int]]
     val: list[Example]
     val_ids: list[list[int]]
+    teacher_scorer: Any = None  # backends.vllm.VLLMScorer when teacher.engine == "vllm"
 
 
 def step_indices(n_examples: int, step: int, per_step: int, seed: int) -> list[int]:
@@ -83,13 +85,14 @@ def prepare(cfg: Config, *, student_path: str | None, need_teacher: bool, need_r
     train = _examples(cfg, d.split, d.source, d.limit)
     val = _examples(cfg, d.val_split, d.val_source or d.source, d.val_limit) if cfg.train.eval_every else []
     student = _load(cfg.student, name=student_path)
-    teacher = _load(cfg.teacher) if need_teacher else None
+    teacher, scorer = (_load_teacher(cfg) if need_teacher else (None, None))
     ref = _load(cfg.student) if need_ref else None
     vocab = len(student.tokenizer)
     for role, other in (("teacher", teacher), ("reference", ref)):
         if other is not None:
             vocab = min(vocab, check_compatible(student, other, chat_template=d.chat_template, role_b=role))
-            other.model.requires_grad_(False)
+            if other.model is not None:
+                other.model.requires_grad_(False)
     enc = dict(chat_template=d.chat_template, system_prompt=d.system_prompt, max_tokens=d.max_prompt_tokens)
     train_ids = encode_prompts(student.tokenizer, train, **enc)
     val_ids = encode_prompts(student.tokenizer, val, **enc)
@@ -99,7 +102,23 @@ def prepare(cfg: Config, *, student_path: str | None, need_teacher: bool, need_r
         raise UserError(f"prompt + sampling.max_new_tokens reaches {longest} tokens, over the student's context "
                         f"of {limit}; shorten prompts (data.max_prompt_tokens) or lower sampling.max_new_tokens")
     return Setup(student, teacher, ref, vocab, stop_token_ids(student.tokenizer, student.model), train, train_ids,
-                 val, val_ids)
+                 val, val_ids, scorer)
+
+
+def _load_teacher(cfg: Config) -> tuple[Loaded, Any]:
+    """The HF teacher, or (tokenizer-only Loaded, VLLMScorer) when teacher.engine is vllm."""
+    spec = cfg.teacher
+    if spec.engine == "hf":
+        return _load(spec), None
+    from stableopd.backends.vllm import VLLMScorer, check_scoring_temperature
+    from stableopd.models import load_tokenizer, resolve_model_path
+
+    if cfg.loss.objective == "jsd":
+        raise UserError("loss.objective=jsd needs the teacher's full distribution: use teacher.engine=hf")
+    check_scoring_temperature(cfg.loss.teacher_temperature)
+    path = resolve_model_path(spec.name)
+    tok = load_tokenizer(spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    return Loaded(name=spec.name, path=path, model=None, tokenizer=tok), VLLMScorer(path, spec.engine_options)
 
 
 def loss_settings(cfg: Config, vocab_size: int) -> LossSettings:
@@ -170,11 +189,15 @@ def train_step(cfg: Config, setup: Setup, backend, optimizer, step: int, *, sett
     t1 = time.perf_counter()
     targets = [r["response_token_ids"] + ([] if r["truncated"] else [r["stop_token_id"]]) for r in records]
     prompts = [r["prompt_token_ids"] for r in records]
-    teacher_lp = score_targets(setup.teacher.model, prompts, targets, pad_id=_pad(tok), micro_batch=cfg.train.micro_batch,
-                               chunk_size=cfg.loss.chunk_size, vocab_size=setup.vocab_size,
-                               temperature=cfg.loss.teacher_temperature)
+    if setup.teacher_scorer is not None:
+        teacher_lp = setup.teacher_scorer.score(prompts, targets, temperature=cfg.loss.teacher_temperature)
+    else:
+        teacher_lp = score_targets(setup.teacher.model, prompts, targets, pad_id=_pad(tok),
+                                   micro_batch=cfg.train.micro_batch, chunk_size=cfg.loss.chunk_size,
+                                   vocab_size=setup.vocab_size, temperature=cfg.loss.teacher_temperature)
     t2 = time.perf_counter()
-    rollouts = [RolloutSeq(prompt=p, target=t, teacher_lp=tl, repetitive=_rep_mask(t),
+    ngram = cfg.diagnose.rep_token_ngram
+    rollouts = [RolloutSeq(prompt=p, target=t, teacher_lp=tl, repetitive=repetitive_token_mask(t, ngram),
                            sampler_lp=r["sampler_logprobs"] + ([] if r["truncated"] else [r["stop_logprob"]]))
                 for p, t, tl, r in zip(prompts, targets, teacher_lp, records)]
     golds = [GoldSeq(prompt=setup.train_ids[i], target=g) for i in idx if (g := golds_all[i]) is not None]
@@ -196,12 +219,6 @@ def train_step(cfg: Config, setup: Setup, backend, optimizer, step: int, *, sett
 
 def _pad(tok) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-
-def _rep_mask(ids: list[int]) -> list[bool]:
-    from stableopd.repetition import repetitive_token_mask
-
-    return repetitive_token_mask(ids)
 
 
 def _update(cfg: Config, setup: Setup, optimizer, rollouts, golds, settings: LossSettings, prompts, targets):
@@ -240,6 +257,21 @@ def guard_from(cfg: Config) -> CollapseGuard:
 def stop_for_collapse(run_dir: Path, verdict) -> CollapseStop:
     return CollapseStop(f"collapse detected (onset step {verdict.onset_step}); checkpoint saved. "
                         f"Look at it with: stableopd diagnose {run_dir}")
+
+
+def check_sync(cfg: Config, metrics: dict[str, Any]) -> None:
+    """Stop when the sampler's log-probs disagree with the trainer's: the sampler has other weights.
+
+    Only comparable when the sampler draws from the untempered, unfiltered distribution.
+    """
+    s = cfg.sampling
+    mismatch = metrics.get("diag/kl_sample_train")
+    if s.max_sync_mismatch == 0 or mismatch is None or (s.temperature, s.top_p, s.top_k) != (1.0, 1.0, 0):
+        return
+    if abs(mismatch) > s.max_sync_mismatch:
+        raise TrainingStopped(f"sampler and trainer log-probs of the sampled tokens differ by {mismatch:+.4f} nats "
+                              f"per token (limit sampling.max_sync_mismatch={s.max_sync_mismatch}): the "
+                              f"'{s.backend}' sampler is not sampling from the trained weights (weight sync failed)")
 
 
 def stop_for_nonfinite(k: int) -> TrainingStopped:
@@ -295,6 +327,7 @@ def distill_loop(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start: 
                 write_jsonl_atomic(run_dir / "rollouts" / f"step_{step:06d}.jsonl", records)
             log.write({"step": step, **metrics})
             show(step, metrics, verdict)
+            check_sync(cfg, metrics)
             if bad >= tcfg.max_bad_steps:
                 raise stop_for_nonfinite(bad)
             collapse = verdict.verdict == "collapse" and tcfg.stop_on_collapse

@@ -45,7 +45,7 @@ def validate(cfg, setup, backend, step: int, run_dir: Path) -> dict[str, Any]:
                            "val/rep_rate": s["rep_rate"]}
     if checked:
         out["val/accuracy"] = sum(r["correct"] for r in checked) / len(checked)
-    if setup.teacher is not None:
+    if setup.teacher is not None and setup.teacher.model is not None:
         targets = [r["response_token_ids"] + ([] if r["truncated"] else [r["stop_token_id"]]) for r in records]
         out["val/reverse_kl"] = mean_reverse_kl(
             setup.student.model, setup.teacher.model, [r["prompt_token_ids"] for r in records], targets,

@@ -166,3 +166,56 @@ def test_real_engine_logprobs_match_hf(tiny_loaded):
     for s in backend.generate([prompt], SamplingParams(n=4, temperature=1.0, max_new_tokens=16, seed=1))[0]:
         ref = _teacher_forced(tiny_loaded.model.cuda().float().cpu(), prompt, s.token_ids, len(tok))
         torch.testing.assert_close(torch.tensor(s.logprobs), ref, atol=2e-2, rtol=0)
+
+
+def _distill_cfg(tmp_path, name: str, **extra):
+    from stableopd.config import load_config
+
+    sets = ["train.steps=3", "train.prompts_per_step=2", "sampling.n=2", "sampling.max_new_tokens=8",
+            "train.eval_every=0", "train.lr=0.05", "loss.objective=opd", "logging.progress=false",
+            "sampling.backend=vllm", "data.source=builtin:arith?digits=1"] + [f"{k}={v}" for k, v in extra.items()]
+    return load_config(None, sets, {"out": str(tmp_path / name), "student.name": "tiny",
+                                    "teacher.name": "tiny-teacher"})
+
+
+def test_distill_with_synced_engine_samples_from_trained_weights(fake_vllm, tmp_path):
+    import json
+
+    from stableopd.trainer import run_distill
+
+    assert run_distill(_distill_cfg(tmp_path, "synced")) == 0
+    rows = [json.loads(line) for line in (tmp_path / "synced" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(abs(r["diag/kl_sample_train"]) < 1e-4 for r in rows)
+    engine = fake_vllm.LLM.instances[-1]
+    assert engine.engine_model.loads == 3 and engine.calls.count("reset_prefix_cache") == 3
+
+
+def test_distill_stops_when_weight_sync_silently_fails(fake_vllm, tmp_path, monkeypatch):
+    from stableopd.errors import TrainingStopped
+    from stableopd.trainer import run_distill
+
+    monkeypatch.setattr(vb, "push_weights", lambda llm, model: None)  # the sync "succeeds" but changes nothing
+    with pytest.raises(TrainingStopped, match="weight sync failed"):
+        run_distill(_distill_cfg(tmp_path, "stale"))
+
+
+def test_vllm_teacher_engine_scores_the_sampled_tokens(fake_vllm, tmp_path):
+    """vLLM's prompt log-probs normalise over every embedding row (padding included), the HF path over the
+    tokenizer's vocabulary; for the random tiny teacher the padded rows carry real mass, so compare each
+    with its own reference."""
+    import json
+
+    from stableopd.trainer import run_distill
+
+    run_distill(_distill_cfg(tmp_path, "vt", **{"sampling.backend": "hf", "train.steps": 1,
+                                                 "teacher.engine": "vllm"}))
+    teacher = load_model("tiny-teacher").model
+    rows = [json.loads(x) for x in (tmp_path / "vt" / "rollouts" / "step_000001.jsonl").read_text().splitlines()]
+    for r in rows:
+        ref = _teacher_forced(teacher, r["prompt_token_ids"], r["response_token_ids"], teacher.config.vocab_size)
+        torch.testing.assert_close(torch.tensor(r["teacher_logprobs"]), ref, atol=1e-4, rtol=0)
+        hf_ref = _teacher_forced(teacher, r["prompt_token_ids"], r["response_token_ids"], 101)
+        assert not torch.allclose(torch.tensor(r["teacher_logprobs"]), hf_ref, atol=1e-3)
+    bad = _distill_cfg(tmp_path, "vt2", **{"teacher.engine": "vllm", "loss.teacher_temperature": 0.5})
+    with pytest.raises(UserError, match="ignore temperature"):
+        run_distill(bad)

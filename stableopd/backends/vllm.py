@@ -19,7 +19,9 @@ blocks computed with the old weights would otherwise be reused. Nothing touches 
 sync took is verified by the trainer every step (`diag/kl_sample_train`, `sampling.max_sync_mismatch`).
 
 Teacher scoring (`teacher.engine: vllm`): `prompt_logprobs=0` on prompt + response. vLLM computes them
-from raw logits whatever the temperature, so a teacher temperature other than 1 is refused.
+from raw logits whatever the temperature, so a teacher temperature other than 1 is refused. They are
+normalised over every embedding row, padding included, where the HF path normalises over the
+tokenizer's vocabulary; trained checkpoints put ~0 mass on padded rows, so the two agree in practice.
 
     stableopd distill -c examples/paper-qwen-math-1.5b.yaml     # sampling.backend: vllm
 """
