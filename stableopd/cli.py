@@ -130,7 +130,10 @@ def diagnose(path: Path = typer.Argument(..., help="Run directory, metrics.jsonl
     def body() -> int:
         from stableopd.diagnostics import run_diagnose
 
-        cfg = _config(config, sets, {"diagnose.text_field": text_field})
+        # a run directory carries its own repetition settings (L, tau): start from them
+        run_config = path / "config.yaml"
+        base = config if config is not None or not run_config.is_file() else run_config
+        cfg = _config(base, sets, {"diagnose.text_field": text_field})
         return run_diagnose(path, cfg.diagnose, as_json=as_json, plots_dir=plots, strict=strict, console=console)
     _guard(debug, body)
 

@@ -30,7 +30,7 @@ from stableopd.backends.base import SamplingParams, build_backend
 from stableopd.checkpoint import list_checkpoints, load_latest, save_checkpoint, set_rng_state
 from stableopd.config import Config, dump_config
 from stableopd.data import Example, encode_prompts, load_examples
-from stableopd.diagnostics import CollapseGuard
+from stableopd.detector import CollapseGuard
 from stableopd.errors import CollapseStop, TrainingStopped, UserError
 from stableopd.kernels import make_adamw
 from stableopd.models import Loaded, check_compatible, load_model, stop_token_ids
