@@ -64,7 +64,7 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
             rows = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        if not isinstance(rows, list):
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise UserError(f"{path}: expected a JSON list of objects")
         return rows
     return read_jsonl(path)

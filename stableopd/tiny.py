@@ -4,7 +4,7 @@
 code path (loading, sampling, checkpoints, vLLM-format weights) is the one real models take. They share
 one tokenizer: one token per printable ASCII character, plus `<|im_start|>`, `<|im_end|>` (the
 end-of-sequence token) and `<|pad|>`, with a ChatML chat template. Their embedding matrices are padded to
-different row counts on purpose (128 vs 136 rows for a 103-token vocabulary), like Qwen2.5's 151,936 vs
+different row counts on purpose (128 vs 136 rows for a 101-token vocabulary), like Qwen2.5's 151,936 vs
 152,064, so the padded-vocabulary path is exercised in every smoke run. Llama rather than Qwen2: transformers 5
 replaces the tokenizer class of any `qwen2` checkpoint with Qwen2's byte-level BPE, which would discard
 this character tokenizer on reload.

@@ -64,13 +64,19 @@ class HFBackend:
         from transformers import GenerationConfig
 
         greedy = params.temperature == 0
+        # Every knob is explicit: generate() fills unset (None) ones from the model's generation_config.json
+        # (Qwen2.5-Instruct: top_k=20, top_p=0.8, repetition_penalty=1.05) and then from global defaults
+        # (top_k=50), which would change the distribution and the logprobs. 1.0 / 0 are "off".
         return GenerationConfig(
             do_sample=not greedy,
-            temperature=None if greedy else params.temperature,
-            top_p=None if greedy or params.top_p >= 1.0 else params.top_p,
-            top_k=None if greedy or params.top_k == 0 else params.top_k,
+            temperature=1.0 if greedy else params.temperature,
+            top_p=1.0 if greedy else params.top_p,
+            top_k=0 if greedy else params.top_k,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            typical_p=1.0,
             max_new_tokens=params.max_new_tokens,
-            num_return_sequences=params.n,
+            num_return_sequences=1,  # prompts are repeated n times instead: greedy refuses n > 1
             eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
             output_scores=True,
@@ -91,7 +97,8 @@ class HFBackend:
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[list[Sample]]:
         from transformers import LogitsProcessorList
 
-        ids, mask = self._left_pad(prompts)
+        # each prompt n times in a row, as generate's num_return_sequences would (rows [i*n, (i+1)*n) = prompt i)
+        ids, mask = self._left_pad([p for p in prompts for _ in range(params.n)])
         was_training = self.model.training
         self.model.eval()
         devices = [ids.device] if ids.device.type == "cuda" else []

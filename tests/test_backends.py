@@ -1,0 +1,397 @@
+"""The sampling contract: HF backend log-probs against a teacher-forced reference, stops, seeds, the registry.
+
+The consistency tests are the backbone: at temperature 1 with no top-p/top-k, the log-prob the sampler
+reports for every token (and for the stop token) must equal the log-prob of that token under a plain
+forward pass of the same model on prompt + response, restricted to the tokenizer's real vocabulary. A
+padding, position-id, chat-template or stop-token bug breaks the equality.
+"""
+
+from __future__ import annotations
+
+import copy
+import textwrap
+
+import pytest
+import torch
+
+from stableopd.backends.base import (
+    Backend,
+    Sample,
+    SamplingParams,
+    available_backends,
+    build_backend,
+    split_stop,
+)
+from stableopd.data import Example, encode_prompts
+from stableopd.errors import UserError
+from stableopd.models import stop_token_ids
+from stableopd.rollout import sample_records
+
+PROMPTS = ["hi", "What is 12+345? Explain every step, then give the answer.", "Say a word.\nThen stop."]
+
+
+def hf_backend(loaded, model=None, **options) -> Backend:
+    return build_backend(
+        "hf",
+        model=model or loaded.model,
+        tokenizer=loaded.tokenizer,
+        model_path=loaded.path,
+        stop_ids=stop_token_ids(loaded.tokenizer, loaded.model),
+        options=options,
+    )
+
+
+def encoded(loaded, prompts=PROMPTS) -> list[list[int]]:
+    return encode_prompts(loaded.tokenizer, [Example(str(i), p) for i, p in enumerate(prompts)])
+
+
+@torch.no_grad()
+def teacher_forced(
+    model, prompt: list[int], response: list[int], vocab: int, temperature: float = 1.0, top_k: int = 0
+) -> torch.Tensor:
+    """Log-prob of each response token given prompt + previous tokens: one unpadded forward pass."""
+    ids = torch.tensor([prompt + response])  # (1, L + T)
+    logits = model(ids).logits[0, :, :vocab].float() / temperature  # (L + T, V) padded rows dropped
+    if top_k:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (L + T, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    logprobs = torch.log_softmax(logits, dim=-1)
+    # logits at position t predict token t + 1
+    rows = logprobs[len(prompt) - 1 : len(prompt) - 1 + len(response)]  # (T, V)
+    return rows.gather(-1, torch.tensor(response)[:, None])[:, 0]  # (T,)
+
+
+def records_for(loaded, params: SamplingParams, prompts=PROMPTS, **options) -> list[dict]:
+    tok = loaded.tokenizer
+    examples = [Example(f"p{i}", p) for i, p in enumerate(prompts)]
+    stop_ids = stop_token_ids(tok, loaded.model)
+    return sample_records(
+        hf_backend(loaded, **options),
+        tok,
+        examples,
+        encoded(loaded, prompts),
+        params,
+        stop_ids,
+        rep_tail_chars=10_000,
+        rep_ratio=10.0,
+        progress=False,
+    )
+
+
+def assert_consistent(loaded, records: list[dict], tol: float = 1e-4, **reference) -> int:
+    """Every sampler log-prob (stop token included) equals the teacher-forced one; returns tokens checked."""
+    vocab, checked = len(loaded.tokenizer), 0
+    for rec in records:
+        response = rec["response_token_ids"] + ([] if rec["truncated"] else [rec["stop_token_id"]])
+        sampled = rec["sampler_logprobs"] + ([] if rec["truncated"] else [rec["stop_logprob"]])
+        expected = teacher_forced(loaded.model, rec["prompt_token_ids"], response, vocab, **reference)
+        torch.testing.assert_close(torch.tensor(sampled), expected, atol=tol, rtol=0)
+        checked += len(response)
+    return checked
+
+
+# ------------------------------------------------------------------------------------------------
+# Consistency with a teacher-forced forward pass
+
+
+@pytest.mark.parametrize("batch_size", [16, 1])
+def test_sampler_logprobs_match_teacher_forcing_tiny(tiny, batch_size):
+    prompt_lens = {len(p) for p in encoded(tiny)}
+    assert len(prompt_lens) == len(PROMPTS)  # different lengths: left padding is exercised
+    records = records_for(
+        tiny, SamplingParams(n=3, temperature=1.0, max_new_tokens=32, seed=0), batch_size=batch_size
+    )
+    assert len(records) == 3 * len(PROMPTS)
+    assert [(r["prompt_id"], r["sample_idx"]) for r in records] == [
+        (f"p{i}", j) for i in range(3) for j in range(3)
+    ]
+    assert {r["finish_reason"] for r in records} == {"stop", "length"}  # both endings are checked
+    assert assert_consistent(tiny, records) > 150
+
+
+def test_sampler_logprobs_match_teacher_forcing_tiny_teacher(tiny_teacher):
+    # 136 embedding rows for 101 tokens: the padded rows must be excluded from the normalisation
+    records = records_for(tiny_teacher, SamplingParams(n=3, temperature=1.0, max_new_tokens=24, seed=4))
+    assert assert_consistent(tiny_teacher, records) > 100
+
+
+def test_model_generation_config_does_not_leak_into_sampling(tiny):
+    # Hub checkpoints ship sampling defaults (Qwen2.5-Instruct: top_k=20, top_p=0.8, repetition_penalty=1.05);
+    # they must not change what the backend samples from.
+    model = copy.deepcopy(tiny.model)
+    gen = model.generation_config
+    gen.do_sample, gen.temperature, gen.top_k, gen.top_p, gen.repetition_penalty = True, 0.7, 20, 0.8, 1.3
+    backend = hf_backend(tiny, model=model)
+    prompts = encoded(tiny)
+    samples = backend.generate(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=24, seed=1))
+    for prompt, per_prompt in zip(prompts, samples):
+        for s in per_prompt:
+            expected = teacher_forced(model, prompt, s.token_ids, len(tiny.tokenizer))
+            torch.testing.assert_close(torch.tensor(s.logprobs), expected, atol=1e-4, rtol=0)
+
+
+def test_temperature_logprobs_are_of_the_tempered_distribution(tiny):
+    records = records_for(tiny, SamplingParams(n=2, temperature=0.7, max_new_tokens=24, seed=2))
+    assert assert_consistent(tiny, records, temperature=0.7) > 50
+
+
+def test_top_k_logprobs_are_renormalised_over_the_top_k(tiny):
+    k = 5
+    records = records_for(tiny, SamplingParams(n=2, temperature=1.0, top_k=k, max_new_tokens=24, seed=3))
+    assert assert_consistent(tiny, records, top_k=k) > 50
+    for rec in records:
+        assert all(lp > -torch.inf for lp in rec["sampler_logprobs"])
+
+
+def test_greedy_is_the_argmax_and_deterministic(tiny):
+    params = SamplingParams(n=2, temperature=0.0, max_new_tokens=20, seed=0)
+    a = records_for(tiny, params)
+    b = records_for(tiny, SamplingParams(n=2, temperature=0.0, max_new_tokens=20, seed=99))
+    strip = [(r["response_token_ids"], r["finish_reason"]) for r in a]
+    assert strip == [(r["response_token_ids"], r["finish_reason"]) for r in b]
+    assert a[0]["response_token_ids"] == a[1]["response_token_ids"]  # n greedy samples are identical
+    vocab = len(tiny.tokenizer)
+    for rec in a:
+        response = rec["response_token_ids"] + ([] if rec["truncated"] else [rec["stop_token_id"]])
+        ids = torch.tensor([rec["prompt_token_ids"] + response])
+        with torch.no_grad():
+            logits = tiny.model(ids).logits[0, :, :vocab]  # (L + T, V)
+        rows = logits[len(rec["prompt_token_ids"]) - 1 : -1]  # (T, V)
+        chosen = rows.gather(-1, torch.tensor(response)[:, None])[:, 0]
+        assert torch.all(chosen >= rows.max(dim=-1).values - 1e-4)  # each token is the argmax (up to ties)
+    # greedy log-probs are the temperature-1 log-probs of the argmax
+    assert assert_consistent(tiny, a) > 0
+
+
+@pytest.mark.slow
+def test_sampler_logprobs_match_teacher_forcing_smollm2(smollm2):
+    prompts = ["Hi!", "Name three colours of the rainbow, in order."]
+    assert len({len(p) for p in encoded(smollm2, prompts)}) == 2
+    records = records_for(smollm2, SamplingParams(n=3, temperature=1.0, max_new_tokens=8, seed=0), prompts)
+    assert len(records) == 6
+    assert assert_consistent(smollm2, records) >= 6 * 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Stops, truncation, padding
+
+
+def test_truncated_exactly_when_no_stop_token(tiny):
+    stop_ids = stop_token_ids(tiny.tokenizer, tiny.model)
+    pad = tiny.tokenizer.pad_token_id
+    max_new = 30
+    params = SamplingParams(n=8, temperature=1.0, max_new_tokens=max_new, seed=5)
+    samples = hf_backend(tiny).generate(encoded(tiny), params)
+    assert [len(s) for s in samples] == [8, 8, 8]
+    reasons = set()
+    for s in (s for per_prompt in samples for s in per_prompt):
+        reasons.add(s.finish_reason)
+        assert len(s.token_ids) == len(s.logprobs) <= max_new
+        stops_at = [i for i, t in enumerate(s.token_ids) if t in stop_ids]
+        if s.finish_reason == "stop":
+            assert stops_at == [len(s.token_ids) - 1]  # the stop token ends the sample, nothing after it
+        else:
+            assert stops_at == [] and len(s.token_ids) == max_new
+            assert s.token_ids[-3:] != [pad] * 3  # not padding from a finished neighbour
+        ids, lps, truncated = split_stop(s, stop_ids)
+        assert truncated == (s.finish_reason == "length")
+        assert not set(ids) & set(stop_ids) and len(ids) == len(lps)
+    assert reasons == {"stop", "length"}
+
+
+def test_records_exclude_the_stop_token_and_padding(tiny):
+    tok = tiny.tokenizer
+    records = records_for(tiny, SamplingParams(n=4, temperature=1.0, max_new_tokens=30, seed=6))
+    assert {r["truncated"] for r in records} == {True, False}
+    for rec in records:
+        assert rec["n_tokens"] == len(rec["response_token_ids"]) == len(rec["sampler_logprobs"])
+        assert rec["truncated"] == (rec["finish_reason"] == "length")
+        assert tok.eos_token_id not in rec["response_token_ids"]
+        assert "<|im_end|>" not in rec["response"] and "<|pad|>" not in rec["response"]
+        assert rec["response"] == tok.decode(rec["response_token_ids"], skip_special_tokens=True)
+        if rec["truncated"]:
+            assert rec["n_tokens"] == 30 and rec["stop_token_id"] is None and rec["stop_logprob"] is None
+        else:
+            assert rec["stop_token_id"] == tok.eos_token_id and rec["stop_logprob"] <= 0
+
+
+def test_split_stop_on_hand_made_samples():
+    assert split_stop(Sample([5, 6, 2], [-1.0, -2.0, -3.0], "stop"), [2]) == ([5, 6], [-1.0, -2.0], False)
+    assert split_stop(Sample([5, 6], [-1.0, -2.0], "length"), [2]) == ([5, 6], [-1.0, -2.0], True)
+    # an empty response: the stop token came first
+    assert split_stop(Sample([2], [-0.5], "stop"), [2, 9]) == ([], [], False)
+    assert split_stop(Sample([5, 9], [-1.0, -0.5], "stop"), [2, 9]) == ([5], [-1.0], False)
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_teacher"])
+def test_padded_rows_are_never_sampled(fixture, request):
+    loaded = request.getfixturevalue(fixture)
+    vocab = len(loaded.tokenizer)
+    rows = loaded.model.get_output_embeddings().weight.shape[0]
+    assert rows > vocab  # a random model gives the padded rows about (rows - vocab) / rows of the mass
+    samples = hf_backend(loaded).generate(encoded(loaded), SamplingParams(n=8, max_new_tokens=32, seed=7))
+    tokens = [t for per_prompt in samples for s in per_prompt for t in s.token_ids]
+    assert len(tokens) > 300
+    assert max(tokens) < vocab
+
+
+# ------------------------------------------------------------------------------------------------
+# Seeds and RNG
+
+
+def test_same_seed_same_samples_different_seed_different(tiny):
+    backend = hf_backend(tiny)
+    prompts = encoded(tiny)
+
+    def draw(seed):
+        out = backend.generate(prompts, SamplingParams(n=2, max_new_tokens=16, seed=seed))
+        return [(s.token_ids, s.logprobs) for per_prompt in out for s in per_prompt]
+
+    first = draw(11)
+    assert draw(11) == first
+    assert draw(12) != first
+    assert first[0] != first[1]  # the n samples of one prompt differ
+
+
+def test_sampling_does_not_perturb_the_global_rng(tiny):
+    backend = hf_backend(tiny, batch_size=2)
+    torch.manual_seed(1234)
+    expected = torch.rand(5)
+    torch.manual_seed(1234)
+    backend.generate(encoded(tiny), SamplingParams(n=2, max_new_tokens=8, seed=3))
+    assert torch.equal(torch.rand(5), expected)
+
+
+def test_training_mode_is_restored(tiny):
+    model = copy.deepcopy(tiny.model).train()
+    hf_backend(tiny, model=model).generate(encoded(tiny, ["hi"]), SamplingParams(max_new_tokens=4))
+    assert model.training
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [({"batch_size": 0}, "(batch_size)"), ({"beams": 2}, "Extra inputs are not permitted (beams)")],
+)
+def test_hf_options_are_validated(tiny, options, fragment):
+    with pytest.raises(UserError) as exc:
+        hf_backend(tiny, **options)
+    assert str(exc.value).startswith("sampling.options for the hf backend: ")
+    assert str(exc.value).endswith(fragment)
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry: built-ins and plugins through the same entry points
+
+FAKE_MODULE = textwrap.dedent(
+    '''
+    from stableopd.backends.base import Sample
+
+
+    class EchoBackend:
+        """Answers every prompt with its last `options["k"]` ids, then a stop token (odd samples run out)."""
+
+        name = "echo"
+
+        def __init__(self, *, model, tokenizer, model_path, stop_ids, options):
+            self.stop_ids, self.k, self.model_path = stop_ids, options.get("k", 2), model_path
+            self.synced = None
+
+        def generate(self, prompts_P, params):
+            out = []
+            for prompt in prompts_P:
+                samples = []
+                for i in range(params.n):
+                    if i % 2 == 0:
+                        ids = prompt[-self.k:] + [self.stop_ids[0]]
+                        samples.append(Sample(ids, [-0.5] * len(ids), "stop"))
+                    else:
+                        ids = (prompt * params.max_new_tokens)[: params.max_new_tokens]
+                        samples.append(Sample(ids, [-0.25] * len(ids), "length"))
+                out.append(samples)
+            return out
+
+        def sync_weights(self, model):
+            self.synced = model
+
+
+    class NotABackend:
+        def __init__(self, **kwargs):
+            pass
+    '''
+)
+
+
+@pytest.fixture
+def echo_plugin(tmp_path, monkeypatch):
+    """A plugin distribution on sys.path, declaring two backends in the `stableopd.backends` group."""
+    (tmp_path / "stableopd_echo_plugin.py").write_text(FAKE_MODULE)
+    info = tmp_path / "stableopd_echo_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: stableopd-echo-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[stableopd.backends]\n"
+        "echo = stableopd_echo_plugin:EchoBackend\n"
+        "broken = stableopd_echo_plugin:NotABackend\n"
+        "missing = stableopd_no_such_module:Thing\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "echo"
+    import sys
+
+    sys.modules.pop("stableopd_echo_plugin", None)
+
+
+def test_builtins_are_registered():
+    registry = available_backends()
+    assert registry["hf"] == "stableopd.backends.hf:HFBackend"
+    assert registry["vllm"] == "stableopd.backends.vllm:VLLMBackend"
+
+
+def test_hf_backend_is_built_by_name(tiny):
+    from stableopd.backends.hf import HFBackend
+
+    backend = hf_backend(tiny, batch_size=3)
+    assert isinstance(backend, HFBackend) and isinstance(backend, Backend)
+    assert backend.options.batch_size == 3 and backend.vocab_size == len(tiny.tokenizer)
+    backend.sync_weights(tiny.model)
+    assert backend.model is tiny.model
+
+
+def test_unknown_backend_lists_the_available_ones(tiny):
+    with pytest.raises(UserError) as exc:
+        build_backend("sglang", model=None, tokenizer=tiny.tokenizer, model_path="x", stop_ids=[2])
+    assert str(exc.value) == "unknown sampling backend 'sglang'; available: hf, vllm"
+
+
+def test_plugin_backend_is_found_and_used(tiny, echo_plugin):
+    registry = available_backends()
+    assert registry["echo"] == "stableopd_echo_plugin:EchoBackend"
+    backend = build_backend(
+        "echo", model=tiny.model, tokenizer=tiny.tokenizer, model_path="/m", stop_ids=[2], options={"k": 3}
+    )
+    assert type(backend).__module__ == "stableopd_echo_plugin" and backend.model_path == "/m"
+    out = backend.generate([[10, 11, 12, 13]], SamplingParams(n=2, max_new_tokens=5))
+    assert [(s.token_ids, s.finish_reason) for s in out[0]] == [
+        ([11, 12, 13, 2], "stop"),
+        ([10, 11, 12, 13, 10], "length"),
+    ]
+    backend.sync_weights("w")
+    assert backend.synced == "w"
+
+
+def test_plugin_errors(tiny, echo_plugin):
+    kw = dict(model=None, tokenizer=tiny.tokenizer, model_path="x", stop_ids=[2])
+    with pytest.raises(UserError) as exc:
+        build_backend("nope", **kw)
+    assert str(exc.value) == "unknown sampling backend 'nope'; available: broken, echo, hf, missing, vllm"
+    with pytest.raises(UserError) as exc:
+        build_backend("broken", **kw)
+    assert str(exc.value) == (
+        "sampling backend 'broken' (stableopd_echo_plugin:NotABackend) does not implement generate/sync_weights"
+    )
+    with pytest.raises(UserError) as exc:
+        build_backend("missing", **kw)
+    assert (
+        str(exc.value)
+        == "sampling backend 'missing' cannot be imported (No module named 'stableopd_no_such_module')"
+    )
