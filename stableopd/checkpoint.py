@@ -58,6 +58,8 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, st
     """Write checkpoint `step` atomically and prune to the newest `keep_last`."""
     target = step_dir(run_dir, step)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(".step_*"):  # temp dirs of writes that a kill interrupted
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -67,7 +69,8 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, st
         torch.save({"torch": rng["torch"], "python": _py_rng_to_tensorable(rng["python"])}, tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=1))
         (tmp / MARKER).write_text("ok\n")
-        if target.exists():
+        if target.exists():  # re-saving a step (after a fallback resume): unmark it first, so a kill
+            (target / MARKER).unlink(missing_ok=True)  # inside rmtree leaves no half-deleted "complete" one
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:

@@ -206,6 +206,8 @@ def _prepare(hidden: Tensor, mask: Tensor | None, chunk_size: int, temperature: 
         raise ValueError(f"temperature must be > 0, got {temperature}")
     h = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
     idx = None if mask is None else mask.reshape(-1).bool().nonzero().squeeze(1)  # (M,) kept rows
+    if idx is not None and idx.numel() == h.shape[0]:
+        idx = None  # nothing masked: skip the gather / scatter copies
     return hidden.shape[:-1], h, idx
 
 

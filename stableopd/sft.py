@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,6 +26,27 @@ from stableopd.tracking import MetricsLog
 from stableopd.trainer import _start, build_step_backend, gold_targets, guard_from, prepare, step_indices
 from stableopd.update import GoldSeq, LossSettings, accumulate
 from stableopd.validation import validate
+
+
+def sft_settings(chunk_size: int, vocab_size: int | None) -> LossSettings:
+    """The SFT loss as a special case of the step loss: only the golden term, at weight 1."""
+    return LossSettings(objective="stableopd", gold_coef=1.0, ref_kl_coef=0.0, chunk_size=chunk_size,
+                        vocab_size=vocab_size)
+
+
+def sft_step(model, optimizer, golds: list[GoldSeq], settings: LossSettings, *, pad_id: int, micro_batch: int,
+             grad_clip: float) -> dict[str, Any]:
+    """One supervised step on golden solutions (also used by stableopd.toy to build the arith models)."""
+    t0 = time.perf_counter()
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    m = accumulate(model, None, None, [], golds, settings, pad_id=pad_id, micro_batch=micro_batch)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    if torch.isfinite(norm):
+        optimizer.step()
+    return {"loss/total": m.get("loss/gold_sft"), "loss/gold_sft": m.get("loss/gold_sft"),
+            "optim/grad_norm": float(norm), "optim/lr": optimizer.param_groups[0]["lr"],
+            "optim/skipped": int(not torch.isfinite(norm)), "time/train_s": time.perf_counter() - t0}
 
 
 def run_sft(cfg: Config, *, resume: bool = False) -> int:
@@ -51,8 +73,7 @@ def run_sft(cfg: Config, *, resume: bool = False) -> int:
     else:
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
-    settings = LossSettings(objective="stableopd", gold_coef=1.0, ref_kl_coef=0.0, chunk_size=cfg.loss.chunk_size,
-                            vocab_size=setup.vocab_size)
+    settings = sft_settings(cfg.loss.chunk_size, setup.vocab_size)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     backend = build_step_backend(cfg, setup)
     log = MetricsLog.open(run_dir / "metrics.jsonl", keep_until=start if start else None)
@@ -62,18 +83,10 @@ def run_sft(cfg: Config, *, resume: bool = False) -> int:
     guard = guard_from(cfg)
     with step_display(tcfg.steps, start, enabled=cfg.logging.progress) as show:
         for step in range(start + 1, tcfg.steps + 1):
-            t0 = time.perf_counter()
             idx = [keep[i] for i in step_indices(len(keep), step, tcfg.prompts_per_step, cfg.data.seed)]
             golds = [GoldSeq(prompt=setup.train_ids[i], target=golds_all[i]) for i in idx]
-            model.train()
-            optimizer.zero_grad(set_to_none=True)
-            m = accumulate(model, None, None, [], golds, settings, pad_id=pad, micro_batch=tcfg.micro_batch)
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or float("inf"))
-            if torch.isfinite(norm):
-                optimizer.step()
-            metrics = {"loss/total": m.get("loss/gold_sft"), "loss/gold_sft": m.get("loss/gold_sft"),
-                       "optim/grad_norm": float(norm), "optim/lr": tcfg.lr, "optim/skipped": int(not torch.isfinite(norm)),
-                       "time/train_s": time.perf_counter() - t0}
+            metrics = sft_step(model, optimizer, golds, settings, pad_id=pad, micro_batch=tcfg.micro_batch,
+                               grad_clip=tcfg.grad_clip)
             if tcfg.eval_every and step % tcfg.eval_every == 0:
                 metrics.update(validate(cfg, setup, backend, step, run_dir))
             log.write({"step": step, **metrics})

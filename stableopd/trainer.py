@@ -97,10 +97,13 @@ def prepare(cfg: Config, *, student_path: str | None, need_teacher: bool, need_r
     train_ids = encode_prompts(student.tokenizer, train, **enc)
     val_ids = encode_prompts(student.tokenizer, val, **enc)
     limit = getattr(student.model.config, "max_position_embeddings", None)
-    longest = max(len(p) for p in train_ids + val_ids) + cfg.sampling.max_new_tokens
-    if limit and longest > limit:
-        raise UserError(f"prompt + sampling.max_new_tokens reaches {longest} tokens, over the student's context "
-                        f"of {limit}; shorten prompts (data.max_prompt_tokens) or lower sampling.max_new_tokens")
+    budgets = (("sampling.max_new_tokens", train_ids, cfg.sampling.max_new_tokens),  # validation samples with
+               ("eval.max_new_tokens", val_ids, cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens))  # its own
+    for key, ids, budget in budgets:
+        longest = max((len(p) for p in ids), default=0) + budget
+        if limit and ids and longest > limit:
+            raise UserError(f"prompt + {key} reaches {longest} tokens, over the student's context of {limit}; "
+                            f"shorten prompts (data.max_prompt_tokens) or lower {key}")
     return Setup(student, teacher, ref, vocab, stop_token_ids(student.tokenizer, student.model), train, train_ids,
                  val, val_ids, scorer)
 
@@ -147,9 +150,12 @@ def _start(cfg: Config, run_dir: Path, resume: bool):
         restored = load_latest(run_dir, warn=lambda m: console.print(f"[yellow]warning:[/] {m}"))
         console.print(f"resuming from {restored.path}")
         return restored
-    if list_checkpoints(run_dir) or (run_dir / "metrics.jsonl").exists():
+    if list_checkpoints(run_dir):
         raise UserError(f"run directory '{run_dir}' already holds a run; pass --resume to continue it "
                         "or --out to start a new one")
+    if (run_dir / "metrics.jsonl").exists():  # --resume would fail too: say so rather than send the user there
+        raise UserError(f"run directory '{run_dir}' holds a run that stopped before its first checkpoint, so it "
+                        "cannot be resumed; pass another --out, or delete the directory to start over")
     return None
 
 

@@ -162,6 +162,8 @@ def accumulate(student, ref, teacher, rollouts: list[RolloutSeq], golds: list[Go
     total = acc.get("loss/opd", 0.0) + s.gold_coef * acc.get("loss/gold_sft", 0.0) * (s.objective == "stableopd")
     total += s.ref_kl_coef * acc.get("loss/ref_kl", 0.0)
     out = {k: v for k, v in acc.items() if not k.endswith("weight_sum")}
+    for key in ("loss/gold_sft", "loss/ref_kl"):  # DESIGN.md metric names: present every step, null when off
+        out.setdefault(key, None)
     out.update({
         "loss/total": total,
         "student/logprob_mean": sums.ratio("student_lp", "tokens"),
