@@ -50,6 +50,15 @@ def output_weight(model) -> torch.Tensor:
     return model.get_output_embeddings().weight  # (V_rows, d)
 
 
+def with_head(model, hidden: torch.Tensor, fn):
+    """fn(hidden, lm_head weight) -> loss tensors. An FSDP-sharded head (distributed.FnHead) runs `fn` inside
+    its forward, so its hooks gather the weight and reduce its gradient; any other head is read directly."""
+    head = model.get_output_embeddings()
+    if getattr(head, "runs_fn", False):
+        return head(hidden, fn)
+    return fn(hidden, head.weight)
+
+
 def to_rows(values: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,) flat per-token values -> (B, T) zero-padded values and (B, T) mask."""
     width = max(lengths) if lengths else 0

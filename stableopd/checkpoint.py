@@ -54,17 +54,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, state: dict[str, Any],
-                    keep_last: int) -> Path:
-    """Write checkpoint `step` atomically and prune to the newest `keep_last`."""
+                    keep_last: int, model_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
+    """Write checkpoint `step` atomically and prune to the newest `keep_last`. `model_state` and
+    `optimizer_state` are the full (consolidated) state dicts of a sharded run (distributed.full_states)."""
     target = step_dir(run_dir, step)
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(".step_*"):  # temp dirs of writes that a kill interrupted
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({} if model_state is None
+                                                                 else {"state_dict": model_state}))
         tokenizer.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
         rng = rng_state()
         torch.save({"torch": rng["torch"], "python": _py_rng_to_tensorable(rng["python"])}, tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=1))

@@ -9,6 +9,7 @@ the traceback); a collapse stop ends with exit code 3.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,7 @@ def distill(config: Path = ConfigOpt, sets: list[str] = SetOpt,
             data: str = typer.Option(None, "--data", help="Training prompts (sets data.source)."),
             out: Path = typer.Option(None, "--out", help="Run directory (sets out)."),
             resume: bool = typer.Option(False, "--resume", help="Continue from the latest complete checkpoint."),
+            nproc: int = typer.Option(1, "--nproc", min=1, help="Processes: re-runs this command under torchrun."),
             debug: bool = DebugOpt) -> None:
     """Distill the teacher into the student with OPD or StableOPD."""
     def body() -> int:
@@ -78,6 +80,11 @@ def distill(config: Path = ConfigOpt, sets: list[str] = SetOpt,
 
         cfg = _config(config, sets, {"student.name": student, "teacher.name": teacher, "data.source": data,
                                      "out": out and str(out)})
+        if nproc > 1:
+            from stableopd.distributed import check_divides, relaunch, strip_nproc
+
+            check_divides(nproc, cfg.train.prompts_per_step)
+            return relaunch(nproc, strip_nproc(sys.argv[1:]))
         return run_distill(cfg, resume=resume)
     _guard(debug, body)
 

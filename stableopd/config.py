@@ -105,6 +105,7 @@ class TrainConfig(Section):
     seed: int = 0
     stop_on_collapse: bool = False
     max_bad_steps: int = Field(default=3, ge=1)  # consecutive non-finite steps before stopping
+    dist_timeout_s: float = Field(default=600.0, gt=0.0)  # multi-process: a collective waiting longer raises
 
 
 class EvalConfig(Section):

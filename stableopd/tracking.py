@@ -38,6 +38,7 @@ class MetricsLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.rows: list[dict[str, Any]] = []
+        self.read_only = False
 
     @classmethod
     def open(cls, path: Path, *, keep_until: int | None) -> MetricsLog:
@@ -52,9 +53,20 @@ class MetricsLog:
         tmp.replace(path)
         return log
 
+    @classmethod
+    def reader(cls, path: Path, *, keep_until: int | None) -> MetricsLog:
+        """The rows `open` would keep, without touching the file; `write` only keeps rows in memory
+        (ranks other than 0 of a multi-process run)."""
+        log = cls(path)
+        log.read_only = True
+        log.rows = [] if keep_until is None else [r for r in read_rows(path) if r["step"] <= keep_until]
+        return log
+
     def write(self, row: dict[str, Any]) -> None:
         row = {k: _clean(v) for k, v in row.items()}
         self.rows.append(row)
+        if self.read_only:
+            return
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
             fh.flush()

@@ -31,6 +31,7 @@ from stableopd.checkpoint import list_checkpoints, load_latest, save_checkpoint,
 from stableopd.config import Config, dump_config
 from stableopd.data import Example, encode_prompts, load_examples
 from stableopd.detector import CollapseGuard
+from stableopd.distributed import SINGLE, Dist, check_divides, from_env, maybe_fail, memory_plan
 from stableopd.errors import CollapseStop, TrainingStopped, UserError
 from stableopd.kernels import make_adamw
 from stableopd.models import Loaded, check_compatible, load_model, stop_token_ids
@@ -55,6 +56,7 @@ class Setup:
     val: list[Example]
     val_ids: list[list[int]]
     teacher_scorer: Any = None  # backends.vllm.VLLMScorer when teacher.engine == "vllm"
+    dist: Dist = SINGLE  # the process group (stableopd/distributed.py); SINGLE for one process
 
 
 def step_indices(n_examples: int, step: int, per_step: int, seed: int) -> list[int]:
@@ -160,20 +162,40 @@ def _start(cfg: Config, run_dir: Path, resume: bool):
 
 
 def run_distill(cfg: Config, *, resume: bool = False) -> int:
+    dist = from_env(cfg.train.dist_timeout_s)
+    try:
+        return _run_distill(cfg, resume, dist)
+    finally:
+        dist.close()
+
+
+def _run_distill(cfg: Config, resume: bool, dist: Dist) -> int:
     run_dir = Path(cfg.out or "runs/distill")
+    check_divides(dist.world, cfg.train.prompts_per_step)
     restored = _start(cfg, run_dir, resume)
+    dist.barrier()  # every rank has checked the run directory before rank 0 writes into it
     need_ref = cfg.loss.objective != "opd" and cfg.loss.ref_kl_coef > 0
     setup = prepare(cfg, student_path=str(restored.path) if restored else None, need_teacher=True,
                     need_ref=need_ref)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(dump_config(cfg))
-    tmp.replace(run_dir / "config.yaml")
+    setup.dist = dist
+    if dist.active:
+        if dist.is_main:
+            console.print(memory_plan(setup.student.model, [m.model for m in (setup.teacher, setup.ref)
+                                                            if m is not None and m.model is not None],
+                                      world=dist.world, micro_batch=cfg.train.micro_batch,
+                                      seq_len=cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens,
+                                      chunk_size=cfg.loss.chunk_size), highlight=False)
+        dist.wrap(setup.student.model)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / "config.yaml.tmp"
+        tmp.write_text(dump_config(cfg))
+        tmp.replace(run_dir / "config.yaml")
     optimizer = make_adamw([p for p in setup.student.model.parameters() if p.requires_grad], lr=cfg.train.lr,
                            weight_decay=cfg.train.weight_decay)
     start = 0
     if restored:
-        optimizer.load_state_dict(restored.optimizer_state)
+        dist.load_optimizer(setup.student.model, optimizer, restored.optimizer_state)
         set_rng_state(restored.rng)
         start = restored.step
     else:
@@ -186,7 +208,9 @@ def train_step(cfg: Config, setup: Setup, backend, optimizer, step: int, *, sett
                golds_all: list[list[int] | None]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One distillation step: sample, score, update. Returns (metrics, rollout records)."""
     tok, model = setup.student.tokenizer, setup.student.model
-    idx = step_indices(len(setup.train), step, cfg.train.prompts_per_step, cfg.data.seed)
+    dist = setup.dist
+    maybe_fail(dist.rank, step)
+    idx = dist.shard(step_indices(len(setup.train), step, cfg.train.prompts_per_step, cfg.data.seed))
     exs, pids = [setup.train[i] for i in idx], [setup.train_ids[i] for i in idx]
     t0 = time.perf_counter()
     records = sample_records(backend, tok, exs, pids, sampling_params(cfg, step), setup.stop_ids,
@@ -212,12 +236,15 @@ def train_step(cfg: Config, setup: Setup, backend, optimizer, step: int, *, sett
     for r, tl in zip(records, teacher_lp):
         r["teacher_logprobs"] = tl[:r["n_tokens"]]
         r["step"] = step
+    records = dist.concat(records)  # every rank gets the global batch's records, in single-process order
     summary = summarize(records)
+    n_gold, n_idx = dist.all_sum([len(golds), len(idx)])
+    times = dist.all_max([t1 - t0, t2 - t1, t3 - t2])
     metrics.update({
         "rollout/length_mean": summary["length_mean"], "rollout/length_max": summary["length_max"],
         "rollout/trunc_rate": summary["trunc_rate"], "rollout/rep_rate": summary["rep_rate"],
-        "data/gold_count": len(golds), "data/gold_missing": len(idx) - len(golds),
-        "time/rollout_s": t1 - t0, "time/teacher_s": t2 - t1, "time/train_s": t3 - t2,
+        "data/gold_count": int(n_gold), "data/gold_missing": int(n_idx - n_gold),
+        "time/rollout_s": times[0], "time/teacher_s": times[1], "time/train_s": times[2],
     })
     model.train()
     return metrics, records
@@ -231,8 +258,10 @@ def _update(cfg: Config, setup: Setup, optimizer, rollouts, golds, settings: Los
     model = setup.student.model
     tcfg = cfg.train
     if tcfg.epochs_per_batch > 1:  # freeze pi_old before the first pass over this batch
-        old = score_targets(model, prompts, targets, pad_id=_pad(setup.student.tokenizer), micro_batch=tcfg.micro_batch,
-                            chunk_size=settings.chunk_size, vocab_size=setup.vocab_size)
+        with setup.dist.unsharded(model):
+                old = score_targets(model, prompts, targets, pad_id=_pad(setup.student.tokenizer),
+                                micro_batch=tcfg.micro_batch, chunk_size=settings.chunk_size,
+                                vocab_size=setup.vocab_size)
         for r, o in zip(rollouts, old):
             r.old_lp = o
     model.train()
@@ -242,7 +271,7 @@ def _update(cfg: Config, setup: Setup, optimizer, rollouts, golds, settings: Los
     for _ in range(tcfg.epochs_per_batch):
         optimizer.zero_grad(set_to_none=True)
         metrics = accumulate(model, ref_model, teacher_model, rollouts, golds, settings, pad_id=_pad(setup.student.tokenizer),
-                             micro_batch=tcfg.micro_batch)
+                             micro_batch=tcfg.micro_batch, dist=setup.dist)
         params = [p for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
         finite = math.isfinite(float(norm)) and math.isfinite(metrics.get("loss/total", 0.0))
@@ -297,27 +326,31 @@ def distill_loop(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start: 
     from stableopd.progress import step_display
 
     tcfg = cfg.train
-    log = MetricsLog.open(run_dir / "metrics.jsonl", keep_until=start if start else None)
+    dist = setup.dist
+    log = (MetricsLog.open(run_dir / "metrics.jsonl", keep_until=start if start else None) if dist.is_main
+           else MetricsLog.reader(run_dir / "metrics.jsonl", keep_until=start if start else None))
     guard = guard_from(cfg)
     for row in log.rows:
         if "rollout/trunc_rate" in row:
             guard.update(row["step"], row)
-    backend = build_step_backend(cfg, setup)
+    backend = dist.sampler(build_step_backend(cfg, setup), setup.student.model)
     settings = loss_settings(cfg, setup.vocab_size)
     golds = gold_targets(setup.student.tokenizer, setup.train, setup.stop_ids[0] if setup.stop_ids else
                          setup.student.tokenizer.eos_token_id)
     bad = int(restored_state.get("consecutive_bad", 0))
     skipped = int(restored_state.get("skipped_total", 0))
     if start == 0 and tcfg.eval_every and tcfg.eval_at_start:
-        log.write({"step": 0, **validate(cfg, setup, backend, 0, run_dir)})
+        log.write({"step": 0, **_validate(cfg, setup, backend, 0, run_dir)})
 
     def save(step: int) -> None:
-        save_checkpoint(run_dir, step, model=setup.student.model, tokenizer=setup.student.tokenizer,
-                        optimizer=optimizer, state={"data_position": step * tcfg.prompts_per_step,
-                                                    "consecutive_bad": bad, "skipped_total": skipped},
-                        keep_last=tcfg.keep_last)
+        model_state, optim_state = dist.full_states(setup.student.model, optimizer) if dist.active else (None, None)
+        if dist.is_main:
+            save_checkpoint(run_dir, step, model=setup.student.model, tokenizer=setup.student.tokenizer,
+                            optimizer=optimizer, state={"data_position": step * tcfg.prompts_per_step,
+                                                        "consecutive_bad": bad, "skipped_total": skipped},
+                            keep_last=tcfg.keep_last, model_state=model_state, optimizer_state=optim_state)
 
-    with step_display(tcfg.steps, start, enabled=cfg.logging.progress) as show:
+    with step_display(tcfg.steps, start, enabled=cfg.logging.progress and dist.is_main) as show:
         for step in range(start + 1, tcfg.steps + 1):
             metrics, records = train_step(cfg, setup, backend, optimizer, step, settings=settings, golds_all=golds)
             backend.sync_weights(setup.student.model)
@@ -325,14 +358,15 @@ def distill_loop(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start: 
             skipped += metrics["optim/skipped"]
             metrics["optim/skipped_total"] = skipped
             if tcfg.eval_every and step % tcfg.eval_every == 0:
-                metrics.update(validate(cfg, setup, backend, step, run_dir))
+                metrics.update(_validate(cfg, setup, backend, step, run_dir))
             verdict = guard.update(step, metrics)
             metrics["guard/verdict"] = verdict.verdict
             metrics["guard/onset_step"] = verdict.onset_step
-            if tcfg.rollouts_every and step % tcfg.rollouts_every == 0:
+            if tcfg.rollouts_every and step % tcfg.rollouts_every == 0 and dist.is_main:
                 write_jsonl_atomic(run_dir / "rollouts" / f"step_{step:06d}.jsonl", records)
             log.write({"step": step, **metrics})
-            show(step, metrics, verdict)
+            if dist.is_main:
+                show(step, metrics, verdict)
             check_sync(cfg, metrics)
             if bad >= tcfg.max_bad_steps:
                 raise stop_for_nonfinite(bad)
@@ -341,8 +375,16 @@ def distill_loop(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start: 
                 save(step)
             if collapse:
                 raise stop_for_collapse(run_dir, verdict)
-    console.print(f"run directory: {run_dir}\nlook at it with: stableopd diagnose {run_dir}")
+    if dist.is_main:
+        console.print(f"run directory: {run_dir}\nlook at it with: stableopd diagnose {run_dir}")
     return 0
+
+
+def _validate(cfg: Config, setup: Setup, backend, step: int, run_dir: Path) -> dict[str, Any]:
+    # every rank validates the whole validation set on the gathered student (same forwards everywhere);
+    # only rank 0 writes val/step_N.jsonl
+    with setup.dist.unsharded(setup.student.model):
+        return validate(cfg, setup, backend, step, run_dir, write=setup.dist.is_main)
 
 
 def run_sft(cfg: Config, *, resume: bool = False) -> int:

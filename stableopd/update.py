@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stableopd.batch import from_lists, output_weight, pack, target_hidden, to_rows
+from stableopd.batch import from_lists, output_weight, pack, target_hidden, to_rows, with_head
+from stableopd.distributed import SINGLE, Dist
 from stableopd.kernels import linear_jsd, linear_kl, linear_logprobs
 from stableopd.losses import opd_loss, ref_kl_loss, sft_loss, shape_advantage, token_weights, weighted_sum
 
@@ -79,13 +80,18 @@ def _counts(lengths: list[int]) -> tuple[int, int]:
     return sum(1 for n in lengths if n > 0), sum(lengths)
 
 
+def _global_counts(dist: Dist, lengths: list[int]) -> tuple[int, int]:
+    seqs, tokens = dist.all_sum(list(_counts(lengths)))
+    return int(seqs), int(tokens)
+
+
 def _rollout_chunk(student, ref, teacher, seqs: list[RolloutSeq], s: LossSettings, totals: tuple[int, int],
                    pad_id: int, sums: Sums) -> dict[str, torch.Tensor]:
     device = next(student.parameters()).device
     packed = pack([q.prompt for q in seqs], [q.target for q in seqs], pad_id, device)
     hidden = target_hidden(student, packed)  # (N, d)
-    new_flat, ent_flat = linear_logprobs(hidden, output_weight(student), packed.targets, chunk_size=s.chunk_size,
-                                         vocab_size=s.vocab_size)  # (N,), (N,)
+    new_flat, ent_flat = with_head(student, hidden, lambda h, w: linear_logprobs(
+        h, w, packed.targets, chunk_size=s.chunk_size, vocab_size=s.vocab_size))  # (N,), (N,)
     new, mask = to_rows(new_flat, packed.lengths)  # (B, T)
     teacher_lp, _ = from_lists([q.teacher_lp for q in seqs], device)  # (B, T)
     sampler_lp, _ = from_lists([q.sampler_lp for q in seqs], device)  # (B, T)
@@ -97,8 +103,9 @@ def _rollout_chunk(student, ref, teacher, seqs: list[RolloutSeq], s: LossSetting
     if s.objective == "jsd":
         with torch.no_grad():
             t_hidden = target_hidden(teacher, packed)  # (N, d_T)
-        div = linear_jsd(hidden, output_weight(student), t_hidden, output_weight(teacher), None, beta=s.jsd_beta,
-                         temperature=s.teacher_temperature, chunk_size=s.chunk_size, vocab_size=s.vocab_size)
+        div = with_head(student, hidden, lambda h, w: linear_jsd(
+            h, w, t_hidden, output_weight(teacher), None, beta=s.jsd_beta, temperature=s.teacher_temperature,
+            chunk_size=s.chunk_size, vocab_size=s.vocab_size))  # (N,)
         main = weighted_sum(to_rows(div, packed.lengths)[0], w)
         metrics = {"loss/opd": main.detach()}
     else:
@@ -107,8 +114,8 @@ def _rollout_chunk(student, ref, teacher, seqs: list[RolloutSeq], s: LossSetting
     if s.objective != "opd" and s.ref_kl_coef > 0:
         with torch.no_grad():
             r_hidden = target_hidden(ref, packed)  # (N, d)
-        kl = linear_kl(hidden, output_weight(student), r_hidden, output_weight(ref), None, chunk_size=s.chunk_size,
-                       vocab_size=s.vocab_size)  # (N,)
+        kl = with_head(student, hidden, lambda h, w: linear_kl(
+            h, w, r_hidden, output_weight(ref), None, chunk_size=s.chunk_size, vocab_size=s.vocab_size))  # (N,)
         kl_loss, kl_metrics = ref_kl_loss(to_rows(kl, packed.lengths)[0], w)
         metrics.update(kl_metrics)
         total = total + s.ref_kl_coef * kl_loss
@@ -131,34 +138,43 @@ def _rollout_chunk(student, ref, teacher, seqs: list[RolloutSeq], s: LossSetting
 
 
 def _gold_chunk(student, seqs: list[GoldSeq], s: LossSettings, totals: tuple[int, int], pad_id: int,
-                sums: Sums) -> dict[str, torch.Tensor]:
+                sums: Sums, scale: float = 1.0) -> dict[str, torch.Tensor]:
     device = next(student.parameters()).device
     packed = pack([q.prompt for q in seqs], [q.target for q in seqs], pad_id, device)
     hidden = target_hidden(student, packed)  # (N, d)
-    lp, _ = linear_logprobs(hidden, output_weight(student), packed.targets, chunk_size=s.chunk_size,
-                            vocab_size=s.vocab_size)  # (N,)
+    lp, _ = with_head(student, hidden, lambda h, w: linear_logprobs(
+        h, w, packed.targets, chunk_size=s.chunk_size, vocab_size=s.vocab_size))  # (N,)
     rows, mask = to_rows(lp, packed.lengths)  # (B, T)
-    w = token_weights(mask, "seq_mean", total_seqs=totals[0], total_tokens=totals[1])  # (B, T)
+    w = token_weights(mask, "seq_mean", total_seqs=totals[0], total_tokens=totals[1]) * scale  # (B, T)
     loss, metrics = sft_loss(rows, w)
     (s.gold_coef * loss).backward()
-    sums.add("gold_tokens", mask.sum())
+    sums.add("gold_tokens", mask.sum() * scale)
     return metrics
 
 
 def accumulate(student, ref, teacher, rollouts: list[RolloutSeq], golds: list[GoldSeq], s: LossSettings, *,
-               pad_id: int, micro_batch: int) -> dict[str, float]:
-    """Backward the whole step's loss into `student`'s .grad, micro-batch by micro-batch; return metrics."""
+               pad_id: int, micro_batch: int, dist: Dist = SINGLE) -> dict[str, float]:
+    """Backward the whole step's loss into `student`'s .grad, micro-batch by micro-batch; return metrics.
+
+    With K processes (`dist`), rollouts/golds are this rank's shard: counts are summed over ranks, every
+    rank runs the same number of micro-batches, and the returned metrics are those of the global batch."""
     sums, acc = Sums(), {}
-    totals = _counts([len(q.target) for q in rollouts])
+    totals = _global_counts(dist, [len(q.target) for q in rollouts])
     for start in range(0, len(rollouts), micro_batch):
         for k, v in _rollout_chunk(student, ref, teacher, rollouts[start:start + micro_batch], s, totals, pad_id,
                                    sums).items():
             acc[k] = acc.get(k, 0.0) + float(v)
-    if s.objective == "stableopd" and s.gold_coef > 0 and golds:
-        gold_totals = _counts([len(q.target) for q in golds])
-        for start in range(0, len(golds), micro_batch):
-            for k, v in _gold_chunk(student, golds[start:start + micro_batch], s, gold_totals, pad_id, sums).items():
+    if s.objective == "stableopd" and s.gold_coef > 0:
+        gold_totals = _global_counts(dist, [len(q.target) for q in golds])
+        n_chunks = int(dist.all_max([-(-len(golds) // micro_batch)])[0])
+        dummy = [GoldSeq(prompt=[pad_id], target=[pad_id])]
+        for c in range(n_chunks):  # a rank short of golden solutions runs zero-weight micro-batches (FSDP
+            chunk = golds[c * micro_batch:(c + 1) * micro_batch]  # needs the same forwards on every rank)
+            metrics = _gold_chunk(student, chunk or dummy, s, gold_totals, pad_id, sums, scale=1.0 if chunk else 0.0)
+            for k, v in metrics.items():
                 acc[k] = acc.get(k, 0.0) + float(v)
+    acc = dist.reduce_dict(acc)
+    sums.values = dist.reduce_dict(sums.values, max_keys=("sample_train_absmax",))
     total = acc.get("loss/opd", 0.0) + s.gold_coef * acc.get("loss/gold_sft", 0.0) * (s.objective == "stableopd")
     total += s.ref_kl_coef * acc.get("loss/ref_kl", 0.0)
     out = {k: v for k, v in acc.items() if not k.endswith("weight_sum")}

@@ -22,7 +22,7 @@ from stableopd.teacher import mean_reverse_kl
 VAL_SEED = 424_242
 
 
-def validate(cfg, setup, backend, step: int, run_dir: Path) -> dict[str, Any]:
+def validate(cfg, setup, backend, step: int, run_dir: Path, *, write: bool = True) -> dict[str, Any]:
     if not setup.val:
         return {}
     t0 = time.perf_counter()
@@ -39,7 +39,8 @@ def validate(cfg, setup, backend, step: int, run_dir: Path) -> dict[str, Any]:
         r["extracted"], r["correct"] = verdict.extracted, verdict.correct
     for r in records:
         r["step"] = step
-    write_jsonl_atomic(run_dir / "val" / f"step_{step:06d}.jsonl", records)
+    if write:  # False on ranks other than 0 of a multi-process run
+        write_jsonl_atomic(run_dir / "val" / f"step_{step:06d}.jsonl", records)
     s = summarize(records)
     out: dict[str, Any] = {"val/length_mean": s["length_mean"], "val/trunc_rate": s["trunc_rate"],
                            "val/rep_rate": s["rep_rate"]}

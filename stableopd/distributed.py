@@ -1,0 +1,330 @@
+"""Data-parallel distillation across processes: torch.distributed + FSDP2 (`fully_shard`) under torchrun.
+
+    torchrun --nproc_per_node=2 -m stableopd distill --student tiny --teacher tiny-teacher --out runs/dp
+    stableopd distill --nproc 2 ...        # the same: re-executes itself under torch.distributed.run
+
+`Dist` is the one object the trainer sees. With one process (`SINGLE`) every method is a no-op or an
+identity, so the single-process path is unchanged. With K processes:
+- `train.prompts_per_step` is the *global* batch; rank r takes the r-th contiguous 1/K of the step's
+  prompt indices (`shard`), so concatenating the ranks' records gives the single-process order.
+- the loss weights use global counts (`all_sum` of sequence/token counts) and FSDP's gradient divide
+  factor is 1, so the summed gradient equals the single-process gradient of the same global batch.
+- the student is sharded with FSDP2: each decoder layer, the decoder (embeddings, final norm) and the
+  lm_head are their own units. The chunked kernels read the lm_head weight instead of calling the
+  module, which would bypass FSDP's hooks; so the head's class is swapped for `FnHead`, whose forward
+  also accepts a function `fn(hidden, weight)` (batch.with_head routes the training kernels through it):
+  its pre-forward all-gathers the weight and its post-backward reduce-scatters the gradient.
+- no-grad passes that run different numbers of forwards per rank (HF generate stops when its batch
+  stops) run inside `unsharded(model)`: every unit is all-gathered once, forwards do no collectives,
+  then everything is resharded. The peak of a rank is therefore the full student during sampling.
+- teacher and reference are replicated on every rank (`train.shard_frozen` is not implemented).
+- metrics are reduced (sums; max for maxima) and records all-gathered, so every rank computes the same
+  step metrics and guard verdicts (no rank can stop alone); only rank 0 writes files.
+- checkpoints hold the consolidated student (full state dict, HF format) and an optimizer state in the
+  single-process layout (integer parameter ids), so a run resumes with any K, including K = 1.
+
+Deviations: none in the math; sums are added in another order, so K > 1 matches K = 1 to float
+rounding, not bitwise (tests/test_distributed.py states the tolerance).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from stableopd.errors import UserError
+
+
+class FnHead(nn.Linear):
+    """An lm_head that can run `fn(hidden, weight)` inside its own forward (so FSDP's hooks see the call)."""
+
+    runs_fn = True
+
+    def forward(self, x: torch.Tensor, fn=None):  # type: ignore[override]
+        if fn is None:
+            return super().forward(x)
+        # FSDP hooks the outputs for its pre-backward; a view output would warn (and could lose the hook)
+        out = fn(x, self.weight)
+        if isinstance(out, torch.Tensor):
+            return out.clone()
+        return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in out)
+
+
+@dataclass(eq=False)  # hashable: it is a dataclass default (trainer.Setup.dist)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    _gathered: int = 0  # depth of nested `unsharded` blocks
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ---- data
+    def shard(self, items: list) -> list:
+        """This rank's contiguous share of a list whose length K divides."""
+        n = len(items) // self.world
+        return items[self.rank * n:(self.rank + 1) * n]
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        return self._reduce(values, "sum")
+
+    def all_max(self, values: list[float]) -> list[float]:
+        return self._reduce(values, "max")
+
+    def _reduce(self, values: list[float], op: str) -> list[float]:
+        if not self.active:
+            return list(values)
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device())
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return t.tolist()
+
+    def reduce_dict(self, values: dict[str, float], max_keys: tuple[str, ...] = ()) -> dict[str, float]:
+        """Sum (or max, for `max_keys`) each key over ranks; keys may differ between ranks."""
+        if not self.active:
+            return values
+        keys = sorted(set().union(*self.all_gather(sorted(values))))
+        sums = self.all_sum([values.get(k, 0.0) if k not in max_keys else 0.0 for k in keys])
+        maxes = self.all_max([values.get(k, float("-inf")) if k in max_keys else 0.0 for k in keys])
+        return {k: (m if k in max_keys else s) for k, s, m in zip(keys, sums, maxes)}
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order (on every rank)."""
+        if not self.active:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def concat(self, items: list) -> list:
+        return [x for part in self.all_gather(items) for x in part]
+
+    def device(self) -> torch.device:
+        import torch.distributed as dist
+
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    # ---- model
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Shard `model` (a *ForCausalLM with .model.layers and an untied nn.Linear lm_head) with FSDP2."""
+        if not self.active:
+            return model
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        head, decoder = model.get_output_embeddings(), model.get_decoder()
+        if type(head) is not nn.Linear or not hasattr(decoder, "layers"):
+            raise UserError("multi-process distill needs a decoder with .layers and an nn.Linear lm_head; "
+                            "run with one process for this model")
+        if head.weight is decoder.get_input_embeddings().weight:
+            raise UserError("multi-process distill does not support tied input/output embeddings yet; "
+                            "run with one process for this model")
+        covered = {id(p) for p in (*decoder.parameters(), *head.parameters())}
+        if any(id(p) not in covered for p in model.parameters()):
+            raise UserError("multi-process distill: the student has parameters outside its decoder and lm_head; "
+                            "run with one process for this model")
+        head.__class__ = FnHead
+        for layer in decoder.layers:
+            fully_shard(layer)
+        # decoder and head are two FSDP roots, no unit on the whole model: training calls them one by one
+        # (batch.target_hidden, batch.with_head), and a root unit would see no forward of its own
+        fully_shard(decoder)
+        fully_shard(head)
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                # the loss is already normalised by global counts: sum gradients over ranks, don't average
+                m.set_gradient_divide_factor(1.0)
+                m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM; SUM is exact here anyway
+        return model
+
+    @contextlib.contextmanager
+    def unsharded(self, model: nn.Module) -> Iterator[None]:
+        """All parameters gathered on every rank; forwards inside issue no collectives (for generate)."""
+        if not self.active or self._gathered:
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        for m in units:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+        self._gathered += 1
+        try:
+            yield
+        finally:
+            self._gathered -= 1
+            for m in units:
+                m.reshard()
+                m.set_reshard_after_forward(True, recurse=False)
+
+    def sampler(self, backend, model: nn.Module):
+        """`backend` whose generate runs on the gathered student (ranks may run different forward counts)."""
+        if not self.active:
+            return backend
+        if getattr(backend, "name", "") != "hf":
+            raise UserError(f"multi-process distill samples with the hf backend only (got sampling.backend="
+                            f"{getattr(backend, 'name', '?')}); set -s sampling.backend=hf or run one process")
+        return _GatheredSampler(backend, self, model)
+
+    # ---- checkpoints
+    def full_states(self, model: nn.Module, optimizer) -> tuple[dict | None, dict | None]:
+        """(model, optimizer) full state dicts on rank 0 (None elsewhere); collective. The optimizer state
+        is in the single-process layout (parameter ids in model.parameters() order)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        msd = get_model_state_dict(model, options=opts)
+        osd = get_optimizer_state_dict(model, optimizer, options=opts)
+        if not self.is_main:
+            return None, None
+        ids = {n: i for i, n in enumerate(_trainable_names(model))}
+        osd = {"state": {ids[k]: v for k, v in osd["state"].items()},
+               "param_groups": [{**{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()},  # betas
+                                 "params": [ids[n] for n in g["params"]]} for g in osd["param_groups"]]}
+        return msd, osd
+
+    def load_optimizer(self, model: nn.Module, optimizer, state: dict) -> None:
+        """Load a single-process-layout full optimizer state (every rank holds it) into a sharded optimizer."""
+        if not self.active:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        names = _trainable_names(model)
+        fqn = {"state": {names[i]: v for i, v in state["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+        set_optimizer_state_dict(model, optimizer, fqn, options=StateDictOptions(full_state_dict=True))
+
+    def close(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+SINGLE = Dist()
+
+
+class _GatheredSampler:
+    def __init__(self, backend, dist: Dist, model: nn.Module) -> None:
+        self.backend, self.dist, self.model = backend, dist, model
+        self.name = backend.name
+
+    def generate(self, prompts_P, params):
+        with self.dist.unsharded(self.model):
+            return self.backend.generate(prompts_P, params)
+
+    def sync_weights(self, model) -> None:
+        self.backend.sync_weights(model)
+
+
+def _trainable_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def from_env(timeout_s: float) -> Dist:
+    """`SINGLE` unless launched by torchrun (WORLD_SIZE > 1): then init the process group (nccl on CUDA,
+    gloo on CPU). A collective that waits longer than `timeout_s` raises, so ranks never hang forever."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return SINGLE
+    import torch.distributed as dist
+
+    rank = int(os.environ["RANK"])
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return Dist(rank=rank, world=world)
+
+
+def check_divides(world: int, prompts_per_step: int) -> None:
+    if prompts_per_step % world:
+        raise UserError(f"train.prompts_per_step={prompts_per_step} is the global batch and must be divisible by "
+                        f"the {world} processes; set it to a multiple of {world} or change the process count")
+
+
+def maybe_fail(rank: int, step: int) -> None:
+    """Test hook: STABLEOPD_TEST_FAIL=RANK:STEP makes that rank raise at the start of that step."""
+    spec = os.environ.get("STABLEOPD_TEST_FAIL")
+    if spec and spec == f"{rank}:{step}":
+        raise RuntimeError(f"STABLEOPD_TEST_FAIL: rank {rank} fails at step {step}")
+
+
+def relaunch(nproc: int, argv: list[str]) -> int:
+    """Run `python -m stableopd <argv>` under torch.distributed.run with `nproc` local processes."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "stableopd", *argv]
+    return subprocess.run(cmd, check=False).returncode
+
+
+def strip_nproc(argv: list[str]) -> list[str]:
+    """`argv` without `--nproc K` / `--nproc=K`."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def memory_plan(student: nn.Module, others: list[nn.Module], *, world: int, micro_batch: int, seq_len: int,
+                chunk_size: int) -> str:
+    """Per-rank bytes: sharded student params, grads and AdamW moments (fp32), replicated frozen models,
+    and an activation estimate (see the formula in the returned text)."""
+    def nbytes(m: nn.Module) -> int:
+        return sum(p.numel() * p.element_size() for p in m.parameters())
+
+    cfg = student.config
+    d, layers = cfg.hidden_size, cfg.num_hidden_layers
+    inter = getattr(cfg, "intermediate_size", 4 * d)
+    vocab = student.get_output_embeddings().weight.shape[0]
+    params = nbytes(student)
+    n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    optim = 2 * 4 * n_train  # exp_avg + exp_avg_sq in fp32
+    frozen = sum(nbytes(m) for m in others)
+    act = 4 * micro_batch * seq_len * layers * (12 * d + 3 * inter) + 4 * 3 * chunk_size * vocab
+    gib = 2 ** 30
+    rows = [
+        ("student params (sharded)", params / world), ("student grads (sharded)", params / world),
+        ("AdamW state (sharded, fp32)", optim / world), ("teacher + reference (replicated)", frozen),
+        ("activations (estimate)", act), ("student gathered for sampling", params),
+    ]
+    lines = [f"memory plan per rank ({world} processes):"]
+    lines += [f"  {name:34s} {b / gib:9.3f} GiB" for name, b in rows]
+    lines.append("  activations ~ 4 B * micro_batch * seq_len * layers * (12 d + 3 d_ff) + 4 B * 3 * chunk * V "
+                 f"(micro_batch={micro_batch}, seq_len={seq_len}, layers={layers}, d={d}, d_ff={inter}, "
+                 f"chunk={chunk_size}, V={vocab})")
+    return "\n".join(lines)
