@@ -1,20 +1,27 @@
 """Fused, chunked `hidden @ lm_head.T -> log-softmax -> loss` kernels for the distillation step.
 
 Purpose: every vocabulary-sized quantity of a StableOPD step (student log-probs of sampled tokens for the OPD
-term, the golden SFT cross-entropy, teacher scoring, the full-vocabulary KL to the frozen reference, and the
-optional generalized-JSD objective) goes through this file. Rows (tokens) are processed in chunks of
-`chunk_size`: per chunk the logits (C, V) are computed in fp32, turned into the loss and discarded, so no
-(N, V) tensor ever exists. The backward recomputes each chunk's logits (one extra matmul against a naive
-loss) and accumulates fp32 gradients for the hidden states and the weight. The `*_sum` variants take the
-per-token weights of the final scalar up front and compute the gradients during the forward sweep instead,
-which costs no extra matmul (same count as a naive loss).
+term, the golden SFT cross-entropy, teacher scoring, the full-vocabulary KL to the frozen reference and the
+optional generalized-JSD objective) goes through this file. Tokens are processed in chunks of `chunk_size`
+rows: per chunk the logits (C, V) are computed in fp32, turned into the loss and dropped, so no (N, V)
+tensor ever exists; gradients for the hidden states and the weight are accumulated in fp32.
 
-Conventions: logits are divided by `temperature`; hidden/weight may be any float dtype, all math is fp32
-(each chunk is upcast; a non-fp32 weight is upcast once per sweep, one (V, d) fp32 copy) and outputs are
-fp32; gradients come back in the input dtypes. `vocab_size` keeps only the first `vocab_size` rows of a
-weight (embeddings padded past the tokenizer's vocabulary, e.g. Qwen2.5 151,936 vs 152,064). Masked tokens
-are dropped before any matmul: they cost nothing, give 0 and receive no gradient. Reductions and
-normalisation are the caller's job (sum the per-token values, divide once by the global count).
+Which to call: `linear_logprobs`, `linear_kl` and `linear_jsd` return per-token values and take any upstream
+gradient (e.g. a clipped surrogate whose weights depend on the log-probs). The price is a backward that
+recomputes each chunk's logits: one extra matmul against a naive loss (two for the divergences, whose
+backward needs both sides), about 1.2x a naive loss's time on CPU. When the per-token weights of the final
+sum are known before the forward (on-policy OPD with rho = 1, SFT, a masked or per-response token-mean KL),
+the `*_sum` variants compute the gradients during the forward sweep: no more matmuls than a naive loss.
+
+Conventions: logits are divided by `temperature`. hidden/weight may be any float dtype; all math is fp32
+(chunks are upcast; a non-fp32 weight is upcast once per sweep: one (V, d) fp32 copy, 0.9 GB for
+Qwen2.5-1.5B's lm_head); outputs are fp32 and gradients come back in the input dtypes. On CUDA the fp32
+matmuls follow torch.backends.cuda.matmul.allow_tf32. `vocab_size` keeps only the first `vocab_size` rows
+of a weight (embeddings padded past the tokenizer's vocabulary, e.g. Qwen2.5 151,936 vs 152,064). Masked
+tokens are dropped before any matmul: they cost nothing, give 0 and receive no gradient. Reduction and
+normalisation are the caller's (sum the per-token values, divide once by the global count).
+`compile=True` wraps the per-chunk loss math (not the matmuls) in torch.compile; meant for CUDA (on CPU
+inductor needs a C++ toolchain).
 
 Deviations from the paper: none in the math; the paper does not say how its KL is computed. The JSD
 convention follows the issue (and Liger-Kernel) and is spelled out in `linear_jsd`.
@@ -31,8 +38,9 @@ from functools import partial
 import torch
 from torch import Tensor
 
-# 256 rows keep a (C, V) fp32 block at 48 MiB for V = 49,152 (148 MiB for Qwen's 151,936) while the
-# matmuls stay large enough to run at full speed; see benchmarks/bench_kernels.py --chunks.
+# 256 rows: a (C, V) fp32 block is 48 MiB at V = 49,152 (148 MiB at Qwen's 151,936). Every chunk streams
+# the weight three times and the fp32 weight gradient once, so much smaller chunks are slower on CPU; 512
+# already lifts the logprobs peak past 1/8 of the naive one at N = 4096 (benchmarks/bench_kernels.py --chunks).
 DEFAULT_CHUNK_SIZE = 256
 COMPILE_BACKEND = "inductor"  # tests swap in "aot_eager" to exercise the compile path without a C compiler
 

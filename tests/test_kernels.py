@@ -132,6 +132,10 @@ def test_logprobs_mask_and_leading_dims():
     assert (ent[~mask] == 0).all()
     (g_h,) = torch.autograd.grad(lp.sum() + ent.sum(), h)
     assert (g_h[:45].reshape(3, 15, D)[~mask] == 0).all() and (g_h[45:] == 0).all()
+    ignored = torch.where(mask, y, -100)  # targets at masked positions are never read
+    assert torch.equal(linear_logprobs(h3, w, ignored, mask=mask, chunk_size=4)[0], lp)
+    everything = torch.ones(3, 15, dtype=torch.bool)  # an all-True mask takes the unmasked path
+    assert torch.equal(linear_logprobs(h3, w, y, mask=everything)[0], linear_logprobs(h3, w, y)[0])
 
 
 def test_logprobs_large_logits_stay_finite():
