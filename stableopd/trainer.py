@@ -17,6 +17,7 @@ student as loaded at the start of the run (also after a resume), i.e. the warm-s
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -59,15 +60,19 @@ class Setup:
     dist: Dist = SINGLE  # the process group (stableopd/distributed.py); SINGLE for one process
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n_examples: int, seed: int, epoch: int) -> tuple[int, ...]:
+    perm = list(range(n_examples))
+    random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+    return tuple(perm)
+
+
 def step_indices(n_examples: int, step: int, per_step: int, seed: int) -> list[int]:
     """Example indices of `step` (1-based): consecutive slices of a fresh permutation per data epoch."""
     out = []
     for j in range(per_step):
-        pos = (step - 1) * per_step + j
-        epoch, offset = divmod(pos, n_examples)
-        perm = list(range(n_examples))
-        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
-        out.append(perm[offset])
+        epoch, offset = divmod((step - 1) * per_step + j, n_examples)
+        out.append(_epoch_order(n_examples, seed, epoch)[offset])
     return out
 
 
