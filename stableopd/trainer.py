@@ -169,7 +169,9 @@ def _start(cfg: Config, run_dir: Path, resume: bool):
 def run_distill(cfg: Config, *, resume: bool = False) -> int:
     dist = from_env(cfg.train.dist_timeout_s)
     try:
-        return _run_distill(cfg, resume, dist)
+        code = _run_distill(cfg, resume, dist)
+        dist.barrier()  # no rank tears the group down while another still finishes its last collective
+        return code
     finally:
         dist.close()
 
