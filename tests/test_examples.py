@@ -1,14 +1,23 @@
-"""Every shipped example config validates, and starts with the command that runs it."""
+"""Every shipped example config validates and starts with the command that runs it; the smoke config runs.
+
+pytest tests/test_examples.py
+"""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from stableopd.cli import app
 from stableopd.config import load_config
+from stableopd.toy import TOY_DATA
 
-EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 
 def test_the_examples_exist():
@@ -20,14 +29,65 @@ def test_the_examples_exist():
 def test_example_validates_and_names_its_command(path):
     cfg = load_config(path)
     first = path.read_text().splitlines()[0]
-    assert first.startswith("# stableopd ") and f"-c examples/{path.name}" in first
+    # the exact command a user copies: a real subcommand, this very file, nothing but flags after it
+    pattern = (
+        rf"# stableopd (distill|sft|rollout|eval) -c examples/{re.escape(path.name)}( --[a-z-]+( \S+)?)*"
+    )
+    assert re.fullmatch(pattern, first), first
     assert cfg.out
 
 
 def test_paper_configs_carry_the_paper_hyperparameters():
-    for name in ("paper-qwen-math-1.5b.yaml", "paper-qwen-math-7b.yaml"):
-        cfg = load_config(Path(EXAMPLES[0]).parent / name)
+    for name, student in (
+        ("paper-qwen-math-1.5b.yaml", "qwen-math-1.5b"),
+        ("paper-qwen-math-7b.yaml", "qwen-math-7b"),
+    ):
+        cfg = load_config(ROOT / "examples" / name)
+        assert cfg.student.name == student and cfg.teacher.name in ("openthinker3-7b", "r1-distill-7b")
         assert (cfg.train.prompts_per_step, cfg.sampling.n, cfg.train.lr) == (64, 4, 1e-6)
         assert (cfg.loss.objective, cfg.loss.ref_kl_coef, cfg.loss.gold_coef) == ("stableopd", 0.01, 0.1)
-        assert (cfg.sampling.temperature, cfg.sampling.max_new_tokens, cfg.sampling.backend) == (1.0, 8192, "vllm")
-        assert (cfg.diagnose.rep_tail_chars, cfg.diagnose.rep_ratio, cfg.eval.temperature) == (10000, 10.0, 0.6)
+        assert (cfg.sampling.temperature, cfg.sampling.max_new_tokens, cfg.sampling.backend) == (
+            1.0,
+            8192,
+            "vllm",
+        )
+        assert (cfg.diagnose.rep_tail_chars, cfg.diagnose.rep_ratio, cfg.eval.temperature) == (
+            10000,
+            10.0,
+            0.6,
+        )
+        assert cfg.data.source == "open-r1/OpenR1-Math-220k"
+        assert (cfg.data.id_field, cfg.data.prompt_field, cfg.data.answer_field) == (
+            "uuid",
+            "problem",
+            "answer",
+        )
+
+
+def test_quickstart_distills_the_arith_pair_on_their_own_world():
+    cfg = load_config(ROOT / "examples" / "quickstart.yaml")
+    assert (cfg.student.name, cfg.teacher.name, cfg.loss.objective) == (
+        "arith-student",
+        "arith-teacher",
+        "stableopd",
+    )
+    assert cfg.data.source == TOY_DATA  # the task the toy models were trained on
+    assert cfg.student.device == cfg.teacher.device == "cpu"
+    assert cfg.train.eval_every and cfg.train.steps % cfg.train.eval_every == 0  # accuracy at the end too
+    assert cfg.data.val_limit >= 64 and cfg.eval.temperature == 0.0  # greedy accuracy on enough problems
+    assert (
+        cfg.sampling.max_new_tokens > 77
+    )  # the longest golden solution (77 tokens) fits, with room to inflate
+
+
+def test_smoke_example_runs_offline(tmp_path):
+    out = tmp_path / "smoke"
+    result = CliRunner().invoke(
+        app, ["distill", "-c", str(ROOT / "examples" / "smoke.yaml"), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    cfg = load_config(ROOT / "examples" / "smoke.yaml")
+    assert [r["step"] for r in rows] == list(range(cfg.train.steps + 1))  # step 0 is the first validation
+    assert "val/accuracy" in rows[-1]
+    assert (out / "checkpoints" / f"step_{cfg.train.steps:06d}" / "COMPLETE").exists()
