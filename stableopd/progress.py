@@ -69,7 +69,7 @@ def step_display(total: int, start: int, *, enabled: bool = True) -> Iterator[Ca
         task = prog.add_task("distill", total=total, completed=start, status="")
 
         def show(step, m, verdict):
-            prog.console.print(line(step, m, verdict), highlight=False)
+            prog.console.print(line(step, m, verdict), highlight=False, soft_wrap=True)  # one line in a log file
             warn(step, verdict)
             status = (f"loss {_fmt(m.get('loss/total'), '+.3f')} len {_fmt(m.get('rollout/length_mean'), '.0f')} "
                       f"trunc {_fmt(m.get('rollout/trunc_rate'), '.2f')} rep {_fmt(m.get('rollout/rep_rate'), '.2f')} "
