@@ -42,6 +42,11 @@ def target_hidden(model, packed: Packed) -> torch.Tensor:
     """Final-layer hidden states that predict each target token: (N, d), row-major like `targets`."""
     decoder = model.get_decoder()
     hidden = decoder(input_ids=packed.input_ids, attention_mask=packed.attention_mask).last_hidden_state  # (B, L, d)
+    return select_targets(hidden, packed)
+
+
+def select_targets(hidden: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """(B, L, d) hidden states -> (N, d) at the positions that predict target tokens."""
     # causal shift: position l - 1 predicts the token at l; prompts are never empty, so l - 1 >= 0
     return hidden[:, :-1][packed.target_mask[:, 1:]]  # (N, d)
 
@@ -50,13 +55,16 @@ def output_weight(model) -> torch.Tensor:
     return model.get_output_embeddings().weight  # (V_rows, d)
 
 
-def with_head(model, hidden: torch.Tensor, fn):
-    """fn(hidden, lm_head weight) -> loss tensors. An FSDP-sharded head (distributed.FnHead) runs `fn` inside
-    its forward, so its hooks gather the weight and reduce its gradient; any other head is read directly."""
-    head = model.get_output_embeddings()
-    if getattr(head, "runs_fn", False):
-        return head(hidden, fn)
-    return fn(hidden, head.weight)
+def head_forward(model, packed: Packed, fn):
+    """fn(target hidden (N, d), lm_head weight (V_rows, d)) -> loss tensors, in one call of the model.
+
+    A model sharded by `distributed.Dist.wrap` runs the decoder and `fn` inside its own forward, so FSDP's
+    hooks gather the embeddings and head (tied or not) and reduce their gradients; any other model runs the
+    decoder and reads the head weight directly. Only `fn` ever touches the vocabulary."""
+    if getattr(model, "runs_head_fn", False):
+        return model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                     head_fn=lambda hidden, weight: fn(select_targets(hidden, packed), weight))
+    return fn(target_hidden(model, packed), output_weight(model))
 
 
 def to_rows(values: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

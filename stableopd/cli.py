@@ -41,6 +41,10 @@ def _guard(debug: bool, body: Callable[[], int | None]) -> None:
     except KeyboardInterrupt:
         console.print("interrupted", highlight=False)
         code = 130
+    if code:
+        from stableopd.distributed import record_exit_code
+
+        record_exit_code(code)  # a rank under `--nproc`: the launcher returns this code, not torchrun's 1
     raise typer.Exit(code)
 
 

@@ -106,6 +106,7 @@ class TrainConfig(Section):
     stop_on_collapse: bool = False
     max_bad_steps: int = Field(default=3, ge=1)  # consecutive non-finite steps before stopping
     dist_timeout_s: float = Field(default=600.0, gt=0.0)  # multi-process: a collective waiting longer raises
+    shard_frozen: bool = False  # multi-process: FSDP-shard teacher and reference too (default: a full copy per rank)
 
 
 class EvalConfig(Section):

@@ -9,15 +9,20 @@ identity, so the single-process path is unchanged. With K processes:
   prompt indices (`shard`), so concatenating the ranks' records gives the single-process order.
 - the loss weights use global counts (`all_sum` of sequence/token counts) and FSDP's gradient divide
   factor is 1, so the summed gradient equals the single-process gradient of the same global batch.
-- the student is sharded with FSDP2: each decoder layer, the decoder (embeddings, final norm) and the
-  lm_head are their own units. The chunked kernels read the lm_head weight instead of calling the
-  module, which would bypass FSDP's hooks; so the head's class is swapped for `FnHead`, whose forward
-  also accepts a function `fn(hidden, weight)` (batch.with_head routes the training kernels through it):
-  its pre-forward all-gathers the weight and its post-backward reduce-scatters the gradient.
+- the student is sharded with FSDP2: each decoder layer is a unit and the whole model is the root unit,
+  which holds the embeddings, the final norm and the lm_head (tied to the embeddings or not, as in
+  Qwen2.5-1.5B). The chunked kernels read the head weight instead of calling the module; so the model's
+  class gains a forward that also accepts `head_fn`: it runs the decoder and then `head_fn(hidden, weight)`
+  (batch.head_forward), all inside one call, so FSDP's root hooks gather the root parameters for it and
+  reduce-scatter their gradients after its backward.
 - no-grad passes that run different numbers of forwards per rank (HF generate stops when its batch
   stops) run inside `unsharded(model)`: every unit is all-gathered once, forwards do no collectives,
   then everything is resharded. The peak of a rank is therefore the full student during sampling.
-- teacher and reference are replicated on every rank (`train.shard_frozen` is not implemented).
+- teacher and reference are replicated on every rank, or with `train.shard_frozen` sharded the same way
+  (1/K of their weights per rank). A sharded frozen model runs inside `gathered_root(model)`: its root unit
+  (embeddings, norm, head) stays gathered for the block, its layers gather one at a time as its decoder
+  runs, so every rank runs the same number of its forwards (validation pads with placeholder batches).
+- validation prompts are split over ranks (`split`) and the records gathered in prompt order.
 - metrics are reduced (sums; max for maxima) and records all-gathered, so every rank computes the same
   step metrics and guard verdicts (no rank can stop alone); only rank 0 writes files.
 - checkpoints hold the consolidated student (full state dict, HF format) and an optimizer state in the
@@ -35,7 +40,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,19 +49,23 @@ from torch import nn
 from stableopd.errors import UserError
 
 
-class FnHead(nn.Linear):
-    """An lm_head that can run `fn(hidden, weight)` inside its own forward (so FSDP's hooks see the call)."""
+def _with_head_fn(model: nn.Module) -> None:
+    """Give `model` a forward that also accepts `head_fn` (batch.head_forward): the decoder, then
+    `head_fn(hidden (B, L, d), lm_head weight)`, in one call. FSDP's root hooks then cover the embeddings
+    and the head, which the chunked kernels read as a weight instead of calling the module."""
+    base = type(model)
 
-    runs_fn = True
-
-    def forward(self, x: torch.Tensor, fn=None):  # type: ignore[override]
-        if fn is None:
-            return super().forward(x)
+    def forward(self, *args, head_fn=None, **kwargs):
+        if head_fn is None:
+            return base.forward(self, *args, **kwargs)  # generate() and every other caller
+        hidden = self.get_decoder()(*args, **kwargs).last_hidden_state  # (B, L, d)
+        out = head_fn(hidden, self.get_output_embeddings().weight)
         # FSDP hooks the outputs for its pre-backward; a view output would warn (and could lose the hook)
-        out = fn(x, self.weight)
         if isinstance(out, torch.Tensor):
             return out.clone()
         return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in out)
+
+    model.__class__ = type(f"HeadFn{base.__name__}", (base,), {"forward": forward, "runs_head_fn": True})
 
 
 @dataclass(eq=False)  # hashable: it is a dataclass default (trainer.Setup.dist)
@@ -64,6 +73,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     _gathered: int = 0  # depth of nested `unsharded` blocks
+    _roots: set = field(default_factory=set)  # ids of frozen models inside `gathered_root`
 
     @property
     def active(self) -> bool:
@@ -78,6 +88,13 @@ class Dist:
         """This rank's contiguous share of a list whose length K divides."""
         n = len(items) // self.world
         return items[self.rank * n:(self.rank + 1) * n]
+
+    def split(self, items: list) -> list:
+        """This rank's contiguous share of any list: the first len % K ranks take one item more, so the
+        ranks' shares concatenated in rank order are `items`."""
+        q, r = divmod(len(items), self.world)
+        start = self.rank * q + min(self.rank, r)
+        return items[start:start + q + (self.rank < r)]
 
     def all_sum(self, values: list[float]) -> list[float]:
         return self._reduce(values, "sum")
@@ -129,35 +146,55 @@ class Dist:
 
     # ---- model
     def wrap(self, model: nn.Module) -> nn.Module:
-        """Shard `model` (a *ForCausalLM with .model.layers and an untied nn.Linear lm_head) with FSDP2."""
+        """Shard a trainable *ForCausalLM (a decoder with `.layers`) with FSDP2: each decoder layer is a unit,
+        and the model is the root unit holding the rest (embeddings, final norm, lm_head, tied or not)."""
         if not self.active:
             return model
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+        from torch.distributed.fsdp import FSDPModule
 
-        head, decoder = model.get_output_embeddings(), model.get_decoder()
-        if type(head) is not nn.Linear or not hasattr(decoder, "layers"):
-            raise UserError("multi-process distill needs a decoder with .layers and an nn.Linear lm_head; "
-                            "run with one process for this model")
-        if head.weight is decoder.get_input_embeddings().weight:
-            raise UserError("multi-process distill does not support tied input/output embeddings yet; "
-                            "run with one process for this model")
-        covered = {id(p) for p in (*decoder.parameters(), *head.parameters())}
-        if any(id(p) not in covered for p in model.parameters()):
-            raise UserError("multi-process distill: the student has parameters outside its decoder and lm_head; "
-                            "run with one process for this model")
-        head.__class__ = FnHead
-        for layer in decoder.layers:
-            fully_shard(layer)
-        # decoder and head are two FSDP roots, no unit on the whole model: training calls them one by one
-        # (batch.target_hidden, batch.with_head), and a root unit would see no forward of its own
-        fully_shard(decoder)
-        fully_shard(head)
+        _with_head_fn(model)
+        self._shard(model)
         for m in model.modules():
             if isinstance(m, FSDPModule):
                 # the loss is already normalised by global counts: sum gradients over ranks, don't average
                 m.set_gradient_divide_factor(1.0)
                 m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM; SUM is exact here anyway
         return model
+
+    def wrap_frozen(self, model: nn.Module) -> nn.Module:
+        """Shard a frozen model (teacher, reference) the same way; run it inside `gathered_root`."""
+        if self.active:
+            self._shard(model)
+        return model
+
+    def _shard(self, model: nn.Module) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        decoder = model.get_decoder()
+        if not hasattr(decoder, "layers"):
+            raise UserError(f"multi-process distill shards decoders with a .layers list; "
+                            f"{type(model).__name__} has none: run it with one process")
+        for layer in decoder.layers:
+            fully_shard(layer)
+        fully_shard(model)
+
+    @contextlib.contextmanager
+    def gathered_root(self, model: nn.Module | None) -> Iterator[None]:
+        """A sharded frozen model's root unit (embeddings, norm, head) gathered for the block, so its head
+        weight can be read; its layers still gather one at a time as its decoder runs. Collective: every
+        rank enters it, and runs the same number of forwards inside."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if model is None or not isinstance(model, FSDPModule) or id(model) in self._roots:
+            yield
+            return
+        self._roots.add(id(model))
+        model.unshard()
+        try:
+            yield
+        finally:
+            self._roots.discard(id(model))
+            model.reshard()
 
     @contextlib.contextmanager
     def unsharded(self, model: nn.Module) -> Iterator[None]:
@@ -204,6 +241,10 @@ class Dist:
         osd = get_optimizer_state_dict(model, optimizer, options=opts)
         if not self.is_main:
             return None, None
+        # a tied weight appears under each of its names; keep the first, as save_pretrained does unsharded
+        first = {n for n, _ in model.named_parameters()}
+        aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - first
+        msd = {k: v for k, v in msd.items() if k not in aliases}
         ids = {n: i for i, n in enumerate(_trainable_names(model))}
         osd = {"state": {ids[k]: v for k, v in osd["state"].items()},
                "param_groups": [{**{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()},  # betas
@@ -280,11 +321,34 @@ def maybe_fail(rank: int, step: int) -> None:
         raise RuntimeError(f"STABLEOPD_TEST_FAIL: rank {rank} fails at step {step}")
 
 
+EXIT_DIR_ENV = "STABLEOPD_EXIT_DIR"
+
+
 def relaunch(nproc: int, argv: list[str]) -> int:
-    """Run `python -m stableopd <argv>` under torch.distributed.run with `nproc` local processes."""
+    """Run `python -m stableopd <argv>` under torch.distributed.run with `nproc` local processes.
+
+    torchrun exits 1 whenever a rank fails; the ranks record their own exit codes (`record_exit_code`),
+    and the lowest failing rank's code is returned, so `--nproc` exits 2 on a bad config like one process."""
+    import tempfile
+
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "stableopd", *argv]
-    return subprocess.run(cmd, check=False).returncode
+    with tempfile.TemporaryDirectory(prefix="stableopd-exit-") as exits:
+        code = subprocess.run(cmd, check=False, env={**os.environ, EXIT_DIR_ENV: exits}).returncode
+        if code:
+            ranks = sorted(int(f.name.removeprefix("rank")) for f in os.scandir(exits) if f.name.startswith("rank"))
+            if ranks:
+                with open(os.path.join(exits, f"rank{ranks[0]}")) as fh:
+                    code = int(fh.read().strip() or code)
+    return code
+
+
+def record_exit_code(code: int) -> None:
+    """Under `relaunch`, leave this rank's exit code for the launcher; a no-op otherwise."""
+    folder = os.environ.get(EXIT_DIR_ENV)
+    if folder and os.path.isdir(folder):
+        with open(os.path.join(folder, f"rank{os.environ.get('RANK', '0')}"), "w") as fh:
+            fh.write(str(code))
 
 
 def strip_nproc(argv: list[str]) -> list[str]:
@@ -300,10 +364,19 @@ def strip_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'; bytes up to GiB (and TiB), three significant digits."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} TiB"
+
+
 def memory_plan(student: nn.Module, others: list[nn.Module], *, world: int, micro_batch: int, seq_len: int,
-                chunk_size: int) -> str:
-    """Per-rank bytes: sharded student params, grads and AdamW moments (fp32), replicated frozen models,
-    and an activation estimate (see the formula in the returned text)."""
+                chunk_size: int, shard_frozen: bool = False) -> str:
+    """Per-rank bytes: sharded student params, grads and AdamW moments (fp32), frozen models (replicated,
+    or sharded with `shard_frozen`), and an activation estimate (see the formula in the returned text)."""
     def nbytes(m: nn.Module) -> int:
         return sum(p.numel() * p.element_size() for p in m.parameters())
 
@@ -316,14 +389,15 @@ def memory_plan(student: nn.Module, others: list[nn.Module], *, world: int, micr
     optim = 2 * 4 * n_train  # exp_avg + exp_avg_sq in fp32
     frozen = sum(nbytes(m) for m in others)
     act = 4 * micro_batch * seq_len * layers * (12 * d + 3 * inter) + 4 * 3 * chunk_size * vocab
-    gib = 2 ** 30
     rows = [
         ("student params (sharded)", params / world), ("student grads (sharded)", params / world),
-        ("AdamW state (sharded, fp32)", optim / world), ("teacher + reference (replicated)", frozen),
+        ("AdamW state (sharded, fp32)", optim / world),
+        (f"teacher + reference ({'sharded' if shard_frozen else 'replicated'})",
+         frozen / world if shard_frozen else frozen),
         ("activations (estimate)", act), ("student gathered for sampling", params),
     ]
     lines = [f"memory plan per rank ({world} processes):"]
-    lines += [f"  {name:34s} {b / gib:9.3f} GiB" for name, b in rows]
+    lines += [f"  {name:34s} {human_bytes(b):>10s}" for name, b in rows]
     lines.append("  activations ~ 4 B * micro_batch * seq_len * layers * (12 d + 3 d_ff) + 4 B * 3 * chunk * V "
                  f"(micro_batch={micro_batch}, seq_len={seq_len}, layers={layers}, d={d}, d_ff={inter}, "
                  f"chunk={chunk_size}, V={vocab})")

@@ -43,19 +43,35 @@ def score_targets(model, prompts: list[list[int]], targets: list[list[int]], *, 
 def mean_reverse_kl(student, teacher, prompts: list[list[int]], targets: list[list[int]], *, pad_id: int,
                     micro_batch: int, chunk_size: int, vocab_size: int) -> float | None:
     """Token mean of the full-vocabulary KL(student || teacher) at the prefixes of `targets`."""
+    total, count = reverse_kl_sums(student, teacher, prompts, targets, pad_id=pad_id, micro_batch=micro_batch,
+                                   chunk_size=chunk_size, vocab_size=vocab_size)
+    return total / count if count else None
+
+
+@torch.no_grad()
+def reverse_kl_sums(student, teacher, prompts: list[list[int]], targets: list[list[int]], *, pad_id: int,
+                    micro_batch: int, chunk_size: int, vocab_size: int,
+                    n_batches: int | None = None) -> tuple[float, int]:
+    """(sum, count) over target tokens of KL(student || teacher). With `n_batches`, exactly that many
+    forwards run (a sharded model needs the same count on every rank): missing or empty micro-batches
+    run on a one-token placeholder that is not counted."""
     device = next(student.parameters()).device
     total, count = 0.0, 0
     modes = (student.training, teacher.training)
     student.eval()
     teacher.eval()
-    for start in range(0, len(prompts), micro_batch):
-        packed = pack(prompts[start:start + micro_batch], targets[start:start + micro_batch], pad_id, device)
-        if not sum(packed.lengths):
+    batches = -(-len(prompts) // micro_batch)
+    for b in range(batches if n_batches is None else max(n_batches, batches)):
+        p, t = prompts[b * micro_batch:(b + 1) * micro_batch], targets[b * micro_batch:(b + 1) * micro_batch]
+        real = sum(map(len, t)) > 0
+        if not real and n_batches is None:
             continue
+        packed = pack(p, t, pad_id, device) if real else pack([[pad_id]], [[pad_id]], pad_id, device)
         kl = linear_kl(target_hidden(student, packed), output_weight(student), target_hidden(teacher, packed),
                        output_weight(teacher), None, chunk_size=chunk_size, vocab_size=vocab_size)  # (N,)
-        total += float(kl.sum())
-        count += kl.numel()
+        if real:
+            total += float(kl.sum())
+            count += kl.numel()
     student.train(modes[0])
     teacher.train(modes[1])
-    return total / count if count else None
+    return total, count

@@ -186,13 +186,17 @@ def _run_distill(cfg: Config, resume: bool, dist: Dist) -> int:
                     need_ref=need_ref)
     setup.dist = dist
     if dist.active:
+        frozen = [m.model for m in (setup.teacher, setup.ref) if m is not None and m.model is not None]
         if dist.is_main:
-            console.print(memory_plan(setup.student.model, [m.model for m in (setup.teacher, setup.ref)
-                                                            if m is not None and m.model is not None],
-                                      world=dist.world, micro_batch=cfg.train.micro_batch,
+            console.print(memory_plan(setup.student.model, frozen, world=dist.world,
+                                      micro_batch=cfg.train.micro_batch,
                                       seq_len=cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens,
-                                      chunk_size=cfg.loss.chunk_size), highlight=False)
+                                      chunk_size=cfg.loss.chunk_size, shard_frozen=cfg.train.shard_frozen),
+                          highlight=False)
         dist.wrap(setup.student.model)
+        if cfg.train.shard_frozen:
+            for model in frozen:
+                dist.wrap_frozen(model)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = run_dir / "config.yaml.tmp"
@@ -229,9 +233,10 @@ def train_step(cfg: Config, setup: Setup, backend, optimizer, step: int, *, sett
     if setup.teacher_scorer is not None:
         teacher_lp = setup.teacher_scorer.score(prompts, targets, temperature=cfg.loss.teacher_temperature)
     else:
-        teacher_lp = score_targets(setup.teacher.model, prompts, targets, pad_id=_pad(tok),
-                                   micro_batch=cfg.train.micro_batch, chunk_size=cfg.loss.chunk_size,
-                                   vocab_size=setup.vocab_size, temperature=cfg.loss.teacher_temperature)
+        with dist.gathered_root(setup.teacher.model):
+            teacher_lp = score_targets(setup.teacher.model, prompts, targets, pad_id=_pad(tok),
+                                       micro_batch=cfg.train.micro_batch, chunk_size=cfg.loss.chunk_size,
+                                       vocab_size=setup.vocab_size, temperature=cfg.loss.teacher_temperature)
     t2 = time.perf_counter()
     ngram = cfg.diagnose.rep_token_ngram
     rollouts = [RolloutSeq(prompt=p, target=t, teacher_lp=tl, repetitive=repetitive_token_mask(t, ngram),
@@ -277,8 +282,9 @@ def _update(cfg: Config, setup: Setup, optimizer, rollouts, golds, settings: Los
     ref_model = setup.ref.model if setup.ref else None
     for _ in range(tcfg.epochs_per_batch):
         optimizer.zero_grad(set_to_none=True)
-        metrics = accumulate(model, ref_model, teacher_model, rollouts, golds, settings, pad_id=_pad(setup.student.tokenizer),
-                             micro_batch=tcfg.micro_batch, dist=setup.dist)
+        with setup.dist.gathered_root(ref_model), setup.dist.gathered_root(teacher_model):
+            metrics = accumulate(model, ref_model, teacher_model, rollouts, golds, settings,
+                                 pad_id=_pad(setup.student.tokenizer), micro_batch=tcfg.micro_batch, dist=setup.dist)
         params = [p for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
         finite = math.isfinite(float(norm)) and math.isfinite(metrics.get("loss/total", 0.0))
@@ -388,8 +394,7 @@ def distill_loop(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start: 
 
 
 def _validate(cfg: Config, setup: Setup, backend, step: int, run_dir: Path) -> dict[str, Any]:
-    # every rank validates the whole validation set on the gathered student (same forwards everywhere);
-    # only rank 0 writes val/step_N.jsonl
+    # each rank samples its share of the validation set on the gathered student; rank 0 writes the records
     with setup.dist.unsharded(setup.student.model):
         return validate(cfg, setup, backend, step, run_dir, write=setup.dist.is_main)
 

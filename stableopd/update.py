@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stableopd.batch import from_lists, output_weight, pack, target_hidden, to_rows, with_head
+from stableopd.batch import from_lists, head_forward, output_weight, pack, target_hidden, to_rows
 from stableopd.distributed import SINGLE, Dist
 from stableopd.kernels import linear_jsd, linear_kl, linear_logprobs
 from stableopd.losses import opd_loss, ref_kl_loss, sft_loss, shape_advantage, token_weights, weighted_sum
@@ -89,9 +89,22 @@ def _rollout_chunk(student, ref, teacher, seqs: list[RolloutSeq], s: LossSetting
                    pad_id: int, sums: Sums) -> dict[str, torch.Tensor]:
     device = next(student.parameters()).device
     packed = pack([q.prompt for q in seqs], [q.target for q in seqs], pad_id, device)
-    hidden = target_hidden(student, packed)  # (N, d)
-    new_flat, ent_flat = with_head(student, hidden, lambda h, w: linear_logprobs(
-        h, w, packed.targets, chunk_size=s.chunk_size, vocab_size=s.vocab_size))  # (N,), (N,)
+    use_kl = s.objective != "opd" and s.ref_kl_coef > 0
+    with torch.no_grad():  # the frozen models' (hidden, output weight) the student's distribution is compared with
+        t_side = (target_hidden(teacher, packed), output_weight(teacher)) if s.objective == "jsd" else None
+        r_side = (target_hidden(ref, packed), output_weight(ref)) if use_kl else None
+
+    def head_terms(h, w):  # every use of the student's head weight, in one forward (see batch.head_forward)
+        lp, ent = linear_logprobs(h, w, packed.targets, chunk_size=s.chunk_size, vocab_size=s.vocab_size)
+        div = kl = None
+        if t_side is not None:
+            div = linear_jsd(h, w, *t_side, None, beta=s.jsd_beta, temperature=s.teacher_temperature,
+                             chunk_size=s.chunk_size, vocab_size=s.vocab_size)  # (N,)
+        if r_side is not None:
+            kl = linear_kl(h, w, *r_side, None, chunk_size=s.chunk_size, vocab_size=s.vocab_size)  # (N,)
+        return lp, ent, div, kl
+
+    new_flat, ent_flat, div, kl = head_forward(student, packed, head_terms)  # (N,) each, or None
     new, mask = to_rows(new_flat, packed.lengths)  # (B, T)
     teacher_lp, _ = from_lists([q.teacher_lp for q in seqs], device)  # (B, T)
     sampler_lp, _ = from_lists([q.sampler_lp for q in seqs], device)  # (B, T)
@@ -101,21 +114,12 @@ def _rollout_chunk(student, ref, teacher, seqs: list[RolloutSeq], s: LossSetting
     w = token_weights(mask, s.aggregation, total_seqs=totals[0], total_tokens=totals[1])  # (B, T)
 
     if s.objective == "jsd":
-        with torch.no_grad():
-            t_hidden = target_hidden(teacher, packed)  # (N, d_T)
-        div = with_head(student, hidden, lambda h, w: linear_jsd(
-            h, w, t_hidden, output_weight(teacher), None, beta=s.jsd_beta, temperature=s.teacher_temperature,
-            chunk_size=s.chunk_size, vocab_size=s.vocab_size))  # (N,)
         main = weighted_sum(to_rows(div, packed.lengths)[0], w)
         metrics = {"loss/opd": main.detach()}
     else:
         main, metrics = opd_loss(new, old, adv, w, clip_eps=s.clip_eps)
     total = main
-    if s.objective != "opd" and s.ref_kl_coef > 0:
-        with torch.no_grad():
-            r_hidden = target_hidden(ref, packed)  # (N, d)
-        kl = with_head(student, hidden, lambda h, w: linear_kl(
-            h, w, r_hidden, output_weight(ref), None, chunk_size=s.chunk_size, vocab_size=s.vocab_size))  # (N,)
+    if use_kl:
         kl_loss, kl_metrics = ref_kl_loss(to_rows(kl, packed.lengths)[0], w)
         metrics.update(kl_metrics)
         total = total + s.ref_kl_coef * kl_loss
@@ -141,8 +145,7 @@ def _gold_chunk(student, seqs: list[GoldSeq], s: LossSettings, totals: tuple[int
                 sums: Sums, scale: float = 1.0) -> dict[str, torch.Tensor]:
     device = next(student.parameters()).device
     packed = pack([q.prompt for q in seqs], [q.target for q in seqs], pad_id, device)
-    hidden = target_hidden(student, packed)  # (N, d)
-    lp, _ = with_head(student, hidden, lambda h, w: linear_logprobs(
+    lp, _ = head_forward(student, packed, lambda h, w: linear_logprobs(
         h, w, packed.targets, chunk_size=s.chunk_size, vocab_size=s.vocab_size))  # (N,)
     rows, mask = to_rows(lp, packed.lengths)  # (B, T)
     w = token_weights(mask, "seq_mean", total_seqs=totals[0], total_tokens=totals[1]) * scale  # (B, T)

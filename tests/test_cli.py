@@ -58,7 +58,7 @@ def test_models_lists_aliases():
     result = invoke("models")
     assert result.exit_code == 0
     names = [line.split()[0] for line in result.stdout.splitlines()]
-    assert names[:3] == ["tiny", "tiny-teacher", "smollm2-135m"] and "qwen-1.5b" in names
+    assert names[:5] == ["tiny", "tiny-teacher", "arith-teacher", "arith-student", "smollm2-135m"] and "qwen-1.5b" in names
 
 
 # ------------------------------------------------------------------------------------------------
@@ -269,7 +269,7 @@ def test_unknown_model_name(prompts_file, tmp_path):
     assert_one_line_error(
         result,
         "unknown model 'tinyy': use a Hugging Face id (org/name), a local path, or one of tiny, "
-        "tiny-teacher, smollm2-135m, qwen-1.5b, qwen-7b, qwen-math-1.5b, qwen-math-7b, r1-distill-7b, openthinker3-7b",
+        "tiny-teacher, arith-teacher, arith-student, smollm2-135m, qwen-1.5b, qwen-7b, qwen-math-1.5b, qwen-math-7b, r1-distill-7b, openthinker3-7b",
     )
     assert not (tmp_path / "o.jsonl").exists()
 
