@@ -67,13 +67,17 @@ def head_forward(model, packed: Packed, fn):
     return fn(target_hidden(model, packed), output_weight(model))
 
 
+def row_mask(lengths: list[int], device) -> torch.Tensor:
+    """(B, T) bool, True at the first lengths[i] positions of row i; T = max(lengths)."""
+    width = max(lengths) if lengths else 0
+    ar = torch.arange(width, device=device)
+    return ar.unsqueeze(0) < torch.tensor(lengths, device=device, dtype=torch.long).reshape(-1, 1)
+
+
 def to_rows(values: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,) flat per-token values -> (B, T) zero-padded values and (B, T) mask."""
-    width = max(lengths) if lengths else 0
-    out = values.new_zeros((len(lengths), width))  # (B, T)
-    mask = torch.zeros((len(lengths), width), dtype=torch.bool, device=values.device)  # (B, T)
-    ar = torch.arange(width, device=values.device)
-    mask[:] = ar.unsqueeze(0) < torch.tensor(lengths, device=values.device).unsqueeze(1)
+    mask = row_mask(lengths, values.device)  # (B, T)
+    out = values.new_zeros(mask.shape)  # (B, T)
     out[mask] = values
     return out, mask
 

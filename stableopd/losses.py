@@ -266,26 +266,30 @@ def opd_loss(
     return loss, metrics
 
 
-def sft_loss(logprobs: Tensor, weights: Tensor) -> tuple[Tensor, Metrics]:
+def sft_loss(logprobs: Tensor, weights: Tensor, *, total: Tensor | None = None) -> tuple[Tensor, Metrics]:
     """Golden-solution cross-entropy: loss = -sum w * logprobs, a scalar (weights normalise).
 
     `logprobs` (B, T) are the student's log-probs of the golden tokens; `weights` from
     `token_weights` on the golden samples' mask with the golden samples' own counts. No golden sample
-    in the step (all weights 0) gives exactly 0. Metrics: loss/gold_sft, sft/weight_sum.
+    in the step (all weights 0) gives exactly 0. `total`: that loss already reduced by a fused kernel
+    (kernels.linear_logprobs_sum with token weights -w), used as the loss. Metrics: loss/gold_sft,
+    sft/weight_sum.
     """
-    loss = -weighted_sum(logprobs, weights)
+    loss = -weighted_sum(logprobs, weights) if total is None else total
     weight_sum = weighted_sum(torch.ones_like(weights), weights)
     return loss, {"loss/gold_sft": loss.detach(), "sft/weight_sum": weight_sum}
 
 
-def ref_kl_loss(kl_per_token: Tensor, weights: Tensor, *, tolerance: float = 1e-4) -> tuple[Tensor, Metrics]:
+def ref_kl_loss(kl_per_token: Tensor, weights: Tensor, *, tolerance: float = 1e-4,
+                total: Tensor | None = None) -> tuple[Tensor, Metrics]:
     """Reference constraint: loss = sum w * KL_t(pi_theta || pi_ref), a scalar, KL_t over the full
     vocabulary at each rollout prefix (from kernels.py); the rollouts' OPD weights average it.
 
     A KL is never negative: metric ref_kl/negative_frac is the weight of tokens below -tolerance, a
     sign of a numerical bug upstream (it is reported, not clamped). Metrics: loss/ref_kl too.
+    `total`: that loss already reduced by a fused kernel (kernels.linear_kl_sum), used as the loss.
     """
-    loss = weighted_sum(kl_per_token, weights)
+    loss = weighted_sum(kl_per_token, weights) if total is None else total
     negative = (kl_per_token.detach() < -tolerance).to(torch.float32)  # (B, T)
     return loss, {"loss/ref_kl": loss.detach(), "ref_kl/negative_frac": weighted_sum(negative, weights)}
 

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stableopd.batch import from_lists, head_forward, output_weight, pack, target_hidden, to_rows
+from stableopd.batch import from_lists, head_forward, output_weight, pack, row_mask, target_hidden, to_rows
 from stableopd.distributed import SINGLE, Dist
-from stableopd.kernels import linear_jsd, linear_kl, linear_logprobs
-from stableopd.losses import opd_loss, ref_kl_loss, sft_loss, shape_advantage, token_weights, weighted_sum
+from stableopd.kernels import linear_jsd_sum, linear_kl_sum, linear_logprobs, linear_logprobs_sum
+from stableopd.losses import opd_loss, ref_kl_loss, sft_loss, shape_advantage, token_weights
 
 
 @dataclass
@@ -93,34 +93,40 @@ def _rollout_chunk(student, ref, teacher, seqs: list[RolloutSeq], s: LossSetting
     with torch.no_grad():  # the frozen models' (hidden, output weight) the student's distribution is compared with
         t_side = (target_hidden(teacher, packed), output_weight(teacher)) if s.objective == "jsd" else None
         r_side = (target_hidden(ref, packed), output_weight(ref)) if use_kl else None
+    mask = row_mask(packed.lengths, device)  # (B, T)
+    w = token_weights(mask, s.aggregation, total_seqs=totals[0], total_tokens=totals[1])  # (B, T)
+    w_flat = w[mask]  # (N,) in the order of packed.targets
 
-    def head_terms(h, w):  # every use of the student's head weight, in one forward (see batch.head_forward)
-        lp, ent = linear_logprobs(h, w, packed.targets, chunk_size=s.chunk_size, vocab_size=s.vocab_size)
-        div = kl = None
+    def head_terms(h, hw):  # every use of the student's head weight, in one forward (see batch.head_forward)
+        # the OPD term's weights need these log-probs (A_t uses pi_old = pi_theta), so it takes the
+        # per-token kernel; the JSD and KL weights are known now, so their sums come with their gradients
+        # from one sweep (kernels.*_sum: nothing recomputed in backward)
+        lp, ent = linear_logprobs(h, hw, packed.targets, chunk_size=s.chunk_size, vocab_size=s.vocab_size)
+        jsd = kl = (None, None)
         if t_side is not None:
-            div = linear_jsd(h, w, *t_side, None, beta=s.jsd_beta, temperature=s.teacher_temperature,
-                             chunk_size=s.chunk_size, vocab_size=s.vocab_size)  # (N,)
+            jsd = linear_jsd_sum(h, hw, *t_side, None, w_flat, beta=s.jsd_beta, temperature=s.teacher_temperature,
+                                 chunk_size=s.chunk_size, vocab_size=s.vocab_size)  # (), (N,)
         if r_side is not None:
-            kl = linear_kl(h, w, *r_side, None, chunk_size=s.chunk_size, vocab_size=s.vocab_size)  # (N,)
-        return lp, ent, div, kl
+            kl = linear_kl_sum(h, hw, *r_side, None, w_flat, chunk_size=s.chunk_size,
+                               vocab_size=s.vocab_size)  # (), (N,)
+        return lp, ent, *jsd, *kl
 
-    new_flat, ent_flat, div, kl = head_forward(student, packed, head_terms)  # (N,) each, or None
-    new, mask = to_rows(new_flat, packed.lengths)  # (B, T)
+    new_flat, ent_flat, jsd_sum, _, kl_sum, kl_flat = head_forward(student, packed, head_terms)
+    new = to_rows(new_flat, packed.lengths)[0]  # (B, T)
     teacher_lp, _ = from_lists([q.teacher_lp for q in seqs], device)  # (B, T)
     sampler_lp, _ = from_lists([q.sampler_lp for q in seqs], device)  # (B, T)
     rep, _ = from_lists([[float(r) for r in q.repetitive] for q in seqs], device)  # (B, T)
     old = from_lists([q.old_lp for q in seqs], device)[0] if seqs[0].old_lp is not None else new.detach()
     adv = shape_advantage(teacher_lp, old, s.advantage, alpha=s.power_alpha, bound=s.adv_clip)  # (B, T)
-    w = token_weights(mask, s.aggregation, total_seqs=totals[0], total_tokens=totals[1])  # (B, T)
 
     if s.objective == "jsd":
-        main = weighted_sum(to_rows(div, packed.lengths)[0], w)
+        main = jsd_sum
         metrics = {"loss/opd": main.detach()}
     else:
         main, metrics = opd_loss(new, old, adv, w, clip_eps=s.clip_eps)
     total = main
     if use_kl:
-        kl_loss, kl_metrics = ref_kl_loss(to_rows(kl, packed.lengths)[0], w)
+        kl_loss, kl_metrics = ref_kl_loss(to_rows(kl_flat, packed.lengths)[0], w, total=kl_sum)
         metrics.update(kl_metrics)
         total = total + s.ref_kl_coef * kl_loss
     total.backward()
@@ -145,11 +151,12 @@ def _gold_chunk(student, seqs: list[GoldSeq], s: LossSettings, totals: tuple[int
                 sums: Sums, scale: float = 1.0) -> dict[str, torch.Tensor]:
     device = next(student.parameters()).device
     packed = pack([q.prompt for q in seqs], [q.target for q in seqs], pad_id, device)
-    lp, _ = head_forward(student, packed, lambda h, w: linear_logprobs(
-        h, w, packed.targets, chunk_size=s.chunk_size, vocab_size=s.vocab_size))  # (N,)
-    rows, mask = to_rows(lp, packed.lengths)  # (B, T)
+    mask = row_mask(packed.lengths, device)  # (B, T)
     w = token_weights(mask, "seq_mean", total_seqs=totals[0], total_tokens=totals[1]) * scale  # (B, T)
-    loss, metrics = sft_loss(rows, w)
+    neg_w = -w[mask]  # (N,): the fused sum is the loss itself
+    total, lp, _ = head_forward(student, packed, lambda h, hw: linear_logprobs_sum(
+        h, hw, packed.targets, neg_w, chunk_size=s.chunk_size, vocab_size=s.vocab_size))  # (), (N,), (N,)
+    loss, metrics = sft_loss(to_rows(lp, packed.lengths)[0], w, total=total)
     (s.gold_coef * loss).backward()
     sums.add("gold_tokens", mask.sum() * scale)
     return metrics
