@@ -353,7 +353,12 @@ def distill_loop(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start: 
     bad = int(restored_state.get("consecutive_bad", 0))
     skipped = int(restored_state.get("skipped_total", 0))
     if start == 0 and tcfg.eval_every and tcfg.eval_at_start:
-        log.write({"step": 0, **_validate(cfg, setup, backend, 0, run_dir)})
+        first = _validate(cfg, setup, backend, 0, run_dir)
+        log.write({"step": 0, **first})
+        if first and dist.is_main and cfg.logging.progress:
+            acc = first.get("val/accuracy")
+            console.print(f"step     0 before training: val_acc {'-' if acc is None else f'{acc:.3g}'} "
+                          f"val_len {first.get('val/length_mean', 0):.1f}", highlight=False)
 
     def save(step: int) -> None:
         model_state, optim_state = dist.full_states(setup.student.model, optimizer) if dist.active else (None, None)

@@ -90,4 +90,6 @@ def test_smoke_example_runs_offline(tmp_path):
     cfg = load_config(ROOT / "examples" / "smoke.yaml")
     assert [r["step"] for r in rows] == list(range(cfg.train.steps + 1))  # step 0 is the first validation
     assert "val/accuracy" in rows[-1]
+    first = f"step     0 before training: val_acc {rows[0]['val/accuracy']:.3g}"
+    assert first in result.output  # the starting accuracy is on screen, not only in metrics.jsonl
     assert (out / "checkpoints" / f"step_{cfg.train.steps:06d}" / "COMPLETE").exists()
