@@ -155,7 +155,7 @@ def print_report(diag: Diagnosis, console: Console | None, written: list[Path] |
     if len(diag.warnings) > 20:
         console.print(f"[yellow]warning:[/] {len(diag.warnings) - 20} more (see --json)")
     for p in written or []:
-        console.print(Text(f"wrote {p}"))
+        console.print(Text(f"wrote {p}"), soft_wrap=True)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -94,5 +94,6 @@ def run_sft(cfg: Config, *, resume: bool = False) -> int:
             if step % tcfg.save_every == 0 or step == tcfg.steps:
                 save_checkpoint(run_dir, step, model=model, tokenizer=tok, optimizer=optimizer,
                                 state={"data_position": step * tcfg.prompts_per_step}, keep_last=tcfg.keep_last)
-    console.print(f"run directory: {run_dir}\nthe fine-tuned student: {run_dir}/checkpoints/step_{tcfg.steps:06d}")
+    console.print(f"run directory: {run_dir}\nthe fine-tuned student: {run_dir}/checkpoints/step_{tcfg.steps:06d}",
+                  highlight=False, soft_wrap=True)
     return 0

@@ -155,7 +155,7 @@ def sampling_params(cfg: Config, step: int) -> SamplingParams:
 def _start(cfg: Config, run_dir: Path, resume: bool):
     if resume:
         restored = load_latest(run_dir, warn=lambda m: console.print(f"[yellow]warning:[/] {m}"))
-        console.print(f"resuming from {restored.path}")
+        console.print(f"resuming from {restored.path}", highlight=False, soft_wrap=True)
         return restored
     if list_checkpoints(run_dir):
         raise UserError(f"run directory '{run_dir}' already holds a run; pass --resume to continue it "
@@ -394,7 +394,8 @@ def distill_loop(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start: 
             if collapse:
                 raise stop_for_collapse(run_dir, verdict)
     if dist.is_main:
-        console.print(f"run directory: {run_dir}\nlook at it with: stableopd diagnose {run_dir}")
+        console.print(f"run directory: {run_dir}\nlook at it with: stableopd diagnose {run_dir}", highlight=False,
+                      soft_wrap=True)  # a path is never broken across lines
     return 0
 
 

@@ -92,4 +92,6 @@ def test_smoke_example_runs_offline(tmp_path):
     assert "val/accuracy" in rows[-1]
     first = f"step     0 before training: val_acc {rows[0]['val/accuracy']:.3g}"
     assert first in result.output  # the starting accuracy is on screen, not only in metrics.jsonl
+    assert len(f"look at it with: stableopd diagnose {out}") > 80  # so a hard wrap would break it
+    assert f"look at it with: stableopd diagnose {out}\n" in result.output
     assert (out / "checkpoints" / f"step_{cfg.train.steps:06d}" / "COMPLETE").exists()
