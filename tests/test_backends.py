@@ -395,3 +395,10 @@ def test_plugin_errors(tiny, echo_plugin):
         str(exc.value)
         == "sampling backend 'missing' cannot be imported (No module named 'stableopd_no_such_module')"
     )
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_generation_config_is_valid_for_transformers(tiny, temperature):
+    # transformers warns on every generate() of an invalid config (greedy with a sampling knob set)
+    params = SamplingParams(n=1, temperature=temperature, top_k=5, max_new_tokens=4, seed=0)
+    hf_backend(tiny)._gen_config(params).validate(strict=True)

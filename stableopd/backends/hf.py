@@ -66,12 +66,14 @@ class HFBackend:
         greedy = params.temperature == 0
         # Every knob is explicit: generate() fills unset (None) ones from the model's generation_config.json
         # (Qwen2.5-Instruct: top_k=20, top_p=0.8, repetition_penalty=1.05) and then from global defaults
-        # (top_k=50), which would change the distribution and the logprobs. 1.0 / 0 are "off".
+        # (top_k=50), which would change the distribution and the logprobs. 1.0 / 0 are "off". Greedy
+        # decoding applies no sampling knob at all (do_sample=False), so its top_k stays unset: an explicit
+        # 0 there only earns a "flags are not valid" warning from transformers.
         return GenerationConfig(
             do_sample=not greedy,
             temperature=1.0 if greedy else params.temperature,
             top_p=1.0 if greedy else params.top_p,
-            top_k=0 if greedy else params.top_k,
+            top_k=None if greedy else params.top_k,
             repetition_penalty=1.0,
             no_repeat_ngram_size=0,
             typical_p=1.0,
