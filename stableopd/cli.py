@@ -85,9 +85,9 @@ def distill(config: Path = ConfigOpt, sets: list[str] = SetOpt,
         cfg = _config(config, sets, {"student.name": student, "teacher.name": teacher, "data.source": data,
                                      "out": out and str(out)})
         if nproc > 1:
-            from stableopd.distributed import check_divides, relaunch, strip_nproc
+            from stableopd.distributed import check_launch, relaunch, strip_nproc
 
-            check_divides(nproc, cfg.train.prompts_per_step)
+            check_launch(nproc, cfg)
             return relaunch(nproc, strip_nproc(sys.argv[1:]))
         return run_distill(cfg, resume=resume)
     _guard(debug, body)

@@ -221,10 +221,7 @@ class Dist:
         """`backend` whose generate runs on the gathered student (ranks may run different forward counts)."""
         if not self.active:
             return backend
-        if getattr(backend, "name", "") != "hf":
-            raise UserError(f"multi-process distill samples with the hf backend only (got sampling.backend="
-                            f"{getattr(backend, 'name', '?')}); set -s sampling.backend=hf or run one process")
-        return _GatheredSampler(backend, self, model)
+        return _GatheredSampler(backend, self, model)  # check_launch admitted only the hf backend
 
     # ---- checkpoints
     def full_states(self, model: nn.Module, optimizer) -> tuple[dict | None, dict | None]:
@@ -308,10 +305,21 @@ def from_env(timeout_s: float) -> Dist:
     return Dist(rank=rank, world=world)
 
 
-def check_divides(world: int, prompts_per_step: int) -> None:
-    if prompts_per_step % world:
-        raise UserError(f"train.prompts_per_step={prompts_per_step} is the global batch and must be divisible by "
-                        f"the {world} processes; set it to a multiple of {world} or change the process count")
+def check_launch(world: int, cfg) -> None:
+    """Refuse, before any model loads, what K > 1 processes cannot run: a global batch K does not divide,
+    and vLLM engines (one engine per rank on a shared device is not supported)."""
+    if world <= 1:
+        return
+    if cfg.train.prompts_per_step % world:
+        raise UserError(f"train.prompts_per_step={cfg.train.prompts_per_step} is the global batch and must be "
+                        f"divisible by the {world} processes; set it to a multiple of {world} or change the "
+                        "process count")
+    if cfg.sampling.backend != "hf":
+        raise UserError(f"multi-process distill samples with the hf backend only (got sampling.backend="
+                        f"{cfg.sampling.backend}); set -s sampling.backend=hf or run one process")
+    if cfg.teacher.engine != "hf":
+        raise UserError(f"multi-process distill scores with an hf teacher only (got teacher.engine="
+                        f"{cfg.teacher.engine}); set -s teacher.engine=hf or run one process")
 
 
 def maybe_fail(rank: int, step: int) -> None:

@@ -32,7 +32,7 @@ from stableopd.checkpoint import list_checkpoints, load_latest, save_checkpoint,
 from stableopd.config import Config, dump_config
 from stableopd.data import Example, encode_prompts, load_examples
 from stableopd.detector import CollapseGuard
-from stableopd.distributed import SINGLE, Dist, check_divides, from_env, maybe_fail, memory_plan
+from stableopd.distributed import SINGLE, Dist, check_launch, from_env, maybe_fail, memory_plan
 from stableopd.errors import CollapseStop, TrainingStopped, UserError
 from stableopd.kernels import make_adamw
 from stableopd.models import Loaded, check_compatible, load_model, stop_token_ids
@@ -178,7 +178,7 @@ def run_distill(cfg: Config, *, resume: bool = False) -> int:
 
 def _run_distill(cfg: Config, resume: bool, dist: Dist) -> int:
     run_dir = Path(cfg.out or "runs/distill")
-    check_divides(dist.world, cfg.train.prompts_per_step)
+    check_launch(dist.world, cfg)
     restored = _start(cfg, run_dir, resume)
     dist.barrier()  # every rank has checked the run directory before rank 0 writes into it
     need_ref = cfg.loss.objective != "opd" and cfg.loss.ref_kl_coef > 0

@@ -178,6 +178,15 @@ def test_batch_not_divisible_exits_2_with_one_line(data, tmp_path):
     assert len(lines) == 1 and "prompts_per_step=3" in lines[0] and "divisible" in lines[0], lines
 
 
+@pytest.mark.parametrize("option", ["sampling.backend=vllm", "teacher.engine=vllm"])
+def test_vllm_with_several_processes_exits_2_before_launching(data, tmp_path, option):
+    proc = launch([*args(data, tmp_path / "r"), "-s", option, "--nproc", "2"])
+    assert proc.returncode == 2
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert len(lines) == 1 and "multi-process distill" in lines[0] and option.split("=")[0] in lines[0], lines
+    assert "torch.distributed.run" not in proc.stderr and not (tmp_path / "r").exists()
+
+
 def test_failing_rank_stops_the_others(data, tmp_path):
     t0 = time.perf_counter()
     proc = launch(args(data, tmp_path / "r"), nproc=2, env={"STABLEOPD_TEST_FAIL": "1:1"}, timeout=120)
