@@ -7,7 +7,8 @@ What is checked, and against what:
   1e-5 of each tensor's largest entry. Golden solutions are missing for some prompts, so ranks hold different
   numbers of them and the zero-weight padding micro-batches run; the validation prompts are split over ranks;
 - the same with a tied-embedding student (as Qwen2.5-1.5B) and `train.shard_frozen=true` (teacher and
-  reference FSDP-sharded too);
+  reference FSDP-sharded too), for stableopd and for jsd with 2 passes per batch (the sharded teacher runs
+  inside the update, and pi_old is scored on the gathered student);
 - a 2-process run launched with `--nproc 2` resumes from its step-1 checkpoint, and a 2-process checkpoint
   resumes in 1 process; both end where the uninterrupted 1-process run ends (same tolerances);
 - `--nproc 2` with an odd global batch exits 2 with one line; a rank that raises makes the whole launch
@@ -141,11 +142,13 @@ def tied(tmp_path_factory) -> Path:
     return path
 
 
-def test_tied_student_and_sharded_teacher_and_reference_match_one_process(data, tied, tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"loss__objective": "jsd", "train__epochs_per_batch": 2}],
+                         ids=["stableopd", "jsd-2-epochs"])  # jsd runs the sharded teacher inside the update
+def test_tied_student_and_sharded_teacher_and_reference_match_one_process(data, tied, tmp_path, extra):
     one, two = tmp_path / "one", tmp_path / "two"
-    proc = launch(args(data, one, student=str(tied)))
+    proc = launch(args(data, one, student=str(tied), **extra))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = launch(args(data, two, student=str(tied), train__shard_frozen="true"), nproc=2)
+    proc = launch(args(data, two, student=str(tied), train__shard_frozen="true", **extra), nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "teacher + reference (sharded)" in proc.stderr + proc.stdout
     assert_same_run(one, two)
