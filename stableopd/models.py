@@ -17,6 +17,7 @@ Embedding matrices padded to different row counts are fine: only the tokenizer's
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -62,21 +63,43 @@ def describe_models() -> dict[str, str]:
 
 
 def _atomic_build(target: Path, build) -> Path:
-    """Build into a temp directory next to `target`, then rename; a crash never leaves a half-built cache."""
+    """Build into a temp directory next to `target`, then rename; a crash never leaves a half-built cache.
+
+    A lock file next to `target` makes concurrent builders (the ranks of `--nproc K`, two runs started
+    together) wait for the first one and reuse its result instead of building again and replacing it."""
     if (target / "COMPLETE").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        build(tmp)
-        (tmp / "COMPLETE").write_text("ok\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with _build_lock(target.parent / f".{target.name}.lock"):
+        if (target / "COMPLETE").exists():  # built by whoever held the lock before us
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+        try:
+            build(tmp)
+            (tmp / "COMPLETE").write_text("ok\n")
+            if target.exists():  # a half-built entry without its marker
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path):
+    """An exclusive advisory lock (fcntl.flock) held for the block; a no-op where fcntl does not exist."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: builds are still atomic, only not serialised
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def smollm2_gguf_path() -> Path:
