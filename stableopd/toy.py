@@ -6,11 +6,11 @@ distill. Both use the tiny family's character tokenizer (stableopd/tiny.py) and 
 use by the SFT stage's own step function (`stableopd.sft.sft_step`) on golden solutions, then cached
 under `cache_dir()/models/` like every built-in (models.resolve_model_path, atomic; the cache name holds
 a hash of the recipe, so a changed recipe is rebuilt). A build is deterministic: the init seed, the data
-and its order are fixed by the recipe, and nothing else draws random numbers (same machine and thread
-count give bit-identical weights; another thread count may differ in the last bits, hence in accuracy
-by a few points).
+and its order are fixed by the recipe, nothing else draws random numbers, and it runs on one thread,
+because float sums are ordered by the thread count (with 2 threads the student recipe ends at 10%
+instead of 28%). Same torch build and CPU family, same weights.
 
-Recipes (one CPU core; greedy accuracy on the 200 validation problems of `TOY_DATA`):
+Recipes (one thread; greedy accuracy on the 200 validation problems of `TOY_DATA`):
 - `arith-teacher`: 4 layers, hidden 128, 0.62M parameters, 400 steps of 32 solutions, lr 3e-3 with
   warmup and cosine decay to 10%: 97.5%, in about 110 s.
 - `arith-student`: 3 layers, hidden 96, 0.33M parameters, 250 steps: 28%, in about 40 s.
