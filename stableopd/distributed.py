@@ -322,6 +322,15 @@ def check_launch(world: int, cfg) -> None:
                         f"{cfg.teacher.engine}); set -s teacher.engine=hf or run one process")
 
 
+def maybe_delay(rank: int) -> None:
+    """Test hook: STABLEOPD_TEST_DELAY=RANK:SECONDS makes that rank sleep before it loads the models."""
+    spec = os.environ.get("STABLEOPD_TEST_DELAY", "")
+    if spec.startswith(f"{rank}:"):
+        import time
+
+        time.sleep(float(spec.split(":", 1)[1]))
+
+
 def maybe_fail(rank: int, step: int) -> None:
     """Test hook: STABLEOPD_TEST_FAIL=RANK:STEP makes that rank raise at the start of that step."""
     spec = os.environ.get("STABLEOPD_TEST_FAIL")

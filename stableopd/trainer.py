@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -32,10 +33,17 @@ from stableopd.checkpoint import list_checkpoints, load_latest, save_checkpoint,
 from stableopd.config import Config, dump_config
 from stableopd.data import Example, encode_prompts, load_examples
 from stableopd.detector import CollapseGuard
-from stableopd.distributed import SINGLE, Dist, check_launch, from_env, maybe_fail, memory_plan
+from stableopd.distributed import SINGLE, Dist, check_launch, from_env, maybe_delay, maybe_fail, memory_plan
 from stableopd.errors import CollapseStop, TrainingStopped, UserError
 from stableopd.kernels import make_adamw
-from stableopd.models import Loaded, check_compatible, load_model, stop_token_ids
+from stableopd.models import (
+    BUILTINS,
+    Loaded,
+    check_compatible,
+    load_model,
+    resolve_model_path,
+    stop_token_ids,
+)
 from stableopd.progress import console
 from stableopd.repetition import repetitive_token_mask
 from stableopd.rollout import data_fields, sample_records, summarize, write_jsonl_atomic
@@ -167,6 +175,12 @@ def _start(cfg: Config, run_dir: Path, resume: bool):
 
 
 def run_distill(cfg: Config, *, resume: bool = False) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # build uncached built-ins before the process group exists: transformers' save_pretrained writes
+        # nothing on a rank other than 0 once torch.distributed is initialised (a lock lets one rank build)
+        for name in (cfg.student.name, cfg.teacher.name):
+            if name in BUILTINS:
+                resolve_model_path(name)
     dist = from_env(cfg.train.dist_timeout_s)
     try:
         code = _run_distill(cfg, resume, dist)
@@ -182,6 +196,7 @@ def _run_distill(cfg: Config, resume: bool, dist: Dist) -> int:
     restored = _start(cfg, run_dir, resume)
     dist.barrier()  # every rank has checked the run directory before rank 0 writes into it
     need_ref = cfg.loss.objective != "opd" and cfg.loss.ref_kl_coef > 0
+    maybe_delay(dist.rank)
     setup = prepare(cfg, student_path=str(restored.path) if restored else None, need_teacher=True,
                     need_ref=need_ref)
     setup.dist = dist

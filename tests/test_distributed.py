@@ -237,3 +237,16 @@ def test_nproc_passes_a_ranks_config_error_through_as_exit_2(data, tmp_path):
     proc = launch([*args(data, tmp_path / "r", student="./no/such/model"), "--nproc", "2"])
     assert proc.returncode == 2, proc.stderr[-2000:]  # torchrun alone would exit 1
     assert "./no/such/model" in proc.stderr
+
+
+def test_first_use_of_built_in_models_under_several_processes(data, tmp_path):
+    # transformers' save_pretrained writes nothing on rank 1 once the process group exists: the built-ins
+    # must be built before it, once, with the other rank waiting. Rank 0 sleeps before loading its models,
+    # so a build left until then would be rank 1's.
+    cache = tmp_path / "fresh-cache"
+    proc = launch([*args(data, tmp_path / "r", train__steps=1, train__eval_every=0), "--nproc", "2"],
+                  env={"STABLEOPD_CACHE": str(cache), "STABLEOPD_TEST_DELAY": "0:4"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    built = sorted(p.name for p in (cache / "models").iterdir() if (p / "COMPLETE").exists())
+    assert built == ["tiny-teacher-v1", "tiny-v1"]
+    assert not [p for p in (cache / "models").iterdir() if "." in p.name and not p.name.endswith(".lock")]
