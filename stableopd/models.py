@@ -137,6 +137,10 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
 
 def resolve_model_path(name: str) -> str:
     """A local directory for built-ins, local paths and GGUF files; the hub id for everything else."""
+    if name in BUILTINS:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a build shows its own bar, not transformers' per-file ones
     if name in TINY_FAMILY:
         return str(_atomic_build(cache_dir() / "models" / f"{name}-{BUILTIN_VERSION}",
                                  lambda d: build_tiny_model(name, d)))
