@@ -6,7 +6,7 @@
 `Dist` is the one object the trainer sees. With one process (`SINGLE`) every method is a no-op or an
 identity, so the single-process path is unchanged. With K processes:
 - `train.prompts_per_step` is the *global* batch; rank r takes the r-th contiguous 1/K of the step's
-  prompt indices (`shard`), so concatenating the ranks' records gives the single-process order.
+  prompt indices (`split`), so concatenating the ranks' records gives the single-process order.
 - the loss weights use global counts (`all_sum` of sequence/token counts) and FSDP's gradient divide
   factor is 1, so the summed gradient equals the single-process gradient of the same global batch.
 - the student is sharded with FSDP2: each decoder layer is a unit and the whole model is the root unit,
@@ -84,11 +84,6 @@ class Dist:
         return self.rank == 0
 
     # ---- data
-    def shard(self, items: list) -> list:
-        """This rank's contiguous share of a list whose length K divides."""
-        n = len(items) // self.world
-        return items[self.rank * n:(self.rank + 1) * n]
-
     def split(self, items: list) -> list:
         """This rank's contiguous share of any list: the first len % K ranks take one item more, so the
         ranks' shares concatenated in rank order are `items`."""

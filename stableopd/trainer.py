@@ -236,7 +236,7 @@ def train_step(cfg: Config, setup: Setup, backend, optimizer, step: int, *, sett
     tok, model = setup.student.tokenizer, setup.student.model
     dist = setup.dist
     maybe_fail(dist.rank, step)
-    idx = dist.shard(step_indices(len(setup.train), step, cfg.train.prompts_per_step, cfg.data.seed))
+    idx = dist.split(step_indices(len(setup.train), step, cfg.train.prompts_per_step, cfg.data.seed))
     exs, pids = [setup.train[i] for i in idx], [setup.train_ids[i] for i in idx]
     t0 = time.perf_counter()
     records = sample_records(backend, tok, exs, pids, sampling_params(cfg, step), setup.stop_ids,
@@ -286,7 +286,7 @@ def _update(cfg: Config, setup: Setup, optimizer, rollouts, golds, settings: Los
     tcfg = cfg.train
     if tcfg.epochs_per_batch > 1:  # freeze pi_old before the first pass over this batch
         with setup.dist.unsharded(model):
-                old = score_targets(model, prompts, targets, pad_id=_pad(setup.student.tokenizer),
+            old = score_targets(model, prompts, targets, pad_id=_pad(setup.student.tokenizer),
                                 micro_batch=tcfg.micro_batch, chunk_size=settings.chunk_size,
                                 vocab_size=setup.vocab_size)
         for r, o in zip(rollouts, old):
