@@ -18,7 +18,7 @@ import typer
 from rich.markup import escape as rich_escape
 
 from stableopd.config import Config, load_config
-from stableopd.errors import CollapseStop, TrainingStopped, UserError
+from stableopd.errors import CollapseStop, TrainingStopped, UserError, record_exit_code
 from stableopd.progress import console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -42,9 +42,7 @@ def _guard(debug: bool, body: Callable[[], int | None]) -> None:
         console.print("interrupted", highlight=False)
         code = 130
     if code:
-        from stableopd.distributed import record_exit_code
-
-        record_exit_code(code)  # a rank under `--nproc`: the launcher returns this code, not torchrun's 1
+        record_exit_code(code)
     raise typer.Exit(code)
 
 

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from stableopd.errors import UserError
+from stableopd.errors import EXIT_DIR_ENV, UserError
 
 
 def _with_head_fn(model: nn.Module) -> None:
@@ -333,13 +333,10 @@ def maybe_fail(rank: int, step: int) -> None:
         raise RuntimeError(f"STABLEOPD_TEST_FAIL: rank {rank} fails at step {step}")
 
 
-EXIT_DIR_ENV = "STABLEOPD_EXIT_DIR"
-
-
 def relaunch(nproc: int, argv: list[str]) -> int:
     """Run `python -m stableopd <argv>` under torch.distributed.run with `nproc` local processes.
 
-    torchrun exits 1 whenever a rank fails; the ranks record their own exit codes (`record_exit_code`),
+    torchrun exits 1 whenever a rank fails; the ranks record their own exit codes (errors.record_exit_code),
     and the lowest failing rank's code is returned, so `--nproc` exits 2 on a bad config like one process."""
     import tempfile
 
@@ -353,14 +350,6 @@ def relaunch(nproc: int, argv: list[str]) -> int:
                 with open(os.path.join(exits, f"rank{ranks[0]}")) as fh:
                     code = int(fh.read().strip() or code)
     return code
-
-
-def record_exit_code(code: int) -> None:
-    """Under `relaunch`, leave this rank's exit code for the launcher; a no-op otherwise."""
-    folder = os.environ.get(EXIT_DIR_ENV)
-    if folder and os.path.isdir(folder):
-        with open(os.path.join(folder, f"rank{os.environ.get('RANK', '0')}"), "w") as fh:
-            fh.write(str(code))
 
 
 def strip_nproc(argv: list[str]) -> list[str]:

@@ -7,6 +7,10 @@ model, an incompatible tokenizer, a malformed data line.
 
 from __future__ import annotations
 
+import os
+
+EXIT_DIR_ENV = "STABLEOPD_EXIT_DIR"  # set by distributed.relaunch for the ranks of `--nproc K`
+
 
 class UserError(Exception):
     """Bad input the user can fix; the message says what is wrong and what to do."""
@@ -24,3 +28,12 @@ class TrainingStopped(Exception):
     """Too many consecutive non-finite steps; the last good checkpoint is kept. Exit code 4."""
 
     exit_code = 4
+
+
+def record_exit_code(code: int) -> None:
+    """Under `distill --nproc K`, leave this rank's exit code for the launcher, which returns it instead of
+    torchrun's 1 (distributed.relaunch); a no-op otherwise."""
+    folder = os.environ.get(EXIT_DIR_ENV)
+    if folder and os.path.isdir(folder):
+        with open(os.path.join(folder, f"rank{os.environ.get('RANK', '0')}"), "w") as fh:
+            fh.write(str(code))
