@@ -283,10 +283,15 @@ def _trainable_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
+def launched_world() -> int:
+    """The process count torchrun launched this process among (1 when not under torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def from_env(timeout_s: float) -> Dist:
     """`SINGLE` unless launched by torchrun (WORLD_SIZE > 1): then init the process group (nccl on CUDA,
     gloo on CPU). A collective that waits longer than `timeout_s` raises, so ranks never hang forever."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world()
     if world <= 1:
         return SINGLE
     import torch.distributed as dist

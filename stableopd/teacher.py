@@ -40,15 +40,6 @@ def score_targets(model, prompts: list[list[int]], targets: list[list[int]], *, 
 
 
 @torch.no_grad()
-def mean_reverse_kl(student, teacher, prompts: list[list[int]], targets: list[list[int]], *, pad_id: int,
-                    micro_batch: int, chunk_size: int, vocab_size: int) -> float | None:
-    """Token mean of the full-vocabulary KL(student || teacher) at the prefixes of `targets`."""
-    total, count = reverse_kl_sums(student, teacher, prompts, targets, pad_id=pad_id, micro_batch=micro_batch,
-                                   chunk_size=chunk_size, vocab_size=vocab_size)
-    return total / count if count else None
-
-
-@torch.no_grad()
 def reverse_kl_sums(student, teacher, prompts: list[list[int]], targets: list[list[int]], *, pad_id: int,
                     micro_batch: int, chunk_size: int, vocab_size: int,
                     n_batches: int | None = None) -> tuple[float, int]:

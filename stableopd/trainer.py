@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -33,7 +32,16 @@ from stableopd.checkpoint import list_checkpoints, load_latest, save_checkpoint,
 from stableopd.config import Config, dump_config
 from stableopd.data import Example, encode_prompts, load_examples
 from stableopd.detector import CollapseGuard
-from stableopd.distributed import SINGLE, Dist, check_launch, from_env, maybe_delay, maybe_fail, memory_plan
+from stableopd.distributed import (
+    SINGLE,
+    Dist,
+    check_launch,
+    from_env,
+    launched_world,
+    maybe_delay,
+    maybe_fail,
+    memory_plan,
+)
 from stableopd.errors import CollapseStop, TrainingStopped, UserError
 from stableopd.kernels import make_adamw
 from stableopd.models import (
@@ -175,7 +183,7 @@ def _start(cfg: Config, run_dir: Path, resume: bool):
 
 
 def run_distill(cfg: Config, *, resume: bool = False) -> int:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_world() > 1:
         # build uncached built-ins before the process group exists: transformers' save_pretrained writes
         # nothing on a rank other than 0 once torch.distributed is initialised (a lock lets one rank build)
         for name in (cfg.student.name, cfg.teacher.name):
