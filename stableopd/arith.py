@@ -9,6 +9,10 @@ Knobs go in the source string: `builtin:arith?digits=3&ops=+-*&n=2000`
     digits  number of digits of the operands (default 3)
     ops     which operations (default "+-*")
     n       problems in the train split (default 2000; validation gets n // 10, at least 64)
+    checks  self-verification lines before the answer (default 0): a count `2`, a range `1-3`, or a
+            weighted mixture `0*5,1-2*2,5-8*3` (range*weight; the count is drawn per problem, range
+            uniform). Each line is the inverse operation, `check: 85-47=38`, repeated verbatim. The
+            problems and answers do not depend on `checks`, only the solutions' length does.
 
     stableopd rollout --model tiny --data "builtin:arith?digits=2&ops=+"
 """
@@ -16,6 +20,7 @@ Knobs go in the source string: `builtin:arith?digits=3&ops=+-*&n=2000`
 from __future__ import annotations
 
 import random
+import re
 from urllib.parse import parse_qs
 
 from stableopd.data import Example
@@ -68,6 +73,35 @@ def solve_mul(a: int, b: int) -> list[str]:
     return lines
 
 
+def check_line(expr: str, answer: int) -> str:
+    """The inverse operation of `expr`, ending with an operand (never the answer): `check: 85-47=38`."""
+    m = re.fullmatch(r"(\d+)([-+*])(\d+)", expr)
+    a, op, b = m.group(1), m.group(2), m.group(3)
+    inverse = {"+": "-", "-": "+", "*": "/"}[op]
+    return f"check: {answer}{inverse}{b}={a}"
+
+
+def parse_checks(spec: str, source: str) -> tuple[tuple[int, int, int], ...]:
+    """`0*5,1-2*2,5-8*3` -> ((lo, hi, weight), ...); a bare `2` is ((2, 2, 1),)."""
+    parts = []
+    for item in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?(?:\*(\d+))?", item.strip())
+        if not m:
+            raise UserError(f"checks in '{source}' must look like 2, 1-3 or 0*5,1-2*2,5-8*3, not '{spec}'")
+        lo = int(m.group(1))
+        hi = int(m.group(2) or lo)
+        weight = int(m.group(3) or 1)
+        if hi < lo or weight < 1 or hi > 1000:
+            raise UserError(f"checks in '{source}': '{item}' needs lo <= hi <= 1000 and a weight >= 1")
+        parts.append((lo, hi, weight))
+    return tuple(parts)
+
+
+def draw_checks(mixture: tuple[tuple[int, int, int], ...], rng: random.Random) -> int:
+    lo, hi, _ = rng.choices(mixture, weights=[w for *_, w in mixture])[0]
+    return rng.randint(lo, hi)
+
+
 def make_problem(rng: random.Random, digits: int, ops: str) -> tuple[str, int, list[str]]:
     op = rng.choice(ops)
     lo, hi = 10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1
@@ -85,15 +119,18 @@ def parse_source(source: str) -> dict[str, int | str]:
     name, _, query = source.partition("?")
     if name != "builtin:arith":
         raise UserError(f"unknown built-in data source '{name}'; available: builtin:arith")
-    opts: dict[str, int | str] = {"digits": 3, "ops": "+-*", "n": 2000}
+    opts: dict[str, int | str] = {"digits": 3, "ops": "+-*", "n": 2000, "checks": "0"}
     for key, values in parse_qs(query, keep_blank_values=True).items():
         if key not in opts:
-            raise UserError(f"unknown option '{key}' in '{source}'; options: digits, ops, n")
+            raise UserError(f"unknown option '{key}' in '{source}'; options: digits, ops, n, checks")
         value = values[-1]
         if key == "ops":
             value = value.replace(" ", "+")  # a literal + in a query string reads as a space
             if not value or set(value) - set("+-*"):
                 raise UserError(f"ops in '{source}' must be made of the characters + - *")
+            opts[key] = value
+        elif key == "checks":
+            parse_checks(value, source)
             opts[key] = value
         else:
             if not value.isdigit() or int(value) < 1:
@@ -118,6 +155,7 @@ def _generate(rng: random.Random, count: int, digits: int, ops: str, exclude: se
 def builtin_examples(source: str, *, split: str = "train", limit: int | None = None, seed: int = 0) -> list[Example]:
     opts = parse_source(source)
     digits, ops, n = int(opts["digits"]), str(opts["ops"]), int(opts["n"])
+    mixture = parse_checks(str(opts["checks"]), source)
     train = _generate(random.Random(seed), n, digits, ops, set())
     if split == "train":
         rows, tag = train, "train"
@@ -126,9 +164,11 @@ def builtin_examples(source: str, *, split: str = "train", limit: int | None = N
         tag = "val"
     else:
         raise UserError(f"builtin:arith has splits train and validation, not '{split}'")
-    examples = [
-        Example(id=f"arith-{tag}-{i}", prompt=f"What is {expr}?", answer=str(answer),
-                solution="\n".join(steps) + f"\nThe answer is {answer}.")
-        for i, (expr, answer, steps) in enumerate(rows)
-    ]
+    examples = []
+    for i, (expr, answer, steps) in enumerate(rows):
+        # a separate stream per problem: the problems are the same whatever `checks` says
+        k = draw_checks(mixture, random.Random(f"checks:{seed}:{tag}:{i}"))
+        lines = steps + [check_line(expr, answer)] * k + [f"The answer is {answer}."]
+        examples.append(Example(id=f"arith-{tag}-{i}", prompt=f"What is {expr}?", answer=str(answer),
+                                solution="\n".join(lines)))
     return examples[:limit] if limit else examples

@@ -135,11 +135,12 @@ def test_through_load_examples():
 @pytest.mark.parametrize(
     ("source", "expected"),
     [
-        ("builtin:arith", {"digits": 3, "ops": "+-*", "n": 2000}),
+        ("builtin:arith", {"digits": 3, "ops": "+-*", "n": 2000, "checks": "0"}),
         # a literal + in a query string reads as a space
-        ("builtin:arith?digits=2&ops=+", {"digits": 2, "ops": "+", "n": 2000}),
-        ("builtin:arith?ops=%2B-&n=10", {"digits": 3, "ops": "+-", "n": 10}),
-        ("builtin:arith?ops=*&ops=-", {"digits": 3, "ops": "-", "n": 2000}),  # the last value wins
+        ("builtin:arith?digits=2&ops=+", {"digits": 2, "ops": "+", "n": 2000, "checks": "0"}),
+        ("builtin:arith?ops=%2B-&n=10", {"digits": 3, "ops": "+-", "n": 10, "checks": "0"}),
+        ("builtin:arith?ops=*&ops=-", {"digits": 3, "ops": "-", "n": 2000, "checks": "0"}),  # the last value wins
+        ("builtin:arith?checks=0*5,1-2*2", {"digits": 3, "ops": "+-*", "n": 2000, "checks": "0*5,1-2*2"}),
     ],
 )
 def test_knobs(source, expected):
@@ -152,7 +153,7 @@ def test_knobs(source, expected):
         ("builtin:arithmetic", "unknown built-in data source 'builtin:arithmetic'; available: builtin:arith"),
         (
             "builtin:arith?digit=2",
-            "unknown option 'digit' in 'builtin:arith?digit=2'; options: digits, ops, n",
+            "unknown option 'digit' in 'builtin:arith?digit=2'; options: digits, ops, n, checks",
         ),
         ("builtin:arith?digits=0", "digits in 'builtin:arith?digits=0' must be a positive integer"),
         ("builtin:arith?digits=two", "digits in 'builtin:arith?digits=two' must be a positive integer"),
@@ -160,6 +161,10 @@ def test_knobs(source, expected):
         ("builtin:arith?n=", "n in 'builtin:arith?n=' must be a positive integer"),
         ("builtin:arith?ops=/", "ops in 'builtin:arith?ops=/' must be made of the characters + - *"),
         ("builtin:arith?ops=", "ops in 'builtin:arith?ops=' must be made of the characters + - *"),
+        ("builtin:arith?checks=x", "checks in 'builtin:arith?checks=x' must look like 2, 1-3 or 0*5,1-2*2,5-8*3, not 'x'"),
+        ("builtin:arith?checks=3-1", "checks in 'builtin:arith?checks=3-1': '3-1' needs lo <= hi <= 1000 and a weight >= 1"),
+        ("builtin:arith?checks=1*0", "checks in 'builtin:arith?checks=1*0': '1*0' needs lo <= hi <= 1000 and a weight >= 1"),
+        ("builtin:arith?checks=", "checks in 'builtin:arith?checks=' must look like 2, 1-3 or 0*5,1-2*2,5-8*3, not ''"),
     ],
 )
 def test_knob_errors(source, message):
@@ -172,3 +177,42 @@ def test_unknown_split():
     with pytest.raises(UserError) as exc:
         builtin_examples("builtin:arith?n=10", split="dev")
     assert str(exc.value) == "builtin:arith has splits train and validation, not 'dev'"
+
+
+def split_checks(solution: str) -> tuple[str, list[str]]:
+    """(solution without its check lines, the check lines)."""
+    lines = solution.split("\n")
+    checks = [line for line in lines if line.startswith("check: ")]
+    return "\n".join(line for line in lines if not line.startswith("check: ")), checks
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_checks_add_inverse_operation_lines_and_change_nothing_else(split):
+    plain = builtin_examples("builtin:arith?digits=2&n=300", split=split)
+    checked = builtin_examples("builtin:arith?digits=2&n=300&checks=0-3", split=split)
+    counts = set()
+    for p, c in zip(plain, checked, strict=True):
+        assert (p.id, p.prompt, p.answer) == (c.id, c.prompt, c.answer)
+        rest, lines = split_checks(c.solution)
+        assert rest == p.solution  # the steps and the answer line are untouched
+        counts.add(len(lines))
+        a, op, b = operands(c.prompt)
+        for line in lines:  # the inverse operation, verbatim each time, ending with an operand
+            m = re.fullmatch(r"check: (\d+)([-+/])(\d+)=(\d+)", line)
+            assert m and int(m.group(1)) == int(c.answer), line
+            assert {"+": "-", "-": "+", "*": "/"}[op] == m.group(2)
+            assert (int(m.group(3)), int(m.group(4))) == (b, a)
+        assert len(set(lines)) <= 1
+        if lines:  # the check lines sit between the steps and the answer line
+            assert c.solution.split("\n")[-len(lines) - 1:-1] == lines
+    assert counts == {0, 1, 2, 3}
+
+
+def test_checks_mixture_weights():
+    examples = builtin_examples("builtin:arith?digits=2&n=4000&checks=0*5,1-2*2,5-8*3")
+    counts = [len(split_checks(ex.solution)[1]) for ex in examples]
+    assert set(counts) <= {0, 1, 2, 5, 6, 7, 8}
+    share = {k: sum(c in k for c in counts) / len(counts) for k in [(0,), (1, 2), (5, 6, 7, 8)]}
+    assert abs(share[(0,)] - 0.5) < 0.03 and abs(share[(1, 2)] - 0.2) < 0.03 and abs(share[(5, 6, 7, 8)] - 0.3) < 0.03
+    again = builtin_examples("builtin:arith?digits=2&n=4000&checks=0*5,1-2*2,5-8*3")
+    assert [ex.solution for ex in again] == [ex.solution for ex in examples]
