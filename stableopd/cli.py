@@ -17,7 +17,7 @@ from typing import Any
 import typer
 from rich.markup import escape as rich_escape
 
-from stableopd.config import Config, load_config
+from stableopd.config import Config, DiagnoseConfig, load_config
 from stableopd.errors import CollapseStop, TrainingStopped, UserError, record_exit_code
 from stableopd.progress import console
 
@@ -127,23 +127,36 @@ def eval_(targets: list[str] = typer.Argument(None, help="Models or run director
     _guard(debug, body)
 
 
+def _diagnose_config(path: Path, config: Path | None, sets: list[str], text_field: str | None
+                     ) -> DiagnoseConfig:
+    # a run directory carries its own repetition settings (L, tau): start from them
+    run_config = path / "config.yaml"
+    base = config if config is not None or not run_config.is_file() else run_config
+    return _config(base, sets, {"diagnose.text_field": text_field}).diagnose
+
+
 @app.command()
-def diagnose(path: Path = typer.Argument(..., help="Run directory, metrics.jsonl, or a JSONL of responses."),
+def diagnose(paths: list[Path] = typer.Argument(..., metavar="PATH", help="Run directory, metrics.jsonl or "
+                                                "JSONL of responses; give two or more to compare them."),
              config: Path = ConfigOpt, sets: list[str] = SetOpt,
              as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON on stdout."),
-             plots: Path = typer.Option(None, "--plots", help="Folder for PNG plots and report.md."),
-             strict: bool = typer.Option(False, "--strict", help="Exit 1 unless the run is healthy."),
+             plots: Path = typer.Option(None, "--plots", help="Folder for PNG plots and report.md (default: "
+                                        "RUN_DIR/report for one run directory, ./diagnose-compare for "
+                                        "several paths)."),
+             strict: bool = typer.Option(False, "--strict", help="Exit 1 unless every run is healthy."),
              text_field: str = typer.Option(None, "--text-field", help="Field holding the response text."),
              debug: bool = DebugOpt) -> None:
-    """Say whether and when a run is inflating or collapsing."""
+    """Say whether and when a run is inflating or collapsing; with several paths, compare them."""
     def body() -> int:
         from stableopd.diagnostics import run_diagnose
 
-        # a run directory carries its own repetition settings (L, tau): start from them
-        run_config = path / "config.yaml"
-        base = config if config is not None or not run_config.is_file() else run_config
-        cfg = _config(base, sets, {"diagnose.text_field": text_field})
-        return run_diagnose(path, cfg.diagnose, as_json=as_json, plots_dir=plots, strict=strict, console=console)
+        cfgs = [_diagnose_config(path, config, sets, text_field) for path in paths]
+        kw = {"as_json": as_json, "plots_dir": plots, "strict": strict, "console": console}
+        if len(paths) == 1:
+            return run_diagnose(paths[0], cfgs[0], **kw)
+        from stableopd.compare import run_compare
+
+        return run_compare(list(zip(paths, cfgs)), **kw)
     _guard(debug, body)
 
 

@@ -16,12 +16,15 @@ file (`length_unit` says which); the repetitive-token fraction and the repetitiv
 (advantage = teacher - sampler log-prob per token) by `repetition.repetitive_token_mask`. A responses file
 without a step field is one step (step 0), or steps of `chunk_size` consecutive records.
 
-The detector and the live guard live in stableopd/detector.py.
+The detector and the live guard live in stableopd/detector.py; rendering in stableopd/report.py. With
+several paths the CLI calls `compare.run_compare`, which diagnoses each path here with its own config and
+puts the runs side by side; one path is `run_diagnose`.
 
-Size: about 650 lines, over the house ~400, because the layout puts reading, series and detector in this
-one file; the detector block (`detect`, `CollapseGuard`) is self-contained and could move to its own module.
+Size: about 460 lines, over the house ~400, because reading a run directory, a metrics file and foreign
+responses, and the per-step series from responses, all live in this one file.
 
     stableopd diagnose RUN_DIR [--json] [--plots DIR] [--strict] [--text-field NAME]
+    stableopd diagnose RUN_A RUN_B ... [--json] [--plots DIR] [--strict]
 """
 
 from __future__ import annotations
@@ -396,17 +399,26 @@ def _read_responses(path: Path, records: list[tuple[int, dict]], reader: _Reader
         reader.add(groups[step], "rollout", step)
 
 
+def require_path(path: Path) -> None:
+    """The one-line error for a PATH that is neither a directory nor a file (checked before any reading)."""
+    if not (path.is_dir() or path.is_file()):
+        raise UserError(
+            f"{path} does not exist: pass a run directory, a metrics.jsonl or a JSONL of responses"
+        )
+
+
 def diagnose(path: Path, cfg: DiagnoseConfig, *, progress: bool = False) -> Diagnosis:
     """Read PATH (run directory, metrics.jsonl or responses JSONL) and run the detector on its series.
 
     `progress` draws a bar (stderr) over the rollout files of a run directory.
     """
     path = Path(path)
+    require_path(path)
     reader = _Reader(cfg)
     if path.is_dir():
         kind = "run"
         _read_run(path, reader, progress)
-    elif path.is_file():
+    else:
         records, warns = read_jsonl(path)
         reader.warnings += warns
         if not records:
@@ -421,10 +433,6 @@ def diagnose(path: Path, cfg: DiagnoseConfig, *, progress: bool = False) -> Diag
             reader.series.update(_metrics_series(records, path.name, reader.warnings))
         else:
             _read_responses(path, records, reader)
-    else:
-        raise UserError(
-            f"{path} does not exist: pass a run directory, a metrics.jsonl or a JSONL of responses"
-        )
     series = reader.series
     if not series:
         first = f" ({reader.warnings[0]})" if reader.warnings else ""

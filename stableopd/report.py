@@ -1,14 +1,19 @@
-"""Render a `Diagnosis`: a rich terminal report, PNG plots, report.md and diagnosis.json.
+"""Render diagnoses: a rich terminal report, PNG plots, report.md and diagnosis.json for one run, and the
+plot and markdown pieces that `compare` reuses for several.
 
 The terminal report shows the verdict and onset, each key series as a sparkline with its first / min /
 max / last values, a compact table of selected steps (evenly spaced, plus the steps around the onset),
 the worst examples (most repetitive responses, truncated ones first) with the looping span from
 `repetition.repeating_span` highlighted, and the reading warnings. Plots are drawn on a bare matplotlib
-`Figure` (Agg canvas, no pyplot state), one PNG per panel, with the onset as a dashed vertical line.
-Nothing here is in the paper; the panels mirror the paper's figures (length, truncation, repetition,
-repetitive vs regular advantage, accuracy, log-probs vs step).
+`Figure` (Agg canvas, no pyplot state), one PNG per panel, by one function (`_figure`) for both kinds:
+a single run's panels (PANELS: its series, the onset as a red dashed line, adv/mean drawn thin under the
+repetitive/regular split) and overlays of several runs (OVERLAY_PANELS: one colour per run, its onset a
+dashed line in that colour). Nothing here is in the paper; the panels mirror the paper's figures (length,
+truncation, repetition, repetitive vs regular advantage, accuracy, log-probs vs step) plus the training
+curves (loss, gradient norm, validation reverse KL).
 
     stableopd diagnose RUN_DIR --plots RUN_DIR/report
+    stableopd diagnose RUN_A RUN_B --plots compare/      (overlays, via stableopd/compare.py)
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 from matplotlib.figure import Figure
 from rich.console import Console
@@ -26,8 +32,12 @@ from rich.text import Text
 from stableopd.diagnostics import Diagnosis, Example
 from stableopd.repetition import repeating_span
 
-# (file stem, title, y label, series keys); a panel is drawn when at least one of its keys has values
-PANELS = [
+Line = tuple[dict[int, float], dict[str, Any]]  # (step -> value, matplotlib plot style)
+
+# (file stem, title, y label, series keys); a panel is drawn when at least one of its keys has values.
+# The signal panels are the paper's figures and also the terminal's series table; the training panels are
+# plots only, to keep the terminal report on the collapse signals.
+SIGNAL_PANELS = [
     ("length", "Response length", "length", ["rollout/length_mean", "rollout/length_max", "val/length_mean"]),
     ("truncation", "Truncation rate", "fraction truncated", ["rollout/trunc_rate", "val/trunc_rate"]),
     ("repetition", "Repetition", "fraction", ["rollout/rep_rate", "rollout/rep_token_frac", "val/rep_rate"]),
@@ -35,6 +45,25 @@ PANELS = [
     ("accuracy", "Validation accuracy", "accuracy", ["val/accuracy"]),
     ("logprobs", "Mean log-prob of sampled tokens", "log-prob", ["teacher/logprob_mean", "student/logprob_mean"]),
 ]  # fmt: skip
+TRAINING_PANELS = [
+    ("loss", "Loss", "loss", ["loss/total", "loss/opd", "loss/gold_sft", "loss/ref_kl"]),
+    ("grad_norm", "Gradient norm (before clipping)", "norm", ["optim/grad_norm"]),
+    ("reverse_kl", "Validation reverse KL (student to teacher)", "KL", ["val/reverse_kl"]),
+]  # fmt: skip
+PANELS = SIGNAL_PANELS + TRAINING_PANELS
+# adv/mean is the token-weighted mix of the split and mostly equals adv/regular_mean: a thin dotted grey line
+# under the split keeps the regular line visible
+KEY_STYLE = {"adv/mean": {"color": "0.5", "linestyle": ":", "linewidth": 1, "zorder": 1}}
+# overlays: one colour per run, so keys that share a panel differ by line style
+OVERLAY_PANELS = [
+    ("truncation", "Rollout truncation rate", "fraction truncated", ["rollout/trunc_rate"]),
+    ("repetition", "Rollout repetition rate", "fraction repetitive", ["rollout/rep_rate"]),
+    ("length", "Rollout length (mean)", "length", ["rollout/length_mean"]),
+    ("accuracy", "Validation accuracy", "accuracy", ["val/accuracy"]),
+    ("advantage", "Advantage: repetitive (solid) vs regular (dashed) tokens", "advantage", ["adv/repetitive_mean", "adv/regular_mean"]),
+    ("val_truncation", "Validation truncation rate", "fraction truncated", ["val/trunc_rate"]),
+]  # fmt: skip
+OVERLAY_STYLE = {"adv/regular_mean": "--"}
 TABLE_KEYS = [
     ("length", "rollout/length_mean"),
     ("trunc", "rollout/trunc_rate"),
@@ -61,7 +90,7 @@ def sparkline(values: list[float], width: int = 40) -> str:
     return "".join(_BARS[min(7, int((v - lo) / (hi - lo) * 8))] for v in values)
 
 
-def _fmt(x: float | None) -> str:
+def fmt(x: float | None) -> str:
     if x is None:
         return "-"
     return f"{x:.3f}" if abs(x) < 100 else f"{x:.0f}"
@@ -103,12 +132,12 @@ def _series_table(diag: Diagnosis) -> Table:
     table = Table(title="Series at a glance", title_justify="left", box=None, pad_edge=False)
     for col in ("metric", "trend", "first", "min", "max", "last"):
         table.add_column(col, justify="left" if col in ("metric", "trend") else "right")
-    for _, _, _, keys in PANELS:
+    for _, _, _, keys in SIGNAL_PANELS:
         for key in keys:
             values = diag.series.get(key)
             if values:
                 ys = [values[s] for s in sorted(values)]
-                table.add_row(key, sparkline(ys), *(_fmt(v) for v in (ys[0], min(ys), max(ys), ys[-1])))
+                table.add_row(key, sparkline(ys), *(fmt(v) for v in (ys[0], min(ys), max(ys), ys[-1])))
     return table
 
 
@@ -121,7 +150,7 @@ def _steps_table(diag: Diagnosis) -> Table:
         table.add_column(name, justify="right")
     for step in select_steps(diag.steps, onset):
         style = VERDICT_STYLE[diag.verdict.verdict] if step == onset else ""
-        table.add_row(str(step), *(_fmt(diag.series[k].get(step)) for _, k in keys), style=style)
+        table.add_row(str(step), *(fmt(diag.series[k].get(step)) for _, k in keys), style=style)
     return table
 
 
@@ -150,48 +179,111 @@ def print_report(diag: Diagnosis, console: Console | None, written: list[Path] |
         )
         for ex in diag.examples:
             console.print(_example_panel(ex))
-    for w in diag.warnings[:20]:
-        console.print(Text.assemble(("warning: ", "yellow"), w))
-    if len(diag.warnings) > 20:
-        console.print(f"[yellow]warning:[/] {len(diag.warnings) - 20} more (see --json)")
-    for p in written or []:
+    print_warnings(console, diag.warnings)
+    print_written(console, written or [])
+
+
+def print_warnings(console: Console, warnings: list[str], prefix: str = "", limit: int = 20) -> None:
+    """The first `limit` warnings, each after `prefix`, then how many more there are."""
+    for w in warnings[:limit]:
+        console.print(Text.assemble(("warning: ", "yellow"), prefix, w))
+    if len(warnings) > limit:
+        console.print(
+            Text.assemble(("warning: ", "yellow"), f"{prefix}{len(warnings) - limit} more (see --json)")
+        )
+
+
+def print_written(console: Console, written: list[Path]) -> None:
+    for p in written:
         console.print(Text(f"wrote {p}"), soft_wrap=True)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
 
 
-def write_plots(diag: Diagnosis, out_dir: Path) -> list[Path]:
-    """One PNG per panel that has data, with the onset marked; returns the paths written."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    onset, verdict = diag.verdict.onset_step, diag.verdict.verdict
-    written = []
+def _figure(title: str, ylabel: str, lines: list[Line], onsets: list[tuple[int, dict]]) -> Figure:
+    """One panel: `lines` are (step -> value, plot style) pairs, `onsets` dashed vertical lines."""
+    fig = Figure(figsize=(7, 3.6), dpi=110)
+    ax = fig.subplots()
+    for values, style in lines:
+        xs = sorted(values)
+        ax.plot(xs, [values[x] for x in xs], marker="." if len(xs) < 60 else None, **style)
+    for step, style in onsets:
+        ax.axvline(step, linestyle="--", linewidth=1, **style)
+    ax.set(title=title, xlabel="step", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def panel_figures(diag: Diagnosis) -> dict[str, Figure]:
+    """File stem -> figure for every panel of PANELS that has data, with the onset in red."""
+    v = diag.verdict
+    label = f"{v.verdict} onset (step {v.onset_step})"
+    onsets = [] if v.onset_step is None else [(v.onset_step, {"color": "red", "label": label})]
+    figures = {}
     for stem, title, ylabel, keys in PANELS:
-        present = [k for k in keys if diag.series.get(k)]
-        if not present:
-            continue
-        fig = Figure(figsize=(7, 3.6), dpi=110)
-        ax = fig.subplots()
-        for key in present:
-            xs = sorted(diag.series[key])
-            ax.plot(xs, [diag.series[key][x] for x in xs], marker="." if len(xs) < 60 else None, label=key)
-        if onset is not None:
-            ax.axvline(
-                onset, color="red", linestyle="--", linewidth=1, label=f"{verdict} onset (step {onset})"
-            )
-        ax.set(title=title, xlabel="step", ylabel=ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
+        lines = [(diag.series[k], {"label": k} | KEY_STYLE.get(k, {})) for k in keys if diag.series.get(k)]
+        if lines:
+            figures[stem] = _figure(title, ylabel, lines, onsets)
+    return figures
+
+
+def _run_lines(diag: Diagnosis, name: str, color: str, keys: list[str]) -> list[Line]:
+    """One run's lines in an overlay: its colour, a line style per key, its name on the first line only."""
+    present = [k for k in keys if diag.series.get(k)]
+    labels = [name] + ["_nolegend_"] * len(present)
+    return [
+        (diag.series[k], {"color": color, "linestyle": OVERLAY_STYLE.get(k, "-"), "label": label})
+        for k, label in zip(present, labels)
+    ]
+
+
+def overlay_figures(diags: list[Diagnosis], names: list[str]) -> dict[str, Figure]:
+    """File stem -> figure for every OVERLAY_PANELS panel that some run has: a colour per run (the same in
+    every panel), its name in the legend, its onset as a dashed vertical line in its colour."""
+    figures = {}
+    for stem, title, ylabel, keys in OVERLAY_PANELS:
+        lines, onsets = [], []
+        for i, (diag, name) in enumerate(zip(diags, names, strict=True)):
+            color = f"C{i % 10}"
+            run_lines = _run_lines(diag, name, color, keys)
+            lines += run_lines
+            if run_lines and diag.verdict.onset_step is not None:
+                onsets.append((diag.verdict.onset_step, {"color": color, "alpha": 0.8}))
+        if lines:
+            figures[stem] = _figure(title, ylabel, lines, onsets)
+    return figures
+
+
+def write_figures(figures: dict[str, Figure], out_dir: Path) -> list[Path]:
+    """Each figure as out_dir/STEM.png (temp file + rename); returns the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for stem, fig in figures.items():
         path = out_dir / f"{stem}.png"
         tmp = path.with_suffix(".tmp.png")
         fig.savefig(tmp)
         tmp.replace(path)
         written.append(path)
     return written
+
+
+def write_plots(diag: Diagnosis, out_dir: Path) -> list[Path]:
+    """One PNG per panel that has data, with the onset marked; returns the paths written."""
+    return write_figures(panel_figures(diag), out_dir)
+
+
+def markdown_images(pngs: list[Path]) -> list[str]:
+    return [line for p in pngs for line in (f"## {p.stem}", "", f"![{p.stem}]({p.name})", "")]
+
+
+def markdown_warnings(warnings: list[str]) -> list[str]:
+    return ["## Warnings", "", *(f"- {w}" for w in warnings), ""] if warnings else []
 
 
 def write_markdown(diag: Diagnosis, out_dir: Path, pngs: list[Path]) -> Path:
@@ -204,16 +296,13 @@ def write_markdown(diag: Diagnosis, out_dir: Path, pngs: list[Path]) -> Path:
         f"- verdict: **{v.verdict}**",
         f"- onset step: {v.onset_step if v.onset_step is not None else 'none'}",
         *(f"- {r}" for r in v.reasons),
-        f"- last step: truncation {_fmt(final['trunc_rate'])}, repetition {_fmt(final['rep_rate'])}, "
-        f"mean length {_fmt(final['length_mean'])} {diag.length_unit}",
+        f"- last step: truncation {fmt(final['trunc_rate'])}, repetition {fmt(final['rep_rate'])}, "
+        f"mean length {fmt(final['length_mean'])} {diag.length_unit}",
         "",
     ]
-    for p in pngs:
-        lines += [f"## {p.stem}", "", f"![{p.stem}]({p.name})", ""]
-    if diag.warnings:
-        lines += ["## Warnings", "", *(f"- {w}" for w in diag.warnings), ""]
+    lines += markdown_images(pngs) + markdown_warnings(diag.warnings)
     path = out_dir / "report.md"
-    _write_atomic(path, "\n".join(lines))
+    write_atomic(path, "\n".join(lines))
     return path
 
 
@@ -223,5 +312,5 @@ def write_report(diag: Diagnosis, out_dir: Path) -> list[Path]:
     pngs = write_plots(diag, out_dir)
     md = write_markdown(diag, out_dir, pngs)
     js = out_dir / "diagnosis.json"
-    _write_atomic(js, json.dumps(diag.to_json(), indent=2) + "\n")
+    write_atomic(js, json.dumps(diag.to_json(), indent=2) + "\n")
     return [*pngs, md, js]

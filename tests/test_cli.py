@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from stableopd.cli import app
 from stableopd.models import stop_token_ids
+from tests.test_report import make_run
 
 RECORD_FIELDS = {
     "prompt_id",
@@ -224,6 +225,104 @@ def test_rollout_through_a_plugin_backend(tmp_path, prompts_file, tiny, monkeypa
 
     tail = b"xyzxyz"
     assert looped["compression_ratio"] == round(len(tail) / len(zlib.compress(tail)), 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# diagnose with several paths: one row per run, overlay plots, per-run config.yaml
+
+SHORT_L = ["-s", "diagnose.rep_tail_chars=500"]  # make_run's responses are shorter than the default L
+
+
+def table_row(output: str, name: str) -> list[str]:
+    return next(line.split() for line in output.splitlines() if line.startswith(f"{name} "))
+
+
+def test_diagnose_one_path_keeps_the_single_run_report(tmp_path, monkeypatch):
+    make_run(tmp_path / "run", collapse_at=80)
+    monkeypatch.chdir(tmp_path)
+    result = invoke("diagnose", str(tmp_path / "run"), "--json", *SHORT_L)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["verdict"] == "collapse" and "runs" not in payload and "name" not in payload
+    assert (tmp_path / "run" / "report" / "diagnosis.json").is_file()
+    assert not (tmp_path / "diagnose-compare").exists()
+
+
+@pytest.mark.parametrize(("collapse_at", "code"), [(80, 1), (None, 0)])
+def test_diagnose_several_runs_prints_a_row_each_and_strict_fails_on_any_unhealthy(
+    tmp_path, monkeypatch, collapse_at, code
+):
+    make_run(tmp_path / "first", collapse_at=collapse_at)
+    make_run(tmp_path / "second", collapse_at=None, seed=1)
+    monkeypatch.chdir(tmp_path)  # the plots go to ./diagnose-compare by default
+    result = invoke("diagnose", str(tmp_path / "first"), str(tmp_path / "second"), "--strict", *SHORT_L)
+    assert result.exit_code == code, result.output
+    first, second = table_row(result.output, "first"), table_row(result.output, "second")
+    assert first[1] == ("collapse" if collapse_at else "healthy") and second[1:3] == ["healthy", "-"]
+    assert (80 <= int(first[2]) <= 82) if collapse_at else first[2] == "-"
+    assert "wrote diagnose-compare/truncation.png" in result.output
+    assert (tmp_path / "diagnose-compare" / "truncation.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "first" / "report").exists()  # no single-run report per run
+
+
+def test_diagnose_reads_each_run_with_its_own_config_yaml(tmp_path):
+    from tests.test_diagnostics import write_rollouts, zlib_flag
+
+    for name, tail in (("short_L", 500), ("long_L", 100_000)):
+        steps = write_rollouts(tmp_path / name, n_steps=6, collapse_at=3)  # the same rollouts in both
+        yaml = f"diagnose:\n  rep_tail_chars: {tail}\n  rep_ratio: 4.0\n"
+        (tmp_path / name / "config.yaml").write_text(yaml)
+    paths = [str(tmp_path / "short_L"), str(tmp_path / "long_L"), "--json", "--plots", str(tmp_path / "cmp")]
+    result = invoke("diagnose", *paths)
+    assert result.exit_code == 0, result.output
+    rep = {r["name"]: r["final"]["rep_rate"] for r in json.loads(result.stdout)["runs"]}
+    flags = [zlib_flag(r["response"], 500, 4.0) for r in steps[-1]]
+    assert rep == {"short_L": pytest.approx(sum(flags) / len(flags)), "long_L": 0.0} and any(flags)
+    # -s still applies to every run, over its config.yaml
+    result = invoke("diagnose", *paths, "-s", "diagnose.rep_tail_chars=500")
+    assert [r["final"]["rep_rate"] for r in json.loads(result.stdout)["runs"]] == [rep["short_L"]] * 2
+
+
+def test_diagnose_tells_runs_with_the_same_folder_name_apart(tmp_path):
+    make_run(tmp_path / "opd" / "run", collapse_at=80)
+    make_run(tmp_path / "stableopd" / "run", collapse_at=None)
+    out = tmp_path / "cmp"
+    result = invoke("diagnose", str(tmp_path / "opd/run"), str(tmp_path / "stableopd/run"), "--json",
+                    "--plots", str(out), *SHORT_L)  # fmt: skip
+    payload = json.loads(result.stdout)
+    named = [(r["name"], r["verdict"]) for r in payload["runs"]]
+    assert named == [("opd/run", "collapse"), ("stableopd/run", "healthy")]
+    assert sorted(Path(p).name for p in payload["report"]) == sorted(
+        ["truncation.png", "repetition.png", "length.png", "accuracy.png", "advantage.png", "report.md",
+         "comparison.json"]
+    )  # fmt: skip
+    md = (out / "report.md").read_text()
+    assert "| opd/run | collapse |" in md and "| stableopd/run | healthy |" in md
+
+
+def test_diagnose_bad_second_path_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    make_run(tmp_path / "good", collapse_at=None)
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "typo"
+    for plots in ([], ["--plots", str(tmp_path / "cmp")]):
+        result = invoke("diagnose", str(tmp_path / "good"), str(missing), *plots)
+        assert_one_line_error(
+            result, f"{missing} does not exist: pass a run directory, a metrics.jsonl or a JSONL of responses"
+        )
+    assert [p.name for p in tmp_path.iterdir()] == ["good"]
+    assert sorted(p.name for p in (tmp_path / "good").iterdir()) == ["metrics.jsonl", "rollouts"]
+
+
+def test_diagnose_unwritable_plots_folder_is_one_line(tmp_path):
+    make_run(tmp_path / "a", collapse_at=None)
+    make_run(tmp_path / "b", collapse_at=None, seed=1)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = invoke("diagnose", str(tmp_path / "a"), str(tmp_path / "b"), "--plots", str(blocker / "plots"))
+    assert_one_line_error(
+        result, f"cannot create the plots folder {blocker / 'plots'}: {blocker} is a file; pass --plots DIR"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "a-file", "b"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`run_diagnose` end to end: JSON, exit codes, PNG plots, report.md and the terminal report."""
+"""`run_diagnose` and `run_compare` end to end: JSON, exit codes, PNG plots, report.md, terminal output."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import pytest
 from matplotlib.image import imread
 from rich.console import Console
 
+from stableopd.compare import run_compare, run_names
 from stableopd.config import DiagnoseConfig
-from stableopd.diagnostics import run_diagnose
-from stableopd.report import highlight_tail, select_steps, sparkline
+from stableopd.diagnostics import diagnose, run_diagnose
+from stableopd.report import highlight_tail, overlay_figures, panel_figures, select_steps, sparkline
 
 LOOP = "Wait, I should double-check this step again. "
 
@@ -181,3 +182,126 @@ def test_responses_file_writes_plots_only_when_asked(tmp_path, capsys, plots):
     out = json.loads(capsys.readouterr().out)
     assert out["steps"] == 1 and out["verdict"] == "healthy"
     assert (tmp_path / "out" / "report.md").exists() == plots
+
+
+# ------------------------------------------------------------------ several runs: `diagnose RUN_A RUN_B`
+
+OVERLAYS = ["truncation", "repetition", "length", "accuracy", "advantage"]
+
+
+def edit_metrics(run: Path, extra) -> None:
+    """Add `extra(step)` to every row of the run's metrics.jsonl."""
+    metrics = run / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    metrics.write_text("".join(json.dumps(r | extra(r["step"])) + "\n" for r in rows))
+
+
+def two_runs(tmp_path: Path) -> list[tuple[Path, DiagnoseConfig]]:
+    """`bad` collapses at step 80, its repetitive advantage climbing with the step; `good` is healthy."""
+    make_run(tmp_path / "bad", collapse_at=80)
+    make_run(tmp_path / "good", collapse_at=None, seed=1)
+    edit_metrics(
+        tmp_path / "bad", lambda s: {"adv/repetitive_mean": 0.01 * s, "adv/regular_mean": -0.001 * s}
+    )
+    return [(tmp_path / "bad", CFG), (tmp_path / "good", CFG)]
+
+
+def test_compare_table_has_a_row_per_run_with_verdict_onset_accuracy_and_advantage_split(tmp_path):
+    runs = two_runs(tmp_path)
+    console = Console(record=True, width=200, color_system=None)
+    assert run_compare(runs, as_json=False, plots_dir=tmp_path / "cmp", strict=False, console=console) == 0
+    lines = console.export_text().splitlines()
+    bad = next(line.split() for line in lines if line.startswith("bad "))
+    good = next(line.split() for line in lines if line.startswith("good "))
+    onset = diagnose(tmp_path / "bad", CFG).verdict.onset_step
+    assert 80 <= onset <= 82
+    # run verdict onset steps acc(first best last) trunc rep len adv(rep reg)
+    assert bad[:7] == ["bad", "collapse", str(onset), "120", "0.720", "0.720", "0.600"]
+    assert good[:7] == ["good", "healthy", "-", "120", "0.720", "0.720", "0.720"]
+    later = range(onset, 120)  # the split is averaged from the onset on, over the whole run without one
+    assert float(bad[10]) == pytest.approx(sum(0.01 * s for s in later) / len(later), abs=1e-3)
+    assert float(bad[11]) == pytest.approx(sum(-0.001 * s for s in later) / len(later), abs=1e-3)
+    assert good[10:] == ["-0.030", "-0.160"]
+    assert float(bad[7]) >= 0.97 and float(good[7]) <= 0.7  # last-step truncation
+    text = "\n".join(lines)
+    assert "bad: " not in text and "good: no response is longer than rep_tail_chars=500" in text
+    assert "Worst examples" not in text and "Series at a glance" not in text  # not the single-run report
+
+
+def test_compare_json_names_each_run_and_lists_overlay_pngs(tmp_path, capsys):
+    runs = two_runs(tmp_path)
+    out = tmp_path / "cmp"
+    assert run_compare(runs, as_json=True, plots_dir=out, strict=False, console=None) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert [(r["name"], r["verdict"]) for r in payload["runs"]] == [("bad", "collapse"), ("good", "healthy")]
+    for run, (path, cfg) in zip(payload["runs"], runs):
+        assert run == diagnose(path, cfg).to_json() | {"name": run["name"]}
+    names = [f"{stem}.png" for stem in OVERLAYS] + ["report.md", "comparison.json"]
+    assert sorted(Path(p).name for p in payload["report"]) == sorted(names)
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)  # no temp files left
+    for stem in OVERLAYS:
+        png = out / f"{stem}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and imread(png)[..., :3].std() > 0.05
+    md = (out / "report.md").read_text()
+    assert "| run | verdict | onset | steps |" in md and "| bad | collapse |" in md
+    assert all(f"![{stem}]({stem}.png)" in md for stem in OVERLAYS)
+    table = json.loads((out / "comparison.json").read_text())["table"]
+    assert [(r["name"], r["onset_step"]) for r in table] == [
+        ("bad", payload["runs"][0]["onset_step"]),
+        ("good", None),
+    ]
+
+
+def test_overlay_figures_draw_one_colour_per_run_with_its_onset(tmp_path):
+    diags = [diagnose(path, cfg) for path, cfg in two_runs(tmp_path)]
+    figures = overlay_figures(diags, ["bad", "good"])
+    assert list(figures) == OVERLAYS  # no validation truncation in these runs
+    onset = diags[0].verdict.onset_step
+    for stem, fig in figures.items():
+        ax = fig.axes[0]
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["bad", "good"]
+        vertical = [line for line in ax.get_lines() if list(line.get_xdata()) == [onset, onset]]
+        curves = [line for line in ax.get_lines() if line not in vertical]
+        per_run = 2 if stem == "advantage" else 1
+        assert len(vertical) == 1 and len(curves) == 2 * per_run
+        assert (
+            vertical[0].get_linestyle() == "--" and vertical[0].get_color() == curves[0].get_color() == "C0"
+        )
+        assert {c.get_color() for c in curves[per_run:]} == {"C1"}  # the same colour per run in every panel
+    styles = [line.get_linestyle() for line in figures["advantage"].axes[0].get_lines()[:2]]
+    assert styles == ["-", "--"]  # repetitive solid, regular dashed
+
+
+@pytest.mark.parametrize(("second", "code"), [(None, 1), (0, 0)])
+def test_compare_strict_fails_when_any_run_is_not_healthy(tmp_path, capsys, second, code):
+    make_run(tmp_path / "first", collapse_at=80 if second is None else None)
+    make_run(tmp_path / "second", collapse_at=None, seed=2)
+    runs = [(tmp_path / "first", CFG), (tmp_path / "second", CFG)]
+    assert run_compare(runs, as_json=True, plots_dir=tmp_path / "cmp", strict=True, console=None) == code
+    verdicts = [r["verdict"] for r in json.loads(capsys.readouterr().out)["runs"]]
+    assert verdicts == (["collapse", "healthy"] if code else ["healthy", "healthy"])
+
+
+def test_run_names_are_folder_names_told_apart_when_equal(tmp_path):
+    for sub in ("a/run", "b/run", "c"):
+        (tmp_path / sub).mkdir(parents=True)
+    (tmp_path / "c" / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "gen.jsonl").write_text("{}\n")
+    paths = [tmp_path / "a/run", tmp_path / "b/run", tmp_path / "c/metrics.jsonl", tmp_path / "gen.jsonl"]
+    assert run_names(paths) == ["a/run", "b/run", "c", "gen"]
+    assert run_names([tmp_path / "c", tmp_path / "c/metrics.jsonl"]) == ["c", "c (2)"]  # the same run twice
+
+
+def test_single_run_draws_the_advantage_split_over_adv_mean_and_training_panels(tmp_path, capsys):
+    make_run(tmp_path / "run", collapse_at=None)
+    training = {"adv/mean": -0.15, "loss/total": 1.0, "loss/opd": 0.9, "optim/grad_norm": 2.0}
+    edit_metrics(tmp_path / "run", lambda s: training | ({"val/reverse_kl": 0.3} if s % 10 == 0 else {}))
+    figures = panel_figures(diagnose(tmp_path / "run", CFG))
+    assert {"loss", "grad_norm", "reverse_kl"} <= set(figures) and "logprobs" not in figures
+    lines = {line.get_label(): line for line in figures["advantage"].axes[0].get_lines()}
+    mean, regular = lines["adv/mean"], lines["adv/regular_mean"]
+    assert mean.get_zorder() < regular.get_zorder() and mean.get_linestyle() == ":"
+    assert mean.get_color() not in {regular.get_color(), lines["adv/repetitive_mean"].get_color()}
+    assert [line.get_label() for line in figures["loss"].axes[0].get_lines()] == ["loss/total", "loss/opd"]
+    code = run_diagnose(tmp_path / "run", CFG, as_json=True, plots_dir=None, strict=False, console=None)
+    assert code == 0 and (tmp_path / "run" / "report" / "grad_norm.png").read_bytes()[:4] == b"\x89PNG"
