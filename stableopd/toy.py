@@ -51,6 +51,7 @@ class ToyRecipe:
     data: str = TOY_DATA
     data_seed: int = 0  # order of the golden solutions (trainer.step_indices)
     limit: int | None = None  # training examples used (None: the whole train split)
+    base: str | None = None  # start from this built-in's trained weights (same spec) instead of the init
 
 
 TOY_FAMILY: dict[str, ToyRecipe] = {
@@ -70,12 +71,36 @@ TOY_FAMILY: dict[str, ToyRecipe] = {
         final_lr_frac=1.0,  # no decay: see the module docstring
         beta2=0.95,
     ),
+    "collapse-teacher": ToyRecipe(
+        spec=TinySpec(
+            hidden_size=128, layers=4, heads=4, kv_heads=2, intermediate=256, vocab_rows=128, seed=0
+        ),
+        base="arith-teacher",
+        data=TOY_DATA + "&checks=0*1,1-2*2,5*3",
+        steps=150,
+        lr=1e-3,
+        warmup=10,
+    ),
+    "collapse-student": ToyRecipe(
+        spec=TinySpec(
+            hidden_size=96, layers=3, heads=4, kv_heads=2, intermediate=256, vocab_rows=128, seed=0
+        ),
+        base="arith-student",
+        data=TOY_DATA + "&checks=0-1",
+        steps=100,
+        lr=3e-3,
+        warmup=10,
+        final_lr_frac=1.0,
+        beta2=0.95,
+    ),
 }
 
 
 def recipe_key(recipe: ToyRecipe) -> str:
-    """Short hash of a recipe: part of the cache directory name, so a changed recipe is rebuilt."""
-    return hashlib.sha256(repr(recipe).encode()).hexdigest()[:10]
+    """Short hash of a recipe (and of its base's): part of the cache directory name, so a changed recipe
+    or a changed base is rebuilt."""
+    text = repr(recipe) + (recipe_key(TOY_FAMILY[recipe.base]) if recipe.base else "")
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
 def lr_at(recipe: ToyRecipe, step: int) -> float:
@@ -148,8 +173,16 @@ def build_toy_model(
 
     recipe = recipe or TOY_FAMILY[name]
     t0 = time.perf_counter()
-    build_tiny_model(name, out_dir, spec=recipe.spec)  # init weights (seeded) + tokenizer
-    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+    if recipe.base:
+        from stableopd.models import resolve_model_path
+
+        if TOY_FAMILY[recipe.base].spec != recipe.spec:
+            raise ValueError(f"{name}: base {recipe.base} has another architecture")
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(recipe.base), dtype=torch.float32)
+        build_tiny_model(name, out_dir, spec=recipe.spec)  # tokenizer and generation config
+    else:
+        build_tiny_model(name, out_dir, spec=recipe.spec)  # init weights (seeded) + tokenizer
+        model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
     tokenizer = build_tokenizer()
     label = f"building {name} (first use only)"
     metrics = train_on_golden(model, tokenizer, recipe, label=label, progress=progress)

@@ -178,3 +178,31 @@ def test_a_half_built_entry_without_its_marker_is_rebuilt(fast_family):
     rebuilt = Path(resolve_model_path("arith-student"))
     assert rebuilt == target and (target / "COMPLETE").exists() and len(fast_family) == 2
     assert weights(rebuilt)  # a readable safetensors file again
+
+
+def test_a_recipe_with_a_base_continues_from_the_bases_cached_weights(fast_family, monkeypatch):
+    tuned = dataclasses.replace(FAST, base="arith-student", steps=2, data=FAST.data + "&checks=1")
+    monkeypatch.setitem(toy.TOY_FAMILY, "collapse-student", tuned)
+    base = weights(Path(resolve_model_path("arith-student")))
+    path = Path(resolve_model_path("collapse-student"))
+    assert fast_family == ["building arith-student (first use only)", "building collapse-student (first use only)"]
+    assert not same(base, weights(path))  # trained further
+    # the same steps from the base's weights, by hand, give the same weights: the init was the base's
+    by_hand = dataclasses.replace(tuned, base=None)
+    start = load_model(resolve_model_path("arith-student"), device="cpu").model
+    manual = toy.train_on_golden(start, load_model(str(path), device="cpu").tokenizer, by_hand, label="x",
+                                 progress=False)
+    assert manual and all(torch.equal(p, weights(path)[n]) for n, p in start.state_dict().items())
+
+
+def test_a_changed_base_recipe_changes_the_derived_models_key(fast_family, monkeypatch):
+    monkeypatch.setitem(toy.TOY_FAMILY, "collapse-student", dataclasses.replace(FAST, base="arith-student"))
+    before = toy.recipe_key(toy.TOY_FAMILY["collapse-student"])
+    monkeypatch.setitem(toy.TOY_FAMILY, "arith-student", dataclasses.replace(FAST, steps=5))
+    assert toy.recipe_key(toy.TOY_FAMILY["collapse-student"]) != before
+
+
+def test_a_base_with_another_architecture_is_refused(fast_family, monkeypatch, tmp_path):
+    wide = dataclasses.replace(FAST, base="arith-student", spec=dataclasses.replace(FAST.spec, hidden_size=32))
+    with pytest.raises(ValueError, match="base arith-student has another architecture"):
+        toy.build_toy_model("collapse-student", tmp_path / "x", recipe=wide, progress=False)
