@@ -11,7 +11,8 @@ Knobs go in the source string: `builtin:arith?digits=3&ops=+-*&n=2000`
     n       problems in the train split (default 2000; validation gets n // 10, at least 64)
     checks  self-verification lines before the answer (default 0): a count `2`, a range `1-3`, or a
             weighted mixture `0*5,1-2*2,5-8*3` (range*weight; the count is drawn per problem, range
-            uniform). Each line is the inverse operation, `check: 85-47=38`, repeated verbatim. The
+            uniform). Each is the line `Wait, let me check.`: the filler that long reasoning traces
+            loop on, and the same for every problem, so a tiny model copies it as easily as a large one. The
             problems and answers do not depend on `checks`, only the solutions' length does.
 
     stableopd rollout --model tiny --data "builtin:arith?digits=2&ops=+"
@@ -73,12 +74,7 @@ def solve_mul(a: int, b: int) -> list[str]:
     return lines
 
 
-def check_line(expr: str, answer: int) -> str:
-    """The inverse operation of `expr`, ending with an operand (never the answer): `check: 85-47=38`."""
-    m = re.fullmatch(r"(\d+)([-+*])(\d+)", expr)
-    a, op, b = m.group(1), m.group(2), m.group(3)
-    inverse = {"+": "-", "-": "+", "*": "/"}[op]
-    return f"check: {answer}{inverse}{b}={a}"
+CHECK_LINE = "Wait, let me check."
 
 
 def parse_checks(spec: str, source: str) -> tuple[tuple[int, int, int], ...]:
@@ -168,7 +164,7 @@ def builtin_examples(source: str, *, split: str = "train", limit: int | None = N
     for i, (expr, answer, steps) in enumerate(rows):
         # a separate stream per problem: the problems are the same whatever `checks` says
         k = draw_checks(mixture, random.Random(f"checks:{seed}:{tag}:{i}"))
-        lines = steps + [check_line(expr, answer)] * k + [f"The answer is {answer}."]
+        lines = steps + [CHECK_LINE] * k + [f"The answer is {answer}."]
         examples.append(Example(id=f"arith-{tag}-{i}", prompt=f"What is {expr}?", answer=str(answer),
                                 solution="\n".join(lines)))
     return examples[:limit] if limit else examples

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from stableopd.arith import builtin_examples, parse_source
+from stableopd.arith import CHECK_LINE, builtin_examples, parse_source
 from stableopd.data import load_examples
 from stableopd.errors import UserError
 
@@ -182,12 +182,12 @@ def test_unknown_split():
 def split_checks(solution: str) -> tuple[str, list[str]]:
     """(solution without its check lines, the check lines)."""
     lines = solution.split("\n")
-    checks = [line for line in lines if line.startswith("check: ")]
-    return "\n".join(line for line in lines if not line.startswith("check: ")), checks
+    checks = [line for line in lines if line == CHECK_LINE]
+    return "\n".join(line for line in lines if line != CHECK_LINE), checks
 
 
 @pytest.mark.parametrize("split", ["train", "validation"])
-def test_checks_add_inverse_operation_lines_and_change_nothing_else(split):
+def test_checks_add_lines_before_the_answer_and_change_nothing_else(split):
     plain = builtin_examples("builtin:arith?digits=2&n=300", split=split)
     checked = builtin_examples("builtin:arith?digits=2&n=300&checks=0-3", split=split)
     counts = set()
@@ -196,13 +196,6 @@ def test_checks_add_inverse_operation_lines_and_change_nothing_else(split):
         rest, lines = split_checks(c.solution)
         assert rest == p.solution  # the steps and the answer line are untouched
         counts.add(len(lines))
-        a, op, b = operands(c.prompt)
-        for line in lines:  # the inverse operation, verbatim each time, ending with an operand
-            m = re.fullmatch(r"check: (\d+)([-+/])(\d+)=(\d+)", line)
-            assert m and int(m.group(1)) == int(c.answer), line
-            assert {"+": "-", "-": "+", "*": "/"}[op] == m.group(2)
-            assert (int(m.group(3)), int(m.group(4))) == (b, a)
-        assert len(set(lines)) <= 1
         if lines:  # the check lines sit between the steps and the answer line
             assert c.solution.split("\n")[-len(lines) - 1:-1] == lines
     assert counts == {0, 1, 2, 3}
