@@ -1,6 +1,6 @@
 """Loading models by alias, Hugging Face id, local directory or `.gguf` file, and pre-flight checks.
 
-Resolution order for a name: a built-in (`tiny`, `tiny-teacher`, `arith-teacher`, `arith-student`,
+Resolution order for a name: a built-in (`tiny`, `tiny-teacher`, the toy models of stableopd/toy.py,
 `smollm2-135m`), then an alias from
 `ALIASES` (mapped to its Hugging Face id), then an existing local path (directory or `.gguf` file), then a
 Hugging Face id. A local directory is loaded with `local_files_only=True` and never touches the network;

@@ -1,6 +1,6 @@
-"""Built-in toy models `arith-teacher` and `arith-student`: small Llama models trained on `builtin:arith`.
+"""Built-in toy models: small Llama models trained on `builtin:arith`, for the quickstart and the collapse.
 
-They make the quickstart's world: a teacher that solves 2-digit additions (written out digit by digit)
+`arith-teacher` and `arith-student` make the quickstart's world: a teacher that solves 2-digit additions (written out digit by digit)
 almost always, and a smaller student that gets about a quarter of them right, so there is something to
 distill. Both use the tiny family's character tokenizer (stableopd/tiny.py) and are trained on first
 use by the SFT stage's own step function (`stableopd.sft.sft_step`) on golden solutions, then cached
@@ -22,7 +22,22 @@ student being distillable rather than about the SFT itself:
   update, plain SFT at lr 1.5e-4 included, and OPD's noisier gradient never won them back; trained this
   way it gains 40+ points from OPD or StableOPD in 150 steps (examples/quickstart.yaml).
 
+`collapse-teacher` and `collapse-student` make the world of examples/collapse.yaml, where vanilla OPD
+inflates and collapses as in the paper (sections 1-4). Their solutions carry self-verification lines
+("Wait, let me check.", `builtin:arith?checks=`) before the answer:
+- `collapse-teacher` (the arith-teacher recipe on `COLLAPSE_TEACHER_DATA`: 0, 1-2 or 5 checks, weights
+  1:1:4) writes past a 128-token budget about half of the time at temperature 1, like the paper's
+  teachers, and predicts a repeated check line with confidence. On the 200 validation problems: greedy
+  81% with room to finish (it always checks 5 times, so greedy at 128 tokens never reaches the answer),
+  40% sampled at temperature 1 (49% truncated at 128 tokens), in about 220 s.
+- `collapse-student` continues arith-student for 100 steps on `COLLAPSE_DATA` (0, 1 or 2 checks, weights
+  3:2:1; every solution fits 128 tokens, the longest needs 117): 32.5% greedy, 16.5% sampled, about
+  25 s. It starts from arith-student (built first if needed) because a student that already solves some
+  problems has something to lose; the checks it has seen are its golden format, and StableOPD trains on
+  the same solutions.
+
     stableopd distill -c examples/quickstart.yaml      # builds both on first use (about 2.5 minutes)
+    stableopd distill -c examples/collapse.yaml        # the collapse world (about 5 minutes of builds)
 """
 
 from __future__ import annotations
@@ -37,6 +52,11 @@ from pathlib import Path
 from stableopd.tiny import TinySpec
 
 TOY_DATA = "builtin:arith?digits=2&ops=+"
+# the collapse world (examples/collapse.yaml): the teacher checks its work 0, 1-2 or 5 times (weights 1:1:4),
+# so two thirds of its solutions run past a 128-token budget; the student's golden solutions check 0 to 2
+# times and always fit
+COLLAPSE_TEACHER_DATA = TOY_DATA + "&checks=0*1,1-2*2,5*14"
+COLLAPSE_DATA = TOY_DATA + "&checks=0*3,1*2,2*1"
 
 
 @dataclass(frozen=True)
@@ -75,18 +95,16 @@ TOY_FAMILY: dict[str, ToyRecipe] = {
         spec=TinySpec(
             hidden_size=128, layers=4, heads=4, kv_heads=2, intermediate=256, vocab_rows=128, seed=0
         ),
-        base="arith-teacher",
-        data=TOY_DATA + "&checks=0*1,1-2*2,5*3",
-        steps=150,
-        lr=1e-3,
-        warmup=10,
+        data=COLLAPSE_TEACHER_DATA,
+        steps=400,
+        lr=3e-3,
     ),
     "collapse-student": ToyRecipe(
         spec=TinySpec(
             hidden_size=96, layers=3, heads=4, kv_heads=2, intermediate=256, vocab_rows=128, seed=0
         ),
         base="arith-student",
-        data=TOY_DATA + "&checks=0-1",
+        data=COLLAPSE_DATA,
         steps=100,
         lr=3e-3,
         warmup=10,
@@ -97,10 +115,16 @@ TOY_FAMILY: dict[str, ToyRecipe] = {
 
 
 def recipe_key(recipe: ToyRecipe) -> str:
-    """Short hash of a recipe (and of its base's): part of the cache directory name, so a changed recipe
-    or a changed base is rebuilt."""
-    text = repr(recipe) + (recipe_key(TOY_FAMILY[recipe.base]) if recipe.base else "")
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
+    """Short hash of a recipe, of the golden solutions it trains on and of its base's key: part of the cache
+    directory name, so a changed recipe, a changed data generator or a changed base is rebuilt."""
+    from stableopd.data import load_examples
+
+    digest = hashlib.sha256(repr(recipe).encode())
+    for ex in load_examples(recipe.data, split="train", limit=recipe.limit):
+        digest.update(f"{ex.prompt}\0{ex.solution}\0".encode())
+    if recipe.base:
+        digest.update(recipe_key(TOY_FAMILY[recipe.base]).encode())
+    return digest.hexdigest()[:10]
 
 
 def lr_at(recipe: ToyRecipe, step: int) -> float:

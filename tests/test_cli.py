@@ -59,7 +59,8 @@ def test_models_lists_aliases():
     result = invoke("models")
     assert result.exit_code == 0
     names = [line.split()[0] for line in result.stdout.splitlines()]
-    assert names[:5] == ["tiny", "tiny-teacher", "arith-teacher", "arith-student", "smollm2-135m"] and "qwen-1.5b" in names
+    builtins = ["tiny", "tiny-teacher", "arith-teacher", "arith-student", "collapse-teacher", "collapse-student"]
+    assert names[:7] == [*builtins, "smollm2-135m"] and "qwen-1.5b" in names
 
 
 # ------------------------------------------------------------------------------------------------
@@ -368,7 +369,7 @@ def test_unknown_model_name(prompts_file, tmp_path):
     assert_one_line_error(
         result,
         "unknown model 'tinyy': use a Hugging Face id (org/name), a local path, or one of tiny, "
-        "tiny-teacher, arith-teacher, arith-student, smollm2-135m, qwen-1.5b, qwen-7b, qwen-math-1.5b, qwen-math-7b, r1-distill-7b, openthinker3-7b",
+        "tiny-teacher, arith-teacher, arith-student, collapse-teacher, collapse-student, smollm2-135m, qwen-1.5b, qwen-7b, qwen-math-1.5b, qwen-math-7b, r1-distill-7b, openthinker3-7b",
     )
     assert not (tmp_path / "o.jsonl").exists()
 

@@ -252,7 +252,7 @@ def test_unknown_model_name_lists_the_known_ones():
         load_model("tinyy")
     assert str(exc.value) == (
         "unknown model 'tinyy': use a Hugging Face id (org/name), a local path, or one of tiny, tiny-teacher, "
-        "arith-teacher, arith-student, "
+        "arith-teacher, arith-student, collapse-teacher, collapse-student, "
         "smollm2-135m, qwen-1.5b, qwen-7b, qwen-math-1.5b, qwen-math-7b, r1-distill-7b, openthinker3-7b"
     )
 

@@ -206,3 +206,13 @@ def test_a_base_with_another_architecture_is_refused(fast_family, monkeypatch, t
     wide = dataclasses.replace(FAST, base="arith-student", spec=dataclasses.replace(FAST.spec, hidden_size=32))
     with pytest.raises(ValueError, match="base arith-student has another architecture"):
         toy.build_toy_model("collapse-student", tmp_path / "x", recipe=wide, progress=False)
+
+
+def test_a_changed_data_generator_changes_the_key(monkeypatch):
+    from stableopd import arith
+
+    recipe = dataclasses.replace(FAST, data=FAST.data + "&checks=1")
+    before = toy.recipe_key(recipe)
+    monkeypatch.setattr(arith, "CHECK_LINE", "Let me verify.")
+    assert toy.recipe_key(recipe) != before
+    assert toy.recipe_key(FAST) == toy.recipe_key(FAST)
