@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from stableopd.arith import builtin_examples
 from stableopd.cli import app
 from stableopd.config import load_config
-from stableopd.toy import TOY_DATA
+from stableopd.repetition import is_repetitive
+from stableopd.tiny import build_tokenizer
+from stableopd.toy import COLLAPSE_TEACHER_DATA, TOY_DATA, TOY_FAMILY
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -22,7 +25,8 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 def test_the_examples_exist():
     names = {p.name for p in EXAMPLES}
-    assert {"quickstart.yaml", "smoke.yaml", "paper-qwen-math-1.5b.yaml", "paper-qwen-math-7b.yaml"} <= names
+    assert {"quickstart.yaml", "smoke.yaml", "collapse.yaml", "paper-qwen-math-1.5b.yaml",
+            "paper-qwen-math-7b.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -95,3 +99,25 @@ def test_smoke_example_runs_offline(tmp_path):
     assert len(f"look at it with: stableopd diagnose {out}") > 80  # so a hard wrap would break it
     assert f"look at it with: stableopd diagnose {out}\n" in result.output
     assert (out / "checkpoints" / f"step_{cfg.train.steps:06d}" / "COMPLETE").exists()
+
+
+def test_collapse_world_golden_solutions_fit_the_budget_and_the_teachers_do_not():
+    cfg = load_config(ROOT / "examples" / "collapse.yaml")
+    assert (cfg.student.name, cfg.teacher.name, cfg.loss.objective) == ("collapse-student", "collapse-teacher", "opd")
+    # StableOPD trains on the solutions the student was warm-started on, and the teacher on the same problems
+    assert cfg.data.source == TOY_FAMILY["collapse-student"].data
+    assert TOY_FAMILY["collapse-teacher"].data == COLLAPSE_TEACHER_DATA
+    tok = build_tokenizer()
+
+    def lengths(source: str) -> list[int]:  # response tokens, the end-of-sequence token included
+        return [len(tok(ex.solution, add_special_tokens=False)["input_ids"]) + 1 for ex in builtin_examples(source)]
+
+    budget = cfg.sampling.max_new_tokens
+    assert max(lengths(cfg.data.source)) <= budget
+    over = sum(n > budget for n in lengths(COLLAPSE_TEACHER_DATA)) / len(lengths(COLLAPSE_TEACHER_DATA))
+    assert 0.6 <= over <= 0.9, over
+    # a looping tail counts as repetitive, no golden solution's tail does
+    L, tau = cfg.diagnose.rep_tail_chars, cfg.diagnose.rep_ratio
+    assert not any(is_repetitive(ex.solution, L, tau)[0] for ex in builtin_examples(cfg.data.source))
+    loop = builtin_examples(COLLAPSE_TEACHER_DATA, limit=50)
+    assert all(is_repetitive(ex.solution[:budget], L, tau)[0] for ex in loop if ex.solution.count("check") == 5)
