@@ -12,8 +12,8 @@ Knobs go in the source string: `builtin:arith?digits=3&ops=+-*&n=2000`
     checks  self-verification lines before the answer (default 0): a count `2`, a range `1-3`, or a
             weighted mixture `0*5,1-2*2,5-8*3` (range*weight; the count is drawn per problem, range
             uniform). Each is the line `Wait, let me check.`: the filler that long reasoning traces
-            loop on, and the same for every problem, so a tiny model copies it as easily as a large one. The
-            problems and answers do not depend on `checks`, only the solutions' length does.
+            loop on, the same for every problem, so a tiny model copies it as easily as a large one.
+            The problems and answers do not depend on `checks`, only the solutions' length does.
 
     stableopd rollout --model tiny --data "builtin:arith?digits=2&ops=+"
 """

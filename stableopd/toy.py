@@ -1,9 +1,9 @@
 """Built-in toy models: small Llama models trained on `builtin:arith`, for the quickstart and the collapse.
 
-`arith-teacher` and `arith-student` make the quickstart's world: a teacher that solves 2-digit additions (written out digit by digit)
-almost always, and a smaller student that gets about a quarter of them right, so there is something to
-distill. Both use the tiny family's character tokenizer (stableopd/tiny.py) and are trained on first
-use by the SFT stage's own step function (`stableopd.sft.sft_step`) on golden solutions, then cached
+`arith-teacher` and `arith-student` make the quickstart's world: a teacher that solves 2-digit additions
+(written out digit by digit) almost always, and a smaller student that gets about a quarter of them right,
+so there is something to distill. Both use the tiny family's character tokenizer (stableopd/tiny.py) and
+are trained on first use by the SFT stage's own step function (`stableopd.sft.sft_step`) on golden solutions, then cached
 under `cache_dir()/models/` like every built-in (models.resolve_model_path, atomic; the cache name holds
 a hash of the recipe, so a changed recipe is rebuilt). A build is deterministic: the init seed, the data
 and its order are fixed by the recipe, nothing else draws random numbers, and it runs on one thread,
@@ -74,35 +74,33 @@ class ToyRecipe:
     base: str | None = None  # start from this built-in's trained weights (same spec) instead of the init
 
 
+TEACHER_SPEC = TinySpec(
+    hidden_size=128, layers=4, heads=4, kv_heads=2, intermediate=256, vocab_rows=128, seed=0
+)
+STUDENT_SPEC = TinySpec(
+    hidden_size=96, layers=3, heads=4, kv_heads=2, intermediate=256, vocab_rows=128, seed=0
+)
 TOY_FAMILY: dict[str, ToyRecipe] = {
     "arith-teacher": ToyRecipe(
-        spec=TinySpec(
-            hidden_size=128, layers=4, heads=4, kv_heads=2, intermediate=256, vocab_rows=128, seed=0
-        ),
+        spec=TEACHER_SPEC,
         steps=400,
         lr=3e-3,
     ),
     "arith-student": ToyRecipe(
-        spec=TinySpec(
-            hidden_size=96, layers=3, heads=4, kv_heads=2, intermediate=256, vocab_rows=128, seed=0
-        ),
+        spec=STUDENT_SPEC,
         steps=250,
         lr=3e-3,
         final_lr_frac=1.0,  # no decay: see the module docstring
         beta2=0.95,
     ),
     "collapse-teacher": ToyRecipe(
-        spec=TinySpec(
-            hidden_size=128, layers=4, heads=4, kv_heads=2, intermediate=256, vocab_rows=128, seed=0
-        ),
+        spec=TEACHER_SPEC,
         data=COLLAPSE_TEACHER_DATA,
         steps=400,
         lr=3e-3,
     ),
     "collapse-student": ToyRecipe(
-        spec=TinySpec(
-            hidden_size=96, layers=3, heads=4, kv_heads=2, intermediate=256, vocab_rows=128, seed=0
-        ),
+        spec=STUDENT_SPEC,
         base="arith-student",
         data=COLLAPSE_DATA,
         steps=100,

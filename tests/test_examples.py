@@ -103,14 +103,16 @@ def test_smoke_example_runs_offline(tmp_path):
 
 def test_collapse_world_golden_solutions_fit_the_budget_and_the_teachers_do_not():
     cfg = load_config(ROOT / "examples" / "collapse.yaml")
-    assert (cfg.student.name, cfg.teacher.name, cfg.loss.objective) == ("collapse-student", "collapse-teacher", "opd")
+    names = (cfg.student.name, cfg.teacher.name, cfg.loss.objective)
+    assert names == ("collapse-student", "collapse-teacher", "opd")
     # StableOPD trains on the solutions the student was warm-started on, and the teacher on the same problems
     assert cfg.data.source == TOY_FAMILY["collapse-student"].data
     assert TOY_FAMILY["collapse-teacher"].data == COLLAPSE_TEACHER_DATA
     tok = build_tokenizer()
 
     def lengths(source: str) -> list[int]:  # response tokens, the end-of-sequence token included
-        return [len(tok(ex.solution, add_special_tokens=False)["input_ids"]) + 1 for ex in builtin_examples(source)]
+        ids = [tok(ex.solution, add_special_tokens=False)["input_ids"] for ex in builtin_examples(source)]
+        return [len(x) + 1 for x in ids]
 
     budget = cfg.sampling.max_new_tokens
     assert max(lengths(cfg.data.source)) <= budget
@@ -120,4 +122,5 @@ def test_collapse_world_golden_solutions_fit_the_budget_and_the_teachers_do_not(
     L, tau = cfg.diagnose.rep_tail_chars, cfg.diagnose.rep_ratio
     assert not any(is_repetitive(ex.solution, L, tau)[0] for ex in builtin_examples(cfg.data.source))
     loop = builtin_examples(COLLAPSE_TEACHER_DATA, limit=50)
-    assert all(is_repetitive(ex.solution[:budget], L, tau)[0] for ex in loop if ex.solution.count("check") == 5)
+    looping = [ex.solution[:budget] for ex in loop if ex.solution.count("check") == 5]
+    assert looping and all(is_repetitive(text, L, tau)[0] for text in looping)

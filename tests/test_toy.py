@@ -185,7 +185,7 @@ def test_a_recipe_with_a_base_continues_from_the_bases_cached_weights(fast_famil
     monkeypatch.setitem(toy.TOY_FAMILY, "collapse-student", tuned)
     base = weights(Path(resolve_model_path("arith-student")))
     path = Path(resolve_model_path("collapse-student"))
-    assert fast_family == ["building arith-student (first use only)", "building collapse-student (first use only)"]
+    assert fast_family == [f"building {name} (first use only)" for name in ("arith-student", "collapse-student")]
     assert not same(base, weights(path))  # trained further
     # the same steps from the base's weights, by hand, give the same weights: the init was the base's
     by_hand = dataclasses.replace(tuned, base=None)
@@ -203,7 +203,8 @@ def test_a_changed_base_recipe_changes_the_derived_models_key(fast_family, monke
 
 
 def test_a_base_with_another_architecture_is_refused(fast_family, monkeypatch, tmp_path):
-    wide = dataclasses.replace(FAST, base="arith-student", spec=dataclasses.replace(FAST.spec, hidden_size=32))
+    wide_spec = dataclasses.replace(FAST.spec, hidden_size=32)
+    wide = dataclasses.replace(FAST, base="arith-student", spec=wide_spec)
     with pytest.raises(ValueError, match="base arith-student has another architecture"):
         toy.build_toy_model("collapse-student", tmp_path / "x", recipe=wide, progress=False)
 
