@@ -26,10 +26,10 @@ student being distillable rather than about the SFT itself:
 inflates and collapses as in the paper (sections 1-4). Their solutions carry self-verification lines
 ("Wait, let me check.", `builtin:arith?checks=`) before the answer:
 - `collapse-teacher` (the arith-teacher recipe on `COLLAPSE_TEACHER_DATA`: 0, 1-2 or 5 checks, weights
-  1:2:14) writes past a 128-token budget 68.5% of the time at temperature 1 and predicts a repeated
-  check line with confidence. On the 200 validation problems: greedy 84.5% with room to finish (it always
-  checks 5 times, so greedy at 128 tokens never reaches the answer), 27.5% sampled at temperature 1, in
-  about 230 s.
+  1:2:9) writes past a 128-token budget 57% of the time at temperature 1, like the paper's teachers, and
+  predicts a repeated check line with confidence. On the 200 validation problems: 99.5% greedy with room
+  to finish (it always checks 5 times, so greedy at 128 tokens never reaches the answer), 69.5% sampled
+  at temperature 1 with room, 26.5% within 128 tokens; built in about 220 s.
 - `collapse-student` continues arith-student for 100 steps on `COLLAPSE_DATA` (0, 1 or 2 checks, weights
   3:2:1; every solution fits 128 tokens, the longest needs 117): 32.5% greedy, 16.5% sampled, about
   25 s. It starts from arith-student (built first if needed) because a student that already solves some
@@ -52,10 +52,10 @@ from pathlib import Path
 from stableopd.tiny import TinySpec
 
 TOY_DATA = "builtin:arith?digits=2&ops=+"
-# the collapse world (examples/collapse.yaml): the teacher checks its work 0, 1-2 or 5 times (weights 1:2:14),
-# so 82% of its solutions run past a 128-token budget; the student's golden solutions check 0 to 2 times and
+# the collapse world (examples/collapse.yaml): the teacher checks its work 0, 1-2 or 5 times (weights 1:2:9),
+# so 75% of its solutions run past a 128-token budget; the student's golden solutions check 0 to 2 times and
 # always fit
-COLLAPSE_TEACHER_DATA = TOY_DATA + "&checks=0*1,1-2*2,5*14"
+COLLAPSE_TEACHER_DATA = TOY_DATA + "&checks=0*1,1-2*2,5*9"
 COLLAPSE_DATA = TOY_DATA + "&checks=0*3,1*2,2*1"
 
 
