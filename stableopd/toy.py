@@ -37,7 +37,7 @@ inflates and collapses as in the paper (sections 1-4). Their solutions carry sel
   the same solutions.
 
     stableopd distill -c examples/quickstart.yaml      # builds both on first use (about 2.5 minutes)
-    stableopd distill -c examples/collapse.yaml        # the collapse world (about 5 minutes of builds)
+    stableopd distill -c examples/collapse.yaml        # the collapse world (5 minutes of builds)
 """
 
 from __future__ import annotations
