@@ -45,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -200,11 +201,12 @@ def build_toy_model(
 
         if TOY_FAMILY[recipe.base].spec != recipe.spec:
             raise ValueError(f"{name}: base {recipe.base} has another architecture")
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(recipe.base), dtype=torch.float32)
-        build_tiny_model(name, out_dir, spec=recipe.spec)  # tokenizer and generation config
+        # the base's trained weights, tokenizer and generation config, without its cache marker and build log
+        skip = shutil.ignore_patterns("COMPLETE", "toy_build.json")
+        shutil.copytree(resolve_model_path(recipe.base), out_dir, dirs_exist_ok=True, ignore=skip)
     else:
         build_tiny_model(name, out_dir, spec=recipe.spec)  # init weights (seeded) + tokenizer
-        model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
     tokenizer = build_tokenizer()
     label = f"building {name} (first use only)"
     metrics = train_on_golden(model, tokenizer, recipe, label=label, progress=progress)
