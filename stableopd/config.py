@@ -15,7 +15,7 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stableopd.errors import UserError
 
@@ -92,10 +92,14 @@ class TrainConfig(Section):
     steps: int = Field(default=100, ge=1)
     prompts_per_step: int = Field(default=8, ge=1)
     lr: float = Field(default=1e-6, gt=0.0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"  # after the warmup (stableopd/schedule.py)
+    warmup_steps: int = Field(default=0, ge=0)  # linear warmup from lr / warmup_steps up to lr
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)  # linear/cosine end at min_lr_ratio * lr
     weight_decay: float = Field(default=0.0, ge=0.0)
     micro_batch: int = Field(default=8, ge=1)  # sequences per forward/backward
     epochs_per_batch: int = Field(default=1, ge=1)
     grad_clip: float = Field(default=1.0, ge=0.0)  # 0 = off
+    gradient_checkpointing: bool = False  # recompute decoder activations in backward: less memory, more time
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     save_every: int = Field(default=50, ge=1)
     keep_last: int = Field(default=3, ge=1)
@@ -107,6 +111,15 @@ class TrainConfig(Section):
     max_bad_steps: int = Field(default=3, ge=1)  # consecutive non-finite steps before stopping
     dist_timeout_s: float = Field(default=600.0, gt=0.0)  # multi-process: a collective waiting longer raises
     shard_frozen: bool = False  # multi-process: FSDP-shard teacher and reference too (default: a full copy per rank)
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> TrainConfig:
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"train.warmup_steps ({self.warmup_steps}) is longer than train.steps ({self.steps})")
+        if self.lr_schedule == "constant" and self.min_lr_ratio > 0:
+            raise ValueError("train.min_lr_ratio only applies to train.lr_schedule linear or cosine, "
+                             "not constant")
+        return self
 
 
 class EvalConfig(Section):
@@ -230,6 +243,8 @@ def _format_validation_error(err: ValidationError) -> str:
         loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             parts.append(f"unknown config key '{loc}'{_valid_keys_hint(e['loc'])}")
+        elif e["type"] == "value_error" and isinstance(e.get("input"), dict):  # a rule over a section's keys
+            parts.append(e["msg"].removeprefix("Value error, "))
         else:
             parts.append(f"config key '{loc}': {e['msg']} (got {e.get('input')!r})")
     return "; ".join(parts)

@@ -22,8 +22,17 @@ from stableopd.config import Config, dump_config
 from stableopd.errors import UserError
 from stableopd.kernels import make_adamw
 from stableopd.progress import console, step_display
+from stableopd.schedule import set_lr
 from stableopd.tracking import MetricsLog
-from stableopd.trainer import _start, build_step_backend, gold_targets, guard_from, prepare, step_indices
+from stableopd.trainer import (
+    _start,
+    build_step_backend,
+    gold_targets,
+    guard_from,
+    prepare,
+    step_indices,
+    train_lr,
+)
 from stableopd.update import GoldSeq, LossSettings, accumulate
 from stableopd.validation import validate
 
@@ -85,6 +94,7 @@ def run_sft(cfg: Config, *, resume: bool = False) -> int:
         for step in range(start + 1, tcfg.steps + 1):
             idx = [keep[i] for i in step_indices(len(keep), step, tcfg.prompts_per_step, cfg.data.seed)]
             golds = [GoldSeq(prompt=setup.train_ids[i], target=golds_all[i]) for i in idx]
+            set_lr(optimizer, train_lr(cfg, step))
             metrics = sft_step(model, optimizer, golds, settings, pad_id=pad, micro_batch=tcfg.micro_batch,
                                grad_clip=tcfg.grad_clip)
             if tcfg.eval_every and step % tcfg.eval_every == 0:

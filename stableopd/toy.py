@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -128,11 +127,10 @@ def recipe_key(recipe: ToyRecipe) -> str:
 
 def lr_at(recipe: ToyRecipe, step: int) -> float:
     """Learning rate of `step` (1-based): linear warmup, then cosine from `lr` down to `final_lr_frac * lr`."""
-    if step <= recipe.warmup:
-        return recipe.lr * step / recipe.warmup
-    done = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
-    floor = recipe.final_lr_frac
-    return recipe.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * done)))
+    from stableopd.schedule import lr_at_step
+
+    return lr_at_step(recipe.lr, step=step, total=recipe.steps, schedule="cosine", warmup=recipe.warmup,
+                      floor=recipe.final_lr_frac)
 
 
 def train_on_golden(
@@ -148,6 +146,7 @@ def train_on_golden(
     from stableopd.data import encode_prompts, load_examples
     from stableopd.kernels import make_adamw
     from stableopd.progress import progress_bar
+    from stableopd.schedule import set_lr
     from stableopd.sft import sft_settings, sft_step
     from stableopd.trainer import gold_targets, step_indices
     from stableopd.update import GoldSeq
@@ -164,8 +163,7 @@ def train_on_golden(
         with torch.random.fork_rng(devices=[]), progress_bar(label, recipe.steps, enabled=progress) as advance:
             torch.manual_seed(recipe.spec.seed)  # nothing draws today (no dropout); a future recipe stays seeded
             for step in range(1, recipe.steps + 1):
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(recipe, step)
+                set_lr(optimizer, lr_at(recipe, step))
                 idx = step_indices(len(examples), step, recipe.prompts_per_step, recipe.data_seed)
                 batch = [GoldSeq(prompt=prompts[i], target=golds[i]) for i in idx]
                 metrics = sft_step(

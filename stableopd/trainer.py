@@ -55,6 +55,7 @@ from stableopd.models import (
 from stableopd.progress import console
 from stableopd.repetition import repetitive_token_mask
 from stableopd.rollout import data_fields, sample_records, summarize, write_jsonl_atomic
+from stableopd.schedule import lr_at_step, set_lr
 from stableopd.teacher import score_targets
 from stableopd.tracking import MetricsLog
 from stableopd.update import GoldSeq, LossSettings, RolloutSeq, accumulate
@@ -108,6 +109,8 @@ def prepare(cfg: Config, *, student_path: str | None, need_teacher: bool, need_r
     train = _examples(cfg, d.split, d.source, d.limit)
     val = _examples(cfg, d.val_split, d.val_source or d.source, d.val_limit) if cfg.train.eval_every else []
     student = _load(cfg.student, name=student_path)
+    if cfg.train.gradient_checkpointing:
+        enable_checkpointing(student)
     teacher, scorer = (_load_teacher(cfg) if need_teacher else (None, None))
     ref = _load(cfg.student) if need_ref else None
     vocab = len(student.tokenizer)
@@ -129,6 +132,19 @@ def prepare(cfg: Config, *, student_path: str | None, need_teacher: bool, need_r
                             f"shorten prompts (data.max_prompt_tokens) or lower {key}")
     return Setup(student, teacher, ref, vocab, stop_token_ids(student.tokenizer, student.model), train, train_ids,
                  val, val_ids, scorer)
+
+
+def enable_checkpointing(loaded: Loaded) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them (transformers' own
+    non-reentrant checkpointing; it acts in train mode only, so sampling and scoring are unchanged)."""
+    model = loaded.model
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserError(f"train.gradient_checkpointing: the student '{loaded.name}' "
+                        f"({type(model).__name__}) does not support gradient checkpointing")
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _load_teacher(cfg: Config) -> tuple[Loaded, Any]:
@@ -266,6 +282,7 @@ def train_step(cfg: Config, setup: Setup, backend, optimizer, step: int, *, sett
                            sampler_lp=r["sampler_logprobs"] + ([] if r["truncated"] else [r["stop_logprob"]]))
                 for p, t, tl, r in zip(prompts, targets, teacher_lp, records)]
     golds = [GoldSeq(prompt=setup.train_ids[i], target=g) for i in idx if (g := golds_all[i]) is not None]
+    set_lr(optimizer, train_lr(cfg, step))
     metrics = _update(cfg, setup, optimizer, rollouts, golds, settings, prompts, targets)
     t3 = time.perf_counter()
     for r, tl in zip(records, teacher_lp):
@@ -283,6 +300,13 @@ def train_step(cfg: Config, setup: Setup, backend, optimizer, step: int, *, sett
     })
     model.train()
     return metrics, records
+
+
+def train_lr(cfg: Config, step: int) -> float:
+    """The learning rate of `step` under train.lr, train.lr_schedule, train.warmup_steps, train.min_lr_ratio."""
+    t = cfg.train
+    return lr_at_step(t.lr, step=step, total=t.steps, schedule=t.lr_schedule, warmup=t.warmup_steps,
+                      floor=t.min_lr_ratio)
 
 
 def _pad(tok) -> int:
