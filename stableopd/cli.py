@@ -25,8 +25,26 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="On-policy distillation that sees length inflation and truncation collapse coming.")
 
 ConfigOpt = typer.Option(None, "-c", "--config", help="YAML config file.")
-SetOpt = typer.Option([], "-s", "--set", help="Override a config key: -s loss.ref_kl_coef=0.02 (repeatable).")
-DebugOpt = typer.Option(False, "--debug", help="Show tracebacks.")
+SetOpt = typer.Option([], "-s", "--set", metavar="KEY=VALUE",
+                      help="Override a config key: -s loss.ref_kl_coef=0.02 (repeatable).")
+DebugOpt = typer.Option(False, "--debug", metavar="", help="Show tracebacks.")
+ResumeOpt = typer.Option(False, "--resume", metavar="", help="Continue from the latest complete checkpoint.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        import torch
+
+        typer.echo(f"stableopd {version('stableopd')} (torch {torch.__version__}, python {sys.version.split()[0]})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(_version_flag: bool = typer.Option(False, "--version", metavar="", callback=_version, is_eager=True,
+                                             help="Print the version and exit.")) -> None:
+    """On-policy distillation that sees length inflation and truncation collapse coming."""
 
 
 def _guard(debug: bool, body: Callable[[], int | None]) -> None:
@@ -73,7 +91,7 @@ def distill(config: Path = ConfigOpt, sets: list[str] = SetOpt,
             teacher: str = typer.Option(None, "--teacher", help="Teacher model (sets teacher.name)."),
             data: str = typer.Option(None, "--data", help="Training prompts (sets data.source)."),
             out: Path = typer.Option(None, "--out", help="Run directory (sets out)."),
-            resume: bool = typer.Option(False, "--resume", help="Continue from the latest complete checkpoint."),
+            resume: bool = ResumeOpt,
             nproc: int = typer.Option(1, "--nproc", min=1, help="Processes: re-runs this command under torchrun."),
             debug: bool = DebugOpt) -> None:
     """Distill the teacher into the student with OPD or StableOPD."""
@@ -96,7 +114,7 @@ def sft(config: Path = ConfigOpt, sets: list[str] = SetOpt,
         student: str = typer.Option(None, "--student", help="Model to fine-tune (sets student.name)."),
         data: str = typer.Option(None, "--data", help="Examples with golden solutions (sets data.source)."),
         out: Path = typer.Option(None, "--out", help="Run directory (sets out)."),
-        resume: bool = typer.Option(False, "--resume", help="Continue from the latest complete checkpoint."),
+        resume: bool = ResumeOpt,
         debug: bool = DebugOpt) -> None:
     """Warm-start the student with supervised fine-tuning on golden solutions."""
     def body() -> int:
@@ -115,7 +133,7 @@ def eval_(targets: list[str] = typer.Argument(None, help="Models or run director
           responses: Path = typer.Option(None, "--responses", help="Score existing generations instead."),
           step: int = typer.Option(None, "--step", help="Checkpoint step of a run directory."),
           out: Path = typer.Option(None, "--out", help="Folder for per-sample JSONL."),
-          as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+          as_json: bool = typer.Option(False, "--json", metavar="", help="Print the summary as JSON on stdout."),
           debug: bool = DebugOpt) -> None:
     """Measure accuracy with real answer checking, on models or on existing responses."""
     def body() -> int:
@@ -139,11 +157,11 @@ def _diagnose_config(path: Path, config: Path | None, sets: list[str], text_fiel
 def diagnose(paths: list[Path] = typer.Argument(..., metavar="PATH", help="Run directory, metrics.jsonl or "
                                                 "JSONL of responses; give two or more to compare them."),
              config: Path = ConfigOpt, sets: list[str] = SetOpt,
-             as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON on stdout."),
+             as_json: bool = typer.Option(False, "--json", metavar="", help="Print the verdict as JSON on stdout."),
              plots: Path = typer.Option(None, "--plots", help="Folder for PNG plots and report.md (default: "
                                         "RUN_DIR/report for one run directory, ./diagnose-compare for "
                                         "several paths)."),
-             strict: bool = typer.Option(False, "--strict", help="Exit 1 unless every run is healthy."),
+             strict: bool = typer.Option(False, "--strict", metavar="", help="Exit 1 unless every run is healthy."),
              text_field: str = typer.Option(None, "--text-field", help="Field holding the response text."),
              debug: bool = DebugOpt) -> None:
     """Say whether and when a run is inflating or collapsing; with several paths, compare them."""

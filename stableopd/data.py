@@ -6,7 +6,7 @@ malformed JSONL line is an error that names the file and line: training on a sil
 is worse than stopping. Hugging Face datasets need the optional `datasets` package and network (or a
 local cache); offline the error says so.
 
-    stableopd rollout --model tiny --data prompts.jsonl -s data.limit=8
+    stableopd rollout --model tiny --data examples/prompts.jsonl -s data.limit=8
 """
 
 from __future__ import annotations

