@@ -160,6 +160,10 @@ class DiagnoseConfig(Section):
     inflation_window: int = Field(default=20, ge=3)
     inflation_min_growth: float = Field(default=0.3, ge=0.0)  # relative growth of the length median
     inflation_trunc_rise: float = Field(default=0.15, ge=0.0, le=1.0)  # absolute rise of the trunc median
+    # a warning (not a verdict) when the median over the last inflation_window steps is at least this high,
+    # even if it never changed: a budget too small from the first step, or a run that began collapsed
+    high_trunc: float = Field(default=0.6, ge=0.0, le=1.0)
+    high_rep: float = Field(default=0.5, ge=0.0, le=1.0)
     examples: int = Field(default=5, ge=0)  # worst responses shown by diagnose
     example_files: int = Field(default=3, ge=0)  # last rollout files read for examples when metrics exist
 

@@ -48,6 +48,7 @@ from stableopd.detector import (  # noqa: F401 (CollapseGuard, detect and Verdic
     CollapseGuard,
     Verdict,
     VerdictName,
+    _median,
     _number,
     detect,
 )
@@ -440,6 +441,8 @@ def diagnose(path: Path, cfg: DiagnoseConfig, *, progress: bool = False) -> Diag
     steps = sorted({s for key in (TRUNC, REP, LENGTH) for s in series.get(key, {})})
     cols = [[series.get(key, {}).get(s) for s in steps] for key in (TRUNC, REP, LENGTH)]
     verdict = detect(steps, *cols, **cfg.thresholds())
+    if verdict.verdict == "healthy":
+        reader.warnings += level_warnings(series, cfg)
     if reader.responses and not reader.longer_than_tail:
         reader.warnings.append(
             f"no response is longer than rep_tail_chars={cfg.rep_tail_chars} characters, so none can count "
@@ -447,6 +450,27 @@ def diagnose(path: Path, cfg: DiagnoseConfig, *, progress: bool = False) -> Diag
         )
     unit = "words" if "words" in reader.units else "tokens"
     return Diagnosis(path, kind, series, verdict, reader.warnings, reader.examples(), unit)
+
+
+def level_warnings(series: Mapping[str, Mapping[int, float]], cfg: DiagnoseConfig) -> list[str]:
+    """Warnings for a truncation or repetition rate that is high over the last `inflation_window` steps.
+
+    The detector looks for change; a run that truncates most of its rollouts from the first step never
+    changes, and is called healthy, so the level is reported on its own."""
+    out = []
+    for key, name, what, advice in (
+        (TRUNC, "high_trunc", "truncated", "the length budget (sampling.max_new_tokens) may be too small for "
+         "this model and task, or the run was already truncating before the detector's window"),
+        (REP, "high_rep", "repetitive", "check diagnose.rep_tail_chars (L) against the response lengths"),
+    ):
+        values = series.get(key) or {}
+        last = [values[s] for s in sorted(values)[-cfg.inflation_window:]]
+        level, limit = _median(last), getattr(cfg, name)
+        if level is not None and level >= limit:
+            out.append(f"{level:.0%} of responses are {what} (median of the last {len(last)} steps, at or above "
+                       f"diagnose.{name}={limit:g}) although the rate did not change enough to call it "
+                       f"inflation or collapse: {advice}")
+    return out
 
 
 def run_diagnose(

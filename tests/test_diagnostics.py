@@ -300,6 +300,34 @@ def test_metrics_file_and_run_directory_give_the_same_verdict(tmp_path):
         assert diag.final()["trunc_rate"] == trace[1][-1]
 
 
+@pytest.mark.parametrize("trunc, rep, warned", [
+    (0.625, 0.0, ["truncated", "diagnose.high_trunc=0.6"]),  # a smoke run truncating 62.5% from its first step
+    (0.3, 0.7, ["repetitive", "diagnose.high_rep=0.5"]),
+    (0.45, 0.1, []),  # the paper's noisy stable regime stays quiet
+])  # fmt: skip
+def test_a_high_level_that_never_changes_is_healthy_with_a_warning(tmp_path, trunc, rep, warned):
+    rng = random.Random(0)
+    n = 40
+    trace = (list(range(n)), [trunc + rng.uniform(-0.02, 0.02) for _ in range(n)], [rep] * n,
+             [100 + rng.uniform(-3, 3) for _ in range(n)])  # fmt: skip
+    write_metrics(tmp_path / "run", trace)
+    diag = diagnose(tmp_path / "run", DiagnoseConfig())
+    assert diag.verdict.verdict == "healthy"
+    level = [w for w in diag.warnings if "did not change enough" in w]
+    if warned:
+        assert len(level) == 1 and "median of the last 20 steps" in level[0], level
+        assert all(part in level[0] for part in warned), level[0]
+    else:
+        assert level == []
+
+
+def test_no_level_warning_when_the_verdict_already_says_collapse(tmp_path):
+    write_metrics(tmp_path / "run", collapse_trace(random.Random(5), n=260, at=180))
+    diag = diagnose(tmp_path / "run", DiagnoseConfig())
+    assert diag.verdict.verdict == "collapse"
+    assert not any("did not change enough" in w for w in diag.warnings)
+
+
 def test_metrics_lines_without_step_are_warned(tmp_path):
     p = tmp_path / "metrics.jsonl"
     p.write_text('{"step": 0, "rollout/trunc_rate": 0.1}\n{"rollout/trunc_rate": 0.2}\n')
