@@ -76,3 +76,42 @@ def step_display(total: int, start: int, *, enabled: bool = True) -> Iterator[Ca
                       f"{verdict.verdict}")
             prog.update(task, completed=step, status=status)
         yield show
+
+
+def note(message: str, *, enabled: bool = True) -> None:
+    """One plain status line on stderr (model loading, validation): never a spinner, so logs keep it."""
+    if enabled:
+        console.print(message, highlight=False, soft_wrap=True)
+
+
+def duration(seconds: float) -> str:
+    """72.4 -> '1 min 12 s'; 5.25 -> '5.2 s'."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+
+
+def run_summary(rows: list[dict], *, first_step: int, wall_s: float, checkpoints: list[str]) -> list[str]:
+    """The end-of-run lines: steps and time, validation accuracy from start to end and its best step (with its
+    checkpoint when one was kept), and the last step's rollouts and guard verdict. `checkpoints` are the
+    kept checkpoint directory names (step_NNNNNN)."""
+    done = [r for r in rows if r.get("step", 0) >= first_step and r.get("step", 0) > 0]
+    if not done:
+        return []
+    last = done[-1]
+    ran = len(done)
+    out = [f"finished step {last['step']}: {ran} step{'s' * (ran != 1)} in {duration(wall_s)} "
+           f"({wall_s / ran:.2f} s a step)"]
+    val = [(r["step"], r["val/accuracy"]) for r in rows if isinstance(r.get("val/accuracy"), (int, float))]
+    if val:
+        best_step, best = max(val, key=lambda sv: (sv[1], -sv[0]))  # the earliest step among ties
+        kept = f"step_{best_step:06d}"
+        where = f" (checkpoints/{kept})" if kept in checkpoints else " (no checkpoint kept at that step)"
+        out.append(f"val_acc {val[0][1]:.3g} at step {val[0][0]} -> {val[-1][1]:.3g} at step {val[-1][0]}; "
+                   f"best {best:.3g} at step {best_step}{where if best_step > 0 else ''}")
+    if "rollout/trunc_rate" in last:
+        out.append(f"last step's rollouts: length {_fmt(last.get('rollout/length_mean'), '.1f')}, truncated "
+                   f"{_fmt(last.get('rollout/trunc_rate'), '.2f')}, repetitive {_fmt(last.get('rollout/rep_rate'), '.2f')}; "
+                   f"guard: {last.get('guard/verdict', '-')}")
+    return out

@@ -21,7 +21,7 @@ from stableopd.checkpoint import save_checkpoint, set_rng_state
 from stableopd.config import Config, dump_config
 from stableopd.errors import UserError
 from stableopd.kernels import make_adamw
-from stableopd.progress import console, step_display
+from stableopd.progress import console, duration, note, step_display
 from stableopd.schedule import set_lr
 from stableopd.tracking import MetricsLog
 from stableopd.trainer import (
@@ -30,6 +30,7 @@ from stableopd.trainer import (
     gold_targets,
     guard_from,
     prepare,
+    print_summary,
     step_indices,
     train_lr,
 )
@@ -61,7 +62,11 @@ def sft_step(model, optimizer, golds: list[GoldSeq], settings: LossSettings, *, 
 def run_sft(cfg: Config, *, resume: bool = False) -> int:
     run_dir = Path(cfg.out or "runs/sft")
     restored = _start(cfg, run_dir, resume)
+    t0 = time.perf_counter()
+    note(f"loading student '{cfg.student.name}' ...", enabled=cfg.logging.progress)
     setup = prepare(cfg, student_path=str(restored.path) if restored else None, need_teacher=False, need_ref=False)
+    note(f"loaded in {duration(time.perf_counter() - t0)}: {len(setup.train)} training examples, "
+         f"{len(setup.val)} validation prompts", enabled=cfg.logging.progress)
     tok = setup.student.tokenizer
     eos = setup.stop_ids[0] if setup.stop_ids else tok.eos_token_id
     golds_all = gold_targets(tok, setup.train, eos)
@@ -88,8 +93,10 @@ def run_sft(cfg: Config, *, resume: bool = False) -> int:
     log = MetricsLog.open(run_dir / "metrics.jsonl", keep_until=start if start else None)
     tcfg = cfg.train
     if start == 0 and tcfg.eval_every and tcfg.eval_at_start:
+        note(f"validating on {len(setup.val)} prompts before training ...", enabled=cfg.logging.progress)
         log.write({"step": 0, **validate(cfg, setup, backend, 0, run_dir)})
     guard = guard_from(cfg)
+    t_loop = time.perf_counter()
     with step_display(tcfg.steps, start, enabled=cfg.logging.progress) as show:
         for step in range(start + 1, tcfg.steps + 1):
             idx = [keep[i] for i in step_indices(len(keep), step, tcfg.prompts_per_step, cfg.data.seed)]
@@ -104,6 +111,7 @@ def run_sft(cfg: Config, *, resume: bool = False) -> int:
             if step % tcfg.save_every == 0 or step == tcfg.steps:
                 save_checkpoint(run_dir, step, model=model, tokenizer=tok, optimizer=optimizer,
                                 state={"data_position": step * tcfg.prompts_per_step}, keep_last=tcfg.keep_last)
+    print_summary(cfg, log.rows, first_step=start + 1, wall_s=time.perf_counter() - t_loop, run_dir=run_dir)
     console.print(f"run directory: {run_dir}\nthe fine-tuned student: {run_dir}/checkpoints/step_{tcfg.steps:06d}",
                   highlight=False, soft_wrap=True)
     return 0

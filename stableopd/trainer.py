@@ -52,7 +52,7 @@ from stableopd.models import (
     resolve_model_path,
     stop_token_ids,
 )
-from stableopd.progress import console
+from stableopd.progress import console, duration, note, run_summary
 from stableopd.repetition import repetitive_token_mask
 from stableopd.rollout import data_fields, sample_records, summarize, write_jsonl_atomic
 from stableopd.schedule import lr_at_step, set_lr
@@ -221,8 +221,14 @@ def _run_distill(cfg: Config, resume: bool, dist: Dist) -> int:
     dist.barrier()  # every rank has checked the run directory before rank 0 writes into it
     need_ref = cfg.loss.objective != "opd" and cfg.loss.ref_kl_coef > 0
     maybe_delay(dist.rank)
+    chatty = cfg.logging.progress and dist.is_main
+    t0 = time.perf_counter()
+    note(f"loading student '{cfg.student.name}', teacher '{cfg.teacher.name}'"
+         f"{' and the reference (a frozen copy of the student)' if need_ref else ''} ...", enabled=chatty)
     setup = prepare(cfg, student_path=str(restored.path) if restored else None, need_teacher=True,
                     need_ref=need_ref)
+    note(f"loaded in {duration(time.perf_counter() - t0)}: {len(setup.train)} training prompts, "
+         f"{len(setup.val)} validation prompts", enabled=chatty)
     setup.dist = dist
     if dist.active:
         frozen = [m.model for m in (setup.teacher, setup.ref) if m is not None and m.model is not None]
@@ -399,7 +405,9 @@ def distill_loop(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start: 
                          setup.student.tokenizer.eos_token_id)
     bad = int(restored_state.get("consecutive_bad", 0))
     skipped = int(restored_state.get("skipped_total", 0))
+    chatty = cfg.logging.progress and dist.is_main
     if start == 0 and tcfg.eval_every and tcfg.eval_at_start:
+        note(f"validating on {len(setup.val)} prompts before training ...", enabled=chatty and bool(setup.val))
         first = _validate(cfg, setup, backend, 0, run_dir)
         log.write({"step": 0, **first})
         if first and dist.is_main and cfg.logging.progress:
@@ -415,6 +423,7 @@ def distill_loop(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start: 
                                                         "consecutive_bad": bad, "skipped_total": skipped},
                             keep_last=tcfg.keep_last, model_state=model_state, optimizer_state=optim_state)
 
+    t_loop = time.perf_counter()
     with step_display(tcfg.steps, start, enabled=cfg.logging.progress and dist.is_main) as show:
         for step in range(start + 1, tcfg.steps + 1):
             metrics, records = train_step(cfg, setup, backend, optimizer, step, settings=settings, golds_all=golds)
@@ -441,9 +450,26 @@ def distill_loop(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start: 
             if collapse:
                 raise stop_for_collapse(run_dir, verdict)
     if dist.is_main:
-        console.print(f"run directory: {run_dir}\nlook at it with: stableopd diagnose {run_dir}", highlight=False,
+        print_summary(cfg, log.rows, first_step=start + 1, wall_s=time.perf_counter() - t_loop, run_dir=run_dir)
+        console.print(f"run directory: {run_dir}\nlook at it with: stableopd diagnose {run_dir}\n(it writes plots "
+                      f"and report.md to {run_dir / 'report'})", highlight=False,
                       soft_wrap=True)  # a path is never broken across lines
     return 0
+
+
+def print_summary(cfg: Config, rows: list[dict[str, Any]], *, first_step: int, wall_s: float, run_dir: Path
+                  ) -> None:
+    """The end-of-run lines, then a warning when the rollouts' truncation or repetition stayed high."""
+    from stableopd.diagnostics import level_warnings
+
+    kept = [p.name for p in list_checkpoints(run_dir)]
+    for line in run_summary(rows, first_step=first_step, wall_s=wall_s, checkpoints=kept):
+        console.print(line, highlight=False, soft_wrap=True)
+    if rows and rows[-1].get("guard/verdict", "healthy") == "healthy":
+        keys = ("rollout/trunc_rate", "rollout/rep_rate")
+        series = {k: {r["step"]: r[k] for r in rows if isinstance(r.get(k), (int, float))} for k in keys}
+        for w in level_warnings(series, cfg.diagnose):
+            console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
 
 
 def _validate(cfg: Config, setup: Setup, backend, step: int, run_dir: Path) -> dict[str, Any]:

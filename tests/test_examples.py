@@ -96,6 +96,18 @@ def test_smoke_example_runs_offline(tmp_path):
     assert "val/accuracy" in rows[-1]
     first = f"step     0 before training: val_acc {rows[0]['val/accuracy']:.3g}"
     assert first in result.output  # the starting accuracy is on screen, not only in metrics.jsonl
+    # status lines while models load and step 0 validates, then the end-of-run summary from metrics.jsonl
+    assert "loading student 'tiny', teacher 'tiny-teacher' and the reference" in result.output
+    assert f"validating on {cfg.data.val_limit} prompts before training ..." in result.output
+    assert f"finished step {cfg.train.steps}: {cfg.train.steps} steps in " in result.output
+    last = rows[-1]
+    assert (f"val_acc {rows[0]['val/accuracy']:.3g} at step 0 -> {last['val/accuracy']:.3g} at step "
+            f"{cfg.train.steps}") in result.output
+    assert (f"last step's rollouts: length {last['rollout/length_mean']:.1f}, truncated "
+            f"{last['rollout/trunc_rate']:.2f}") in result.output
+    trunc = sorted(r["rollout/trunc_rate"] for r in rows[1:])
+    if (trunc[1] + trunc[2]) / 2 >= 0.6:  # the median of the 4 steps: the random-init student runs long
+        assert "% of responses are truncated (median of the last 4 steps" in result.output
     assert len(f"look at it with: stableopd diagnose {out}") > 80  # so a hard wrap would break it
     assert f"look at it with: stableopd diagnose {out}\n" in result.output
     assert (out / "checkpoints" / f"step_{cfg.train.steps:06d}" / "COMPLETE").exists()

@@ -305,3 +305,40 @@ def test_single_run_draws_the_advantage_split_over_adv_mean_and_training_panels(
     assert [line.get_label() for line in figures["loss"].axes[0].get_lines()] == ["loss/total", "loss/opd"]
     code = run_diagnose(tmp_path / "run", CFG, as_json=True, plots_dir=None, strict=False, console=None)
     assert code == 0 and (tmp_path / "run" / "report" / "grad_norm.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------------------------------------
+# The end-of-run summary (progress.run_summary)
+
+
+def summary_rows() -> list[dict]:
+    return [
+        {"step": 0, "val/accuracy": 0.25},
+        {"step": 1, "rollout/trunc_rate": 0.5, "rollout/rep_rate": 0.0, "rollout/length_mean": 40.0},
+        {"step": 2, "val/accuracy": 0.75, "rollout/trunc_rate": 0.25, "rollout/rep_rate": 0.0,
+         "rollout/length_mean": 30.0, "guard/verdict": "healthy"},
+        {"step": 3, "rollout/trunc_rate": 0.0, "rollout/rep_rate": 0.125, "rollout/length_mean": 20.0,
+         "guard/verdict": "healthy"},
+        {"step": 4, "val/accuracy": 0.5, "rollout/trunc_rate": 0.0, "rollout/rep_rate": 0.0,
+         "rollout/length_mean": 22.5, "guard/verdict": "healthy"},
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("kept, where", [(["step_000002", "step_000004"], " (checkpoints/step_000002)"),
+                                         (["step_000004"], " (no checkpoint kept at that step)")])
+def test_run_summary_names_start_end_best_and_its_checkpoint(kept, where):
+    from stableopd.progress import run_summary
+
+    lines = run_summary(summary_rows(), first_step=1, wall_s=90.0, checkpoints=kept)
+    assert lines == [
+        "finished step 4: 4 steps in 1 min 30 s (22.50 s a step)",
+        f"val_acc 0.25 at step 0 -> 0.5 at step 4; best 0.75 at step 2{where}",
+        "last step's rollouts: length 22.5, truncated 0.00, repetitive 0.00; guard: healthy",
+    ]
+
+
+def test_run_summary_after_a_resume_counts_only_the_steps_it_ran():
+    from stableopd.progress import run_summary
+
+    lines = run_summary(summary_rows(), first_step=3, wall_s=3.0, checkpoints=[])
+    assert lines[0] == "finished step 4: 2 steps in 3.0 s (1.50 s a step)"
