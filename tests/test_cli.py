@@ -41,7 +41,9 @@ def read_jsonl(path: Path) -> list[dict]:
 def assert_one_line_error(result, message: str) -> None:
     assert result.exit_code == 2, result.output
     assert isinstance(result.exception, SystemExit)  # a clean exit, not an escaped exception
-    assert result.stderr == f"error: {message}\n"
+    *before, last = result.stderr.splitlines()
+    assert last == f"error: {message}"
+    assert all(line.startswith("loading ") for line in before), before  # only the status line of model loading
     assert "Traceback" not in result.output
 
 

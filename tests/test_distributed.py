@@ -3,8 +3,8 @@
 What is checked, and against what:
 - 2 processes (torchrun) and 1 process on the same global batch, greedy sampling, 2 steps: the same rollouts,
   every step metric within 1e-5 relative (losses included; measured ~2e-7; the diag/* rounding probes within
-  1e-5 absolute), final weights within 1e-3 * lr absolute (measured 3.3e-7 at lr 1e-3), Adam moments within
-  1e-5 of each tensor's largest entry. Golden solutions are missing for some prompts, so ranks hold different
+  1e-5 absolute), final weights and Adam moments within what fp32 rounding of the summed gradients allows
+  (`weight_tolerance`: derived per entry from the checkpoint's own Adam state, not from one CPU's results). Golden solutions are missing for some prompts, so ranks hold different
   numbers of them and the zero-weight padding micro-batches run; the validation prompts are split over ranks;
 - the same with a tied-embedding student (as Qwen2.5-1.5B) and `train.shard_frozen=true` (teacher and
   reference FSDP-sharded too), for stableopd and for jsd with 2 passes per batch (the sharded teacher runs
@@ -38,11 +38,36 @@ COMMON = {
     "train.save_every": 1, "logging.progress": "false", "train.dist_timeout_s": 60, "train.lr": 1e-3,
     "eval.temperature": 0,
 }  # fmt: skip
-REL = 1e-5  # step metrics, relative
-# Weights: absolute, as a fraction of one Adam step (lr): Adam divides by sqrt(v), so a gradient entry near 0
-# turns float-rounding differences of the summed gradient into update differences of up to ~lr.
-WABS = 1e-3 * COMMON["train.lr"]
-MREL = 1e-5  # Adam moments, relative to each tensor's largest entry
+REL = 1e-5  # step metrics, relative (measured ~2e-7)
+# Two runs sum the same gradient terms in another order (two ranks, other CPU kernels), so their gradients
+# differ by fp32 rounding: at most about n * u of the tensor's gradient scale, with u = 2**-24 and n up to a
+# few hundred terms per sum here (tokens of the global batch, hidden and head widths), so GRAD_REL = 1e-4.
+GRAD_REL = 1e-4
+# Adam moments: m and v average gradients and squared gradients, so they differ by up to GRAD_REL and
+# 2 * GRAD_REL of each tensor's largest entry.
+MREL = 2 * GRAD_REL
+
+
+def weight_tolerance(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Per-entry bound on the weight difference of two runs whose gradients differ by GRAD_REL of each tensor's
+    gradient scale. Adam divides by sqrt(v_hat) + eps, so a gradient difference d moves an update by up to
+    about 2 * lr * d / (sqrt(v_hat) + eps), and never by more than 2 * lr (the update is at most lr); summed
+    over the steps taken. Entries whose gradient is near 0 are allowed up to 2 * lr a step: Adam turns their
+    rounding into whole updates."""
+    from transformers import AutoModelForCausalLM
+
+    names = [n for n, p in AutoModelForCausalLM.from_pretrained(ckpt).named_parameters() if p.requires_grad]
+    opt = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    group = opt["param_groups"][0]
+    lr, (_, beta2), eps = group["lr"], group["betas"], group["eps"]
+    out = {}
+    for i, name in enumerate(names):
+        st = opt["state"][i]
+        steps = float(st["step"])
+        root = (st["exp_avg_sq"] / (1 - beta2**steps)).sqrt()  # |gradient| of each entry, bias-corrected
+        per_step = (2 * GRAD_REL * root.max() / (root + eps)).clamp(max=2.0)
+        out[name] = steps * lr * per_step
+    return out
 
 
 def free_port() -> int:
@@ -103,8 +128,11 @@ def assert_same_run(a: Path, b: Path) -> None:
     ck_a, ck_b = a / "checkpoints/step_000002", b / "checkpoints/step_000002"
     wa, wb = load_file(ck_a / "model.safetensors"), load_file(ck_b / "model.safetensors")
     assert sorted(wa) == sorted(wb)
-    for k in wa:
-        assert float((wa[k] - wb[k]).abs().max()) <= WABS, k
+    tol = weight_tolerance(ck_a)
+    assert sorted(tol) == sorted(wa)
+    worst = max(float(((wa[k] - wb[k]).abs() / tol[k]).max()) for k in wa)
+    print(f"weights: largest difference {worst:.3g} of its tolerance")
+    assert worst <= 1.0, worst
     oa, ob = (torch.load(c / "optimizer.pt", weights_only=True) for c in (ck_a, ck_b))
     assert oa["param_groups"] == ob["param_groups"] and sorted(oa["state"]) == sorted(ob["state"])
     for i, st in oa["state"].items():

@@ -135,8 +135,9 @@ def comparable(rows: list[dict]) -> list[dict]:
 
 
 def error_line(result) -> str:
-    """The single line a bad-input failure prints; fails if there is more (a traceback, a second message)."""
-    lines = [line for line in result.output.splitlines() if line.strip()]
+    """The single line a bad-input failure prints; fails if there is more (a traceback, a second message) than
+    the status line of model loading before it."""
+    lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith("loading ")]
     assert len(lines) == 1, result.output
     assert lines[0].startswith("error: "), lines[0]
     return lines[0]
