@@ -216,11 +216,13 @@ def build_toy_model(
         "final_sft_loss": metrics.get("loss/gold_sft"),
         "build_seconds": round(seconds, 1),
         "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels that rounded the sums
     }
     (out_dir / "toy_build.json").write_text(json.dumps(info, indent=1) + "\n")
     if progress:
         console.print(
-            f"built {name} in {seconds:.0f} s (final SFT loss {metrics.get('loss/gold_sft', 0):.4f})",
+            f"built {name} in {seconds:.0f} s with torch's {info['cpu_capability']} kernels (final SFT loss "
+            f"{metrics.get('loss/gold_sft', 0):.4f})",
             highlight=False,
         )
     return out_dir

@@ -9,6 +9,7 @@ the same TOY_FAMILY table that models.resolve_model_path reads.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,7 @@ def test_same_recipe_same_weights_and_training_changes_them(tmp_path):
 def test_the_build_runs_on_one_thread_and_restores_the_callers_count(tmp_path, monkeypatch):
     # Float sums are ordered by the thread count: the real student recipe built with 2 threads ends at
     # another SFT loss (0.096 vs 0.065) and another accuracy (10% vs 28%) than with 1. One thread makes
-    # the cached model the same on every machine.
+    # the cached model the same on every machine with the same torch build and CPU kernels.
     seen = []
     real = sft.sft_step
 
@@ -105,14 +106,18 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 def test_first_load_builds_with_a_progress_bar_and_the_second_reuses_the_cache(fast_family, capsys):
     first = resolve_model_path("arith-student")
     assert fast_family == ["building arith-student (first use only)"]
-    assert "building arith-student" in capsys.readouterr().err  # the rich bar (and the final line) on stderr
+    err = capsys.readouterr().err
+    assert "building arith-student" in err  # the rich bar (and the final line) on stderr
+    capability = torch.backends.cpu.get_cpu_capability()  # the kernels decide the rounding, so they are named
+    assert f"with torch's {capability} kernels" in " ".join(err.split())
     assert resolve_model_path("arith-student") == first
     loaded = load_model("arith-student", dtype="float32", device="cpu")
     assert len(fast_family) == 1  # neither the second resolve nor load_model retrained
     assert loaded.model.config.hidden_size == FAST.spec.hidden_size
     assert loaded.tokenizer.eos_token == "<|im_end|>" and loaded.tokenizer.chat_template
     assert Path(first).parent == cache_dir() / "models"
-    assert (Path(first) / "toy_build.json").is_file()
+    info = json.loads((Path(first) / "toy_build.json").read_text())
+    assert info["cpu_capability"] == capability and info["torch"] == torch.__version__
 
 
 def test_a_changed_recipe_is_a_new_cache_entry(fast_family, monkeypatch):
