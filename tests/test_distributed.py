@@ -8,7 +8,7 @@ What is checked, and against what:
   numbers of them and the zero-weight padding micro-batches run; the validation prompts are split over ranks;
 - the same with a tied-embedding student (as Qwen2.5-1.5B) and `train.shard_frozen=true` (teacher and
   reference FSDP-sharded too), for stableopd and for jsd with 2 passes per batch (the sharded teacher runs
-  inside the update, and pi_old is scored on the gathered student);
+  inside the update, and pi_old is scored on the gathered student) and gradient checkpointing;
 - a 2-process run launched with `--nproc 2` resumes from its step-1 checkpoint, and a 2-process checkpoint
   resumes in 1 process; both end where the uninterrupted 1-process run ends (same tolerances);
 - `--nproc 2` with an odd global batch exits 2 with one line; a rank that raises makes the whole launch
@@ -170,8 +170,10 @@ def tied(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("extra", [{}, {"loss__objective": "jsd", "train__epochs_per_batch": 2}],
-                         ids=["stableopd", "jsd-2-epochs"])  # jsd runs the sharded teacher inside the update
+# jsd runs the sharded teacher inside the update; the second case also recomputes activations in backward
+@pytest.mark.parametrize("extra", [{}, {"loss__objective": "jsd", "train__epochs_per_batch": 2,
+                                        "train__gradient_checkpointing": "true"}],
+                         ids=["stableopd", "jsd-2-epochs-checkpointing"])
 def test_tied_student_and_sharded_teacher_and_reference_match_one_process(data, tied, tmp_path, extra):
     one, two = tmp_path / "one", tmp_path / "two"
     proc = launch(args(data, one, student=str(tied), **extra))
