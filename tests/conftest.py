@@ -3,12 +3,19 @@
 `cache_dir` points STABLEOPD_CACHE at a temporary folder for the whole session (autouse), so built-in
 models are built once per run and never touch the user's cache. Tests that change a model must work on
 a copy (`copy.deepcopy(tiny.model)`): the loaded models are shared by the session.
+
+The end-to-end tests that need the real toy models (BUILD_FIRST) run last, and their slowest builds start
+at once in a background process: a build runs on one thread, so on a machine with two cores or more it
+takes the second core while the other tests run. The cache's build lock makes a test that needs a model
+still being built wait for it instead of building it again.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,3 +67,27 @@ def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in PROMPTS), encoding="utf-8")
     return path
+
+
+# test file -> the one-thread toy builds it needs that take minutes, started in the background
+BUILD_FIRST = {"test_collapse.py": ["collapse-teacher"], "test_quickstart.py": ["arith-teacher"]}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The tests of BUILD_FIRST files run last (stable order otherwise), so their builds have time to finish."""
+    items.sort(key=lambda item: item.path.name in BUILD_FIRST)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prebuild(request, cache_dir: Path):
+    names = [n for f, ns in BUILD_FIRST.items() if f in {i.path.name for i in request.session.items} for n in ns]
+    if not names or (os.cpu_count() or 1) < 2:
+        yield
+        return
+    code = "import sys; from stableopd.models import resolve_model_path; [resolve_model_path(n) for n in sys.argv[1:]]"
+    env = {**os.environ, "STABLEOPD_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code, *names], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # a failed build is redone, with its error, by the test
+    yield
+    proc.kill()
+    proc.wait()
