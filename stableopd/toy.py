@@ -52,6 +52,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from stableopd.schedule import lr_at_step, set_lr
 from stableopd.tiny import TinySpec
 
 TOY_DATA = "builtin:arith?digits=2&ops=+"
@@ -130,8 +131,6 @@ def recipe_key(recipe: ToyRecipe) -> str:
 
 def lr_at(recipe: ToyRecipe, step: int) -> float:
     """Learning rate of `step` (1-based): linear warmup, then cosine from `lr` down to `final_lr_frac * lr`."""
-    from stableopd.schedule import lr_at_step
-
     return lr_at_step(recipe.lr, step=step, total=recipe.steps, schedule="cosine", warmup=recipe.warmup,
                       floor=recipe.final_lr_frac)
 
@@ -149,7 +148,6 @@ def train_on_golden(
     from stableopd.data import encode_prompts, load_examples
     from stableopd.kernels import make_adamw
     from stableopd.progress import progress_bar
-    from stableopd.schedule import set_lr
     from stableopd.sft import sft_settings, sft_step
     from stableopd.trainer import gold_targets, step_indices
     from stableopd.update import GoldSeq

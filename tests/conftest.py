@@ -80,7 +80,8 @@ def pytest_collection_modifyitems(session, config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def prebuild(request, cache_dir: Path):
-    names = [n for f, ns in BUILD_FIRST.items() if f in {i.path.name for i in request.session.items} for n in ns]
+    files = {item.path.name for item in request.session.items}
+    names = [n for f, ns in BUILD_FIRST.items() if f in files for n in ns]
     if not names or (os.cpu_count() or 1) < 2:
         yield
         return
