@@ -14,7 +14,6 @@ What is checked, and against what:
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import pytest
@@ -32,13 +31,8 @@ from stableopd.tracking import read_rows
 from stableopd.trainer import enable_checkpointing
 from stableopd.update import GoldSeq
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one_cpu_thread is an autouse fixture: importing it applies it to this module too
+from tests.test_trainer import comparable, data_rows, one_cpu_thread, pair_args, write_jsonl  # noqa: F401
 
 
 def test_warmup_ramps_linearly_to_the_peak():
@@ -80,13 +74,6 @@ def test_schedule_rules_are_checked_when_the_config_loads(sets, message):
 # A scheduled, checkpointed run: the logged rates, and an exact resume
 
 
-def write_data(path: Path) -> Path:
-    rows = [{"id": f"q{i}", "prompt": f"{i}+{i + 1}=", "answer": str(2 * i + 1), "solution": f"{i}+{i + 1}={2 * i + 1}"}
-            for i in range(8)]  # fmt: skip
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 SCHEDULED = [
     "-s", "train.steps=4", "-s", "train.lr=1e-3", "-s", "train.lr_schedule=cosine", "-s", "train.warmup_steps=2",
     "-s", "train.min_lr_ratio=0.1", "-s", "train.gradient_checkpointing=true", "-s", "train.prompts_per_step=2",
@@ -98,13 +85,12 @@ EXPECTED_LR = [5e-4, 1e-3, 5.5e-4, 1e-4]
 
 
 def distill(data: Path, out: Path, *extra: str):
-    args = ["distill", "--student", "tiny", "--teacher", "tiny-teacher", "--data", str(data), "--out", str(out)]
-    return CliRunner().invoke(app, [*args, *SCHEDULED, *extra])
+    return CliRunner().invoke(app, ["distill", *pair_args(data, out), *SCHEDULED, *extra])
 
 
 def test_scheduled_checkpointed_run_resumes_exactly(tmp_path, monkeypatch, tiny, tiny_teacher):
     resolve_model_path("tiny"), resolve_model_path("tiny-teacher")
-    data = write_data(tmp_path / "arith.jsonl")
+    data = write_jsonl(tmp_path / "arith.jsonl", data_rows(8))
     whole = distill(data, tmp_path / "a")
     assert whole.exit_code == 0, whole.output
     rows = [r for r in read_rows(tmp_path / "a" / "metrics.jsonl") if r["step"] > 0]
@@ -116,17 +102,15 @@ def test_scheduled_checkpointed_run_resumes_exactly(tmp_path, monkeypatch, tiny,
     resumed = distill(data, tmp_path / "b", "--resume")
     assert resumed.exit_code == 0, resumed.output
 
-    def comparable(run: Path) -> list[dict]:
-        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in read_rows(run / "metrics.jsonl")]
-
-    assert comparable(tmp_path / "b") == comparable(tmp_path / "a")
+    rows_a, rows_b = (read_rows(tmp_path / r / "metrics.jsonl") for r in "ab")
+    assert comparable(rows_b) == comparable(rows_a)
     wa, wb = (load_file(tmp_path / r / "checkpoints" / "step_000004" / "model.safetensors") for r in "ab")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_sft_follows_the_schedule(tmp_path, tiny):
     resolve_model_path("tiny")
-    data = write_data(tmp_path / "arith.jsonl")
+    data = write_jsonl(tmp_path / "arith.jsonl", data_rows(8))
     result = CliRunner().invoke(app, ["sft", "--student", "tiny", "--data", str(data), "--out", str(tmp_path / "s"),
                                       *SCHEDULED])  # fmt: skip
     assert result.exit_code == 0, result.output
