@@ -47,18 +47,36 @@ def _main(_version_flag: bool = typer.Option(False, "--version", metavar="", cal
     """On-policy distillation that sees length inflation and truncation collapse coming."""
 
 
+def _error(message: str) -> None:
+    console.print(f"[bold red]error:[/] {rich_escape(message)}", highlight=False, soft_wrap=True)
+
+
 def _guard(debug: bool, body: Callable[[], int | None]) -> None:
-    """Run a command body; turn known failures into one line and an exit code."""
+    """Run a command body; turn every failure into one line and an exit code (`--debug` re-raises).
+
+    Exit codes: 2 bad input or environment (a UserError, or an OS error naming a path: no space, permission
+    denied), 3 collapse stop, 4 non-finite training, 130/143 interrupted, 1 anything else, which is a bug."""
     try:
         code = body() or 0
     except (UserError, CollapseStop, TrainingStopped) as exc:
         if debug:
             raise
-        console.print(f"[bold red]error:[/] {rich_escape(str(exc))}", highlight=False, soft_wrap=True)
+        _error(str(exc))
         code = exc.exit_code
     except KeyboardInterrupt:
         console.print("interrupted", highlight=False)
         code = 130
+    except Exception as exc:
+        if debug:
+            raise
+        if isinstance(exc, OSError) and exc.strerror:  # the machine said no: disk full, permission denied
+            _error(f"{exc.strerror.lower()}{f': {exc.filename}' if exc.filename else ''}")
+            code = 2
+        else:  # a bug: one line, and the way to see more
+            text = str(exc).splitlines()[0][:300] if str(exc) else ""
+            _error(f"internal error: {type(exc).__name__}{': ' + text if text else ''}; rerun with --debug "
+                   "for the traceback")
+            code = 1
     if code:
         record_exit_code(code)
     raise typer.Exit(code)

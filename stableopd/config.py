@@ -18,10 +18,24 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stableopd.errors import UserError
+from stableopd.files import read_text
+
+MAX_INT = 2**31 - 1  # every count and size: larger values overflow tensors and index types downstream
+MAX_SEED = 2**63 - 1
+MAX_NEW_TOKENS = 1 << 20
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of YAML; anything larger is the wrong file
+MIN_TEMPERATURE = 1e-3  # below it logits / T overflow in low precision: use 0 (greedy) instead
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float key must be finite ("nan", ".inf" are errors that name the key)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _check_temperature(v: float) -> float:
+    if 0 < v < MIN_TEMPERATURE:
+        raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
+    return v
 
 
 class ModelSpec(Section):
@@ -47,26 +61,31 @@ class DataConfig(Section):
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     solution_field: str = "solution"
-    limit: int | None = Field(default=None, ge=1)
-    val_limit: int | None = Field(default=64, ge=1)
+    limit: int | None = Field(default=None, ge=1, le=MAX_INT)
+    val_limit: int | None = Field(default=64, ge=1, le=MAX_INT)
     shuffle: bool = True
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     chat_template: bool = True
     system_prompt: str | None = None
-    max_prompt_tokens: int = Field(default=1024, ge=1)
+    max_prompt_tokens: int = Field(default=1024, ge=1, le=MAX_NEW_TOKENS)
+    max_file_mb: int = Field(default=4096, ge=1, le=1 << 30)  # a local data file is read whole: refuse larger
+    max_line_mb: int = Field(default=64, ge=1, le=1 << 20)  # a longer JSONL line is an error
 
 
 class SamplingConfig(Section):
     """How rollouts are drawn. `options` go to the backend, which validates them itself."""
 
     backend: str = "hf"
-    n: int = Field(default=4, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0)
+    n: int = Field(default=4, ge=1, le=MAX_INT)
+    temperature: float = Field(default=1.0, ge=0.0, le=100.0)  # 0 = greedy
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)  # 0 = off
-    max_new_tokens: int = Field(default=128, ge=1)
-    seed: int = 0
+    top_k: int = Field(default=0, ge=0, le=MAX_INT)  # 0 = off
+    max_new_tokens: int = Field(default=128, ge=1, le=MAX_NEW_TOKENS)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     options: dict[str, Any] = Field(default_factory=dict)
+
+    _temperature = field_validator("temperature")(classmethod(lambda cls, v: _check_temperature(v)))
+
     # stop when sampler and trainer log-probs of the sampled tokens differ by more than this (mean, nats):
     # a weight sync that did not take; checked at temperature 1 with no top-p/top-k; 0 = never
     max_sync_mismatch: float = Field(default=0.05, ge=0.0)
@@ -77,39 +96,39 @@ class LossConfig(Section):
 
     objective: Literal["opd", "stableopd", "jsd"] = "stableopd"
     advantage: Literal["log_ratio", "power", "clip", "log_compress"] = "log_ratio"
-    power_alpha: float = Field(default=5.0, gt=0.0)
-    adv_clip: float = Field(default=1.0, gt=0.0)
-    clip_eps: float = Field(default=0.2, gt=0.0)
+    power_alpha: float = Field(default=5.0, gt=0.0, le=100.0)
+    adv_clip: float = Field(default=1.0, gt=0.0, le=1e6)
+    clip_eps: float = Field(default=0.2, gt=0.0, le=10.0)
     aggregation: Literal["seq_mean", "token_mean"] = "seq_mean"
-    ref_kl_coef: float = Field(default=0.01, ge=0.0)
-    gold_coef: float = Field(default=0.1, ge=0.0)
+    ref_kl_coef: float = Field(default=0.01, ge=0.0, le=1e6)
+    gold_coef: float = Field(default=0.1, ge=0.0, le=1e6)
     jsd_beta: float = Field(default=0.5, ge=0.0, le=1.0)
-    teacher_temperature: float = Field(default=1.0, gt=0.0)
-    chunk_size: int = Field(default=1024, ge=1)
+    teacher_temperature: float = Field(default=1.0, ge=MIN_TEMPERATURE, le=100.0)
+    chunk_size: int = Field(default=1024, ge=1, le=MAX_INT)
 
 
 class TrainConfig(Section):
-    steps: int = Field(default=100, ge=1)
-    prompts_per_step: int = Field(default=8, ge=1)
-    lr: float = Field(default=1e-6, gt=0.0)
+    steps: int = Field(default=100, ge=1, le=MAX_INT)
+    prompts_per_step: int = Field(default=8, ge=1, le=MAX_INT)
+    lr: float = Field(default=1e-6, gt=0.0, le=10.0)
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"  # after the warmup (stableopd/schedule.py)
-    warmup_steps: int = Field(default=0, ge=0)  # linear warmup from lr / warmup_steps up to lr
+    warmup_steps: int = Field(default=0, ge=0, le=MAX_INT)  # linear warmup from lr / warmup_steps up to lr
     min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)  # linear/cosine end at min_lr_ratio * lr
-    weight_decay: float = Field(default=0.0, ge=0.0)
-    micro_batch: int = Field(default=8, ge=1)  # sequences per forward/backward
-    epochs_per_batch: int = Field(default=1, ge=1)
+    weight_decay: float = Field(default=0.0, ge=0.0, le=100.0)
+    micro_batch: int = Field(default=8, ge=1, le=MAX_INT)  # sequences per forward/backward
+    epochs_per_batch: int = Field(default=1, ge=1, le=MAX_INT)
     grad_clip: float = Field(default=1.0, ge=0.0)  # 0 = off
     gradient_checkpointing: bool = False  # recompute decoder activations in backward: less memory, more time
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    save_every: int = Field(default=50, ge=1)
-    keep_last: int = Field(default=3, ge=1)
-    eval_every: int = Field(default=10, ge=0)  # 0 = no validation
+    save_every: int = Field(default=50, ge=1, le=MAX_INT)
+    keep_last: int = Field(default=3, ge=1, le=MAX_INT)
+    eval_every: int = Field(default=10, ge=0, le=MAX_INT)  # 0 = no validation
     eval_at_start: bool = True  # validate once before the first update (logged as step 0)
-    rollouts_every: int = Field(default=1, ge=0)  # write rollouts/step_N.jsonl every k steps; 0 = never
-    seed: int = 0
+    rollouts_every: int = Field(default=1, ge=0, le=MAX_INT)  # write rollouts/step_N.jsonl every k steps; 0 = never
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     stop_on_collapse: bool = False
-    max_bad_steps: int = Field(default=3, ge=1)  # consecutive non-finite steps before stopping
-    dist_timeout_s: float = Field(default=600.0, gt=0.0)  # multi-process: a collective waiting longer raises
+    max_bad_steps: int = Field(default=3, ge=1, le=MAX_INT)  # consecutive non-finite steps before stopping
+    dist_timeout_s: float = Field(default=600.0, gt=0.0, le=7 * 86400.0)  # multi-process: a collective waiting longer raises
     shard_frozen: bool = False  # multi-process: FSDP-shard teacher and reference too (default: a full copy per rank)
 
     @model_validator(mode="after")
@@ -125,19 +144,21 @@ class TrainConfig(Section):
 class EvalConfig(Section):
     """`stableopd eval` (stableopd/evaluate.py). Unset keys take the preset's value when `preset` is set."""
 
-    n: int = Field(default=1, ge=1)  # samples per problem: accuracy is avg@n
-    temperature: float = Field(default=0.6, ge=0.0)
+    n: int = Field(default=1, ge=1, le=MAX_INT)  # samples per problem: accuracy is avg@n
+    temperature: float = Field(default=0.6, ge=0.0, le=100.0)  # 0 = greedy
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    max_new_tokens: int | None = Field(default=None, ge=1)  # None: sampling.max_new_tokens
+    max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)  # None: sampling.max_new_tokens
     checker: str = "auto"  # a name registered in stableopd/answers.py: auto, math, numeric, or a plugin's
     pass_k: list[int] = Field(default_factory=lambda: [1])  # unbiased pass@k for each k (k <= n)
     preset: str | None = None  # math500, aime24, aime25, amc, minerva, olympiadbench (eval_presets.py)
     response_field: str = "response"  # text field of `eval --responses FILE.jsonl` lines
 
+    _temperature = field_validator("temperature")(classmethod(lambda cls, v: _check_temperature(v)))
+
     @field_validator("pass_k")
     @classmethod
     def _positive_k(cls, v: list[int]) -> list[int]:
-        if not v or any(k < 1 for k in v):
+        if not v or any(k < 1 or k > MAX_INT for k in v):
             raise ValueError("must be a non-empty list of positive integers, e.g. [1, 4]")
         return v
 
@@ -145,27 +166,28 @@ class EvalConfig(Section):
 class DiagnoseConfig(Section):
     """Repetition rules and the collapse/inflation detector (rules in stableopd/repetition.py, diagnostics.py)."""
 
-    rep_tail_chars: int = Field(default=10_000, ge=1)  # L; short generations need a smaller L
-    rep_ratio: float = Field(default=10.0, gt=0.0)  # tau
-    rep_token_ngram: int = Field(default=16, ge=1)  # a token is repetitive inside a repeated n-token window
+    rep_tail_chars: int = Field(default=10_000, ge=1, le=MAX_INT)  # L; short generations need a smaller L
+    rep_ratio: float = Field(default=10.0, gt=0.0, le=1e6)  # tau
+    rep_token_ngram: int = Field(default=16, ge=1, le=MAX_INT)  # a token is repetitive inside a repeated n-token window
     text_field: str = "response"
     finish_field: str = "finish_reason"
     truncated_field: str = "truncated"
     step_field: str = "step"
-    chunk_size: int = Field(default=0, ge=0)  # no step field: 0 = one step, k = k records a step
+    chunk_size: int = Field(default=0, ge=0, le=MAX_INT)  # no step field: 0 = one step, k = k records a step
     collapse_trunc: float = Field(default=0.95, ge=0.0, le=1.0)
     collapse_rep_jump: float = Field(default=0.2, ge=0.0, le=1.0)
-    patience: int = Field(default=3, ge=1)  # steps an excursion must last before it counts
-    max_gap: int = Field(default=1, ge=0)  # failing steps tolerated inside a collapse excursion
-    inflation_window: int = Field(default=20, ge=3)
-    inflation_min_growth: float = Field(default=0.3, ge=0.0)  # relative growth of the length median
+    patience: int = Field(default=3, ge=1, le=MAX_INT)  # steps an excursion must last before it counts
+    max_gap: int = Field(default=1, ge=0, le=MAX_INT)  # failing steps tolerated inside a collapse excursion
+    inflation_window: int = Field(default=20, ge=3, le=MAX_INT)
+    inflation_min_growth: float = Field(default=0.3, ge=0.0, le=1e6)  # relative growth of the length median
     inflation_trunc_rise: float = Field(default=0.15, ge=0.0, le=1.0)  # absolute rise of the trunc median
     # a warning (not a verdict) when the median over the last inflation_window steps is at least this high,
     # even if it never changed: a budget too small from the first step, or a run that began collapsed
     high_trunc: float = Field(default=0.6, ge=0.0, le=1.0)
     high_rep: float = Field(default=0.5, ge=0.0, le=1.0)
-    examples: int = Field(default=5, ge=0)  # worst responses shown by diagnose
-    example_files: int = Field(default=3, ge=0)  # last rollout files read for examples when metrics exist
+    examples: int = Field(default=5, ge=0, le=MAX_INT)  # worst responses shown by diagnose
+    example_files: int = Field(default=3, ge=0, le=MAX_INT)  # last rollout files read for examples when metrics exist
+    max_line_mb: int = Field(default=64, ge=1, le=1 << 20)  # a longer JSONL line is an error (files are streamed)
 
     def thresholds(self) -> dict[str, Any]:
         """Keyword arguments of `diagnostics.detect` and `diagnostics.CollapseGuard`."""
@@ -267,12 +289,13 @@ def _valid_keys_hint(loc: tuple) -> str:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file '{p}' does not exist")
+    text = read_text(p, "config file", max_bytes=MAX_CONFIG_BYTES)
     try:
-        tree = yaml.safe_load(p.read_text())
+        tree = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise UserError(f"config file '{p}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise UserError(f"config file '{p}' is nested too deeply to be a config") from None
     if tree is None:
         return {}
     if not isinstance(tree, dict):
@@ -293,9 +316,13 @@ def load_config(
         if value is not None:
             _set_dotted(tree, key, value)
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except ValidationError as err:
         raise UserError(_format_validation_error(err)) from None
+    from stableopd.backends.base import check_options
+
+    check_options(cfg.sampling.backend, cfg.sampling.options)
+    return cfg
 
 
 def dump_config(cfg: Config) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from stableopd.errors import UserError
+from stableopd.files import MIB, check_input, iter_lines, read_text
 
 
 @dataclass(frozen=True)
@@ -36,38 +37,47 @@ class Fields:
     solution: str = "solution"
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, *, max_line_mb: int = 64, what: str = "data file") -> list[dict[str, Any]]:
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg}); fix or remove that line") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    for lineno, line, _ in iter_lines(path, max_line_bytes=max_line_mb * MIB, key="data.max_line_mb",
+                                      what=what):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg}); fix or remove that line") from None
+        except RecursionError:
+            raise UserError(f"{path}:{lineno}: JSON nested too deeply") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
+def _read_rows(path: Path, *, max_file_mb: int, max_line_mb: int) -> list[dict[str, Any]]:
+    check_input(path, "data file", max_bytes=max_file_mb * MIB, key="data.max_file_mb")
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise UserError(f"reading '{path}' needs pyarrow: pip install 'stableopd[parquet]'") from None
-        return pq.read_table(path).to_pylist()
-    if path.suffix == ".json":
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            return pq.read_table(path).to_pylist()
+        except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for damaged files
+            raise UserError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0][:200]})") from None
+    if path.suffix == ".json":
+        text = read_text(path, "data file", max_bytes=max_file_mb * MIB, key="data.max_file_mb")
+        try:
+            rows = json.loads(text)
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        except RecursionError:
+            raise UserError(f"{path}: JSON nested too deeply") from None
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise UserError(f"{path}: expected a JSON list of objects")
         return rows
-    return read_jsonl(path)
+    return read_jsonl(path, max_line_mb=max_line_mb)
 
 
 def _read_hub(name: str, split: str) -> list[dict[str, Any]]:
@@ -98,8 +108,10 @@ def _to_example(row: dict[str, Any], idx: int, fields: Fields, where: str) -> Ex
 
 
 def load_examples(source: str, *, split: str = "train", fields: Fields | None = None, limit: int | None = None,
-                  shuffle: bool = False, seed: int = 0) -> list[Example]:
-    """Read a source into Examples; `shuffle` (by `seed`) happens before `limit`."""
+                  shuffle: bool = False, seed: int = 0, max_file_mb: int = 4096, max_line_mb: int = 64
+                  ) -> list[Example]:
+    """Read a source into Examples; `shuffle` (by `seed`) happens before `limit`. A local file over
+    `max_file_mb`, or with a line over `max_line_mb`, is refused before it fills memory."""
     fields = fields or Fields()
     if source.startswith("builtin:"):
         from stableopd.arith import builtin_examples
@@ -107,8 +119,8 @@ def load_examples(source: str, *, split: str = "train", fields: Fields | None = 
         examples = builtin_examples(source, split=split, limit=limit, seed=seed)
     else:
         path = Path(source).expanduser()
-        if path.exists():
-            rows = _read_rows(path)
+        if path.exists() or path.is_symlink():
+            rows = _read_rows(path, max_file_mb=max_file_mb, max_line_mb=max_line_mb)
         elif path.suffix in (".jsonl", ".json", ".parquet") or source.startswith((".", "/", "~")):
             raise UserError(f"data file '{source}' does not exist")
         else:
@@ -123,6 +135,15 @@ def load_examples(source: str, *, split: str = "train", fields: Fields | None = 
     if shuffle:
         random.Random(seed).shuffle(examples)
     return examples[:limit] if limit else examples
+
+
+def examples_for(d, *, source: str | None = None, split: str | None = None, limit: int | None = None,
+                 shuffle: bool | None = None) -> list[Example]:
+    """`load_examples` with the field names, order and file limits of a `DataConfig` `d`."""
+    fields = Fields(id=d.id_field, prompt=d.prompt_field, answer=d.answer_field, solution=d.solution_field)
+    return load_examples(source or d.source, split=split or d.split, fields=fields, limit=limit,
+                         shuffle=d.shuffle if shuffle is None else shuffle, seed=d.seed,
+                         max_file_mb=d.max_file_mb, max_line_mb=d.max_line_mb)
 
 
 def encode_prompt(tokenizer, text: str, *, chat_template: bool = True, system_prompt: str | None = None) -> list[int]:

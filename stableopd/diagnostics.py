@@ -34,7 +34,7 @@ import itertools
 import json
 import re
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +53,7 @@ from stableopd.detector import (  # noqa: F401 (CollapseGuard, detect and Verdic
     detect,
 )
 from stableopd.errors import UserError
+from stableopd.files import MIB, iter_lines
 from stableopd.repetition import is_repetitive, repetitive_token_mask
 
 ROLLOUT_KEYS = (LENGTH, "rollout/length_max", TRUNC, REP, "rollout/rep_token_frac")
@@ -114,56 +115,77 @@ class Diagnosis:
 # ---------------------------------------------------------------- reading
 
 
-def read_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
-    """(line number, object) pairs of a JSONL file and warnings for every line that had to be skipped."""
-    raw = path.read_bytes().decode("utf-8", errors="replace")
-    lines = raw.split("\n")
-    cut_off = not raw.endswith("\n")  # the writer stopped mid-line (or never wrote the final newline)
-    last = max((no for no, line in enumerate(lines, start=1) if line.strip()), default=0)
-    records: list[tuple[int, dict]] = []
-    problems: dict[str, list[int]] = {}
-    for no, line in enumerate(lines, start=1):
+class LineProblems:
+    """Lines that had to be skipped, by kind: the first few line numbers of each kind and a count."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[str, tuple[list[int], int]] = {}
+        self.bad_utf8 = 0
+
+    def add(self, kind: str, no: int) -> None:
+        nos, count = self.kinds.get(kind, ([], 0))
+        if len(nos) < _MAX_LINE_WARNINGS:
+            nos.append(no)
+        self.kinds[kind] = (nos, count + 1)
+
+    def warnings(self, name: str, what: str = "skipped") -> list[str]:
+        out = []
+        for kind, (nos, count) in self.kinds.items():
+            out += [f"{name}:{no}: {kind}, {what}" for no in nos]
+            if count > len(nos):
+                out.append(f"{name}: {count - len(nos)} more lines {kind}, {what}")
+        return out
+
+
+def iter_jsonl(path: Path, problems: LineProblems, *, max_line_mb: int = 64) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each JSON object line, streamed; other lines are counted in `problems`.
+
+    Bytes that are not UTF-8 are replaced (another tool's log is read as far as it goes); a line over
+    `max_line_mb` MiB is an error (diagnose.max_line_mb)."""
+    blanks: list[int] = []
+    for no, line, newline in iter_lines(path, max_line_bytes=max_line_mb * MIB, key="diagnose.max_line_mb",
+                                        errors="replace"):
+        if "\ufffd" in line:
+            problems.bad_utf8 += 1
         if not line.strip():
-            if no < last:  # trailing blank lines are harmless
-                problems.setdefault("blank line", []).append(no)
+            blanks.append(no)  # only a blank line before another record is worth a warning
             continue
+        for blank in blanks:
+            problems.add("blank line", blank)
+        blanks = []
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError:
-            kind = "cut off (the file ends mid-record)" if cut_off and no == len(lines) else "not valid JSON"
-            problems.setdefault(kind, []).append(no)
+        except (json.JSONDecodeError, RecursionError):
+            problems.add("not valid JSON" if newline else "cut off (the file ends mid-record)", no)
             continue
         if not isinstance(obj, dict):
-            problems.setdefault(f"a JSON {type(obj).__name__}, not an object", []).append(no)
+            problems.add(f"a JSON {type(obj).__name__}, not an object", no)
             continue
-        records.append((no, obj))
-    return records, _line_warnings(path.name, problems)
+        yield no, obj
 
 
-def _line_warnings(name: str, problems: dict[str, list[int]], what: str = "skipped") -> list[str]:
-    out = []
-    for kind, nos in problems.items():
-        out += [f"{name}:{no}: {kind}, {what}" for no in nos[:_MAX_LINE_WARNINGS]]
-        if len(nos) > _MAX_LINE_WARNINGS:
-            out.append(f"{name}: {len(nos) - _MAX_LINE_WARNINGS} more lines {kind}, {what}")
-    return out
+def read_jsonl(path: Path, *, max_line_mb: int = 64) -> tuple[list[tuple[int, dict]], list[str]]:
+    """(line number, object) pairs of a JSONL file and warnings for every line that had to be skipped."""
+    problems = LineProblems()
+    records = list(iter_jsonl(path, problems, max_line_mb=max_line_mb))
+    return records, problems.warnings(path.name)
 
 
 def _metrics_series(
-    records: list[tuple[int, dict]], name: str, warnings: list[str]
+    records: Iterable[tuple[int, dict]], name: str, warnings: list[str]
 ) -> dict[str, dict[int, float]]:
     """metric -> step -> value from metrics.jsonl objects; non-numeric values are ignored."""
     series: dict[str, dict[int, float]] = {}
-    no_step: list[int] = []
+    no_step = LineProblems()
     for no, rec in records:
         step = rec.get("step")
         if isinstance(step, bool) or not isinstance(step, int):
-            no_step.append(no)
+            no_step.add("no integer 'step' field", no)
             continue
         for key, value in rec.items():
             if key != "step" and (x := _number(value)) is not None:
                 series.setdefault(key, {})[step] = x
-    warnings += _line_warnings(name, {"no integer 'step' field": no_step})
+    warnings += no_step.warnings(name)
     return series
 
 
@@ -202,6 +224,93 @@ def _token_split(rec: Mapping, units: list[int], ngram: int, sums: dict[str, flo
     return None
 
 
+class StepStats:
+    """Running sums of one step's response metrics: records are added one at a time and dropped, so a step of
+    any size costs the same memory. `metrics()` gives what `response_metrics` documents."""
+
+    def __init__(self, prefix: str, *, text_field: str, finish_field: str, truncated_field: str,
+                 tail_chars: int, ratio: float, ngram: int, step: int | None = None) -> None:
+        self.prefix, self.text_field, self.finish_field, self.truncated_field = (prefix, text_field, finish_field,
+                                                                                 truncated_field)
+        self.tail_chars, self.ratio, self.ngram, self.step = tail_chars, ratio, ngram, step
+        self.warnings: list[str] = []
+        self.more_warnings = 0
+        self.n = self.n_rep = self.n_trunc_known = self.n_trunc = 0
+        self.tokens_all = True  # every record so far has a token length
+        self.len_tokens = self.len_words = 0.0
+        self.max_tokens = self.max_words = 0
+        self.correct: list[float] = [0.0, 0.0]  # sum, count
+        self.sums = dict.fromkeys(("tokens", "rep_tokens", "adv_regular", "adv_repetitive", "teacher",
+                                   "student"), 0.0) | {"n_regular": 0, "n_repetitive": 0}
+
+    def _warn(self, text: str) -> None:
+        if len(self.warnings) < _MAX_LINE_WARNINGS:
+            self.warnings.append(text)
+        else:
+            self.more_warnings += 1
+
+    def add(self, label: str, rec: Mapping) -> Example | None:
+        """Count one record; its Example, or None (with a warning) when it has no text."""
+        text = rec.get(self.text_field)
+        if not isinstance(text, str):
+            self._warn(f"{label}: no text field '{self.text_field}', skipped")
+            return None
+        ids = _token_ids(rec)
+        words = text.split()
+        n_tok = rec.get("n_tokens")
+        has_tokens = isinstance(n_tok, int) or ids is not None
+        n_tok = n_tok if isinstance(n_tok, int) else len(ids or [])
+        self.tokens_all &= has_tokens
+        self.len_tokens += n_tok
+        self.len_words += len(words)
+        self.max_tokens, self.max_words = max(self.max_tokens, n_tok), max(self.max_words, len(words))
+        if isinstance(rec.get("correct"), (bool, int, float)):
+            self.correct[0] += float(rec["correct"])
+            self.correct[1] += 1
+        if ids is not None:
+            units = ids
+        else:
+            vocab: dict[str, int] = {}  # words stand in for token ids when a record has none
+            units = [vocab.setdefault(w, len(vocab)) for w in words]
+        if (warn := _token_split(rec, units, self.ngram, self.sums)) is not None:
+            self._warn(f"{label}: {warn}")
+        rep, r = is_repetitive(text, self.tail_chars, self.ratio)
+        truncated = _truncated(rec, self.truncated_field, self.finish_field)
+        self.n += 1
+        self.n_rep += rep
+        if truncated is not None:
+            self.n_trunc_known += 1
+            self.n_trunc += truncated
+        return Example(label, self.step, text, r, truncated, rep)
+
+    @property
+    def unit(self) -> str:
+        return "tokens" if self.tokens_all else "words"
+
+    def metrics(self) -> dict[str, float]:
+        if not self.n:
+            return {}
+        p, sums = self.prefix, self.sums
+        total, longest = (self.len_tokens, self.max_tokens) if self.tokens_all else (self.len_words, self.max_words)
+        m = {f"{p}/length_mean": total / self.n, f"{p}/length_max": float(longest), f"{p}/rep_rate": self.n_rep / self.n}
+        if self.n_trunc_known:
+            m[f"{p}/trunc_rate"] = self.n_trunc / self.n_trunc_known
+        if sums["tokens"]:
+            m[f"{p}/rep_token_frac"] = sums["rep_tokens"] / sums["tokens"]
+        if self.correct[1]:
+            m[f"{p}/accuracy"] = self.correct[0] / self.correct[1]
+        if p == "rollout":  # DESIGN.md names these without a prefix; validation has no teacher
+            n_lp = sums["n_regular"] + sums["n_repetitive"]
+            for kind in ("regular", "repetitive"):
+                if sums[f"n_{kind}"]:
+                    m[f"adv/{kind}_mean"] = sums[f"adv_{kind}"] / sums[f"n_{kind}"]
+            if n_lp:
+                m["adv/mean"] = (sums["adv_regular"] + sums["adv_repetitive"]) / n_lp
+                m["teacher/logprob_mean"] = sums["teacher"] / n_lp
+                m["student/logprob_mean"] = sums["student"] / n_lp
+        return m
+
+
 def response_metrics(
     records: Sequence[tuple[str, dict]],
     *,
@@ -219,52 +328,11 @@ def response_metrics(
     `records` are (source label, record) pairs; records without a string `text_field` are skipped with a
     warning. Rates are means over responses; rep_token_frac and the advantage means are token-weighted.
     """
-    warnings = [
-        f"{lb}: no text field '{text_field}', skipped"
-        for lb, r in records
-        if not isinstance(r.get(text_field), str)
-    ]
-    kept = [(lb, r) for lb, r in records if isinstance(r.get(text_field), str)]
-    if not kept:
-        return {}, [], warnings, "tokens"
-    by_tokens = all(isinstance(r.get("n_tokens"), int) or _token_ids(r) is not None for _, r in kept)
-    lengths, correct, examples = [], [], []
-    sums = dict.fromkeys(("tokens", "rep_tokens", "adv_regular", "adv_repetitive", "teacher", "student"), 0.0)
-    sums |= {"n_regular": 0, "n_repetitive": 0}
-    vocab: dict[str, int] = {}  # words stand in for token ids when a record has none
-    for label, rec in kept:
-        text, ids = rec[text_field], _token_ids(rec)
-        words = text.split()
-        n_tokens = rec.get("n_tokens") if isinstance(rec.get("n_tokens"), int) else len(ids or [])
-        lengths.append(n_tokens if by_tokens else len(words))
-        if isinstance(rec.get("correct"), (bool, int, float)):
-            correct.append(float(rec["correct"]))
-        units = ids if ids is not None else [vocab.setdefault(w, len(vocab)) for w in words]
-        if (warn := _token_split(rec, units, ngram, sums)) is not None:
-            warnings.append(f"{label}: {warn}")
-        rep, r = is_repetitive(text, tail_chars, ratio)
-        examples.append(Example(label, step, text, r, _truncated(rec, truncated_field, finish_field), rep))
-    m = {
-        f"{prefix}/length_mean": sum(lengths) / len(lengths),
-        f"{prefix}/length_max": float(max(lengths)),
-        f"{prefix}/rep_rate": sum(ex.repetitive for ex in examples) / len(examples),
-    }
-    if known := [ex.truncated for ex in examples if ex.truncated is not None]:
-        m[f"{prefix}/trunc_rate"] = sum(known) / len(known)
-    if sums["tokens"]:
-        m[f"{prefix}/rep_token_frac"] = sums["rep_tokens"] / sums["tokens"]
-    if correct:
-        m[f"{prefix}/accuracy"] = sum(correct) / len(correct)
-    if prefix == "rollout":  # DESIGN.md names these without a prefix; validation has no teacher
-        n_lp = sums["n_regular"] + sums["n_repetitive"]
-        for kind in ("regular", "repetitive"):
-            if sums[f"n_{kind}"]:
-                m[f"adv/{kind}_mean"] = sums[f"adv_{kind}"] / sums[f"n_{kind}"]
-        if n_lp:
-            m["adv/mean"] = (sums["adv_regular"] + sums["adv_repetitive"]) / n_lp
-            m["teacher/logprob_mean"] = sums["teacher"] / n_lp
-            m["student/logprob_mean"] = sums["student"] / n_lp
-    return m, examples, warnings, "tokens" if by_tokens else "words"
+    stats = StepStats(prefix, text_field=text_field, finish_field=finish_field, truncated_field=truncated_field,
+                      tail_chars=tail_chars, ratio=ratio, ngram=ngram, step=step)
+    examples = [ex for label, rec in records if (ex := stats.add(label, rec)) is not None]
+    warnings = stats.warnings + ([f"{stats.more_warnings} more record warnings"] if stats.more_warnings else [])
+    return stats.metrics(), examples, warnings, stats.unit
 
 
 # ---------------------------------------------------------------- diagnose PATH
@@ -280,15 +348,37 @@ def _merge(series: dict[str, dict[int, float]], metrics: Mapping[str, float], st
         series.setdefault(key, {}).setdefault(step, value)  # metrics.jsonl values win
 
 
-def _records_kind(records: list[tuple[int, dict]], cfg: DiagnoseConfig, path: Path) -> str:
-    texts = sum(isinstance(r.get(cfg.text_field), str) for _, r in records)
-    if texts:
+@dataclass
+class _Scan:
+    """What a first pass over a JSONL found: record count, kinds of record, the first keys seen."""
+
+    records: int = 0
+    texts: bool = False
+    metrics: bool = False
+    steps: bool = False
+    keys: tuple[str, ...] = ()
+
+
+def _scan(path: Path, cfg: DiagnoseConfig, problems: LineProblems) -> _Scan:
+    scan, keys = _Scan(), set()
+    for _, r in iter_jsonl(path, problems, max_line_mb=cfg.max_line_mb):
+        scan.records += 1
+        scan.texts = scan.texts or isinstance(r.get(cfg.text_field), str)
+        scan.steps = scan.steps or cfg.step_field in r
+        scan.metrics = scan.metrics or ("step" in r and any("/" in k for k in r))
+        if scan.records <= 50:
+            keys |= set(r)
+    scan.keys = tuple(sorted(keys)[:12])
+    return scan
+
+
+def _records_kind(scan: _Scan, cfg: DiagnoseConfig, path: Path) -> str:
+    if scan.texts:
         return "responses"
-    if any("step" in r and any("/" in k for k in r) for _, r in records):
+    if scan.metrics:
         return "metrics"
-    keys = sorted({k for _, r in records[:50] for k in r})[:12]
     raise UserError(
-        f"{path}: records have no text field '{cfg.text_field}' and no metrics (keys seen: {', '.join(keys)}); "
+        f"{path}: records have no text field '{cfg.text_field}' and no metrics (keys seen: {', '.join(scan.keys)}); "
         "pass --text-field NAME (diagnose.text_field) for another tool's generations"
     )
 
@@ -305,34 +395,46 @@ class _Reader:
         self._heap: list[tuple[tuple, int, Example]] = []  # min-heap of the worst examples so far
         self._order = itertools.count()  # tie-breaker: Examples do not compare
 
-    def add(self, records: list[tuple[str, dict]], prefix: str, step: int) -> None:
+    def stats(self, prefix: str, step: int) -> StepStats:
         c = self.cfg
-        metrics, examples, warns, unit = response_metrics(
-            records, prefix=prefix, text_field=c.text_field, finish_field=c.finish_field,
-            truncated_field=c.truncated_field, tail_chars=c.rep_tail_chars, ratio=c.rep_ratio,
-            ngram=c.rep_token_ngram, step=step,
-        )  # fmt: skip
-        _merge(self.series, metrics, step)
-        self.warnings += warns[:_MAX_LINE_WARNINGS] + (
-            [f"{len(warns) - _MAX_LINE_WARNINGS} more record warnings at step {step}"]
-            if len(warns) > _MAX_LINE_WARNINGS
-            else []
-        )
-        if metrics:
-            self.units.add(unit)
-        self.responses += len(examples)
-        self.longer_than_tail += sum(len(ex.text) > c.rep_tail_chars for ex in examples)
-        if prefix == "rollout":
-            for ex in examples:
-                key = (ex.truncated is True, ex.repetitive, ex.ratio)
+        return StepStats(prefix, text_field=c.text_field, finish_field=c.finish_field,
+                         truncated_field=c.truncated_field, tail_chars=c.rep_tail_chars, ratio=c.rep_ratio,
+                         ngram=c.rep_token_ngram, step=step)
+
+    def take(self, stats: StepStats, label: str, rec: Mapping) -> None:
+        """Count one record into `stats`; keep its response if it is among the worst so far."""
+        ex = stats.add(label, rec)
+        if ex is None:
+            return
+        self.responses += 1
+        self.longer_than_tail += len(ex.text) > self.cfg.rep_tail_chars
+        if stats.prefix == "rollout" and self.cfg.examples:
+            key = (ex.truncated is True, ex.repetitive, ex.ratio)
+            if len(self._heap) < self.cfg.examples:
                 heapq.heappush(self._heap, (key, next(self._order), ex))
-                if len(self._heap) > c.examples:
-                    heapq.heappop(self._heap)
+            elif key > self._heap[0][0]:
+                heapq.heapreplace(self._heap, (key, next(self._order), ex))
+
+    def finish(self, stats: StepStats) -> None:
+        metrics = stats.metrics()
+        _merge(self.series, metrics, stats.step)
+        self.warnings += stats.warnings
+        if stats.more_warnings:
+            self.warnings.append(f"{stats.more_warnings} more record warnings at step {stats.step}")
+        if metrics:
+            self.units.add(stats.unit)
+
+    def add(self, records: Iterable[tuple[str, dict]], prefix: str, step: int) -> None:
+        stats = self.stats(prefix, step)
+        for label, rec in records:
+            self.take(stats, label, rec)
+        self.finish(stats)
 
     def add_file(self, path: Path, prefix: str, step: int) -> None:
-        records, warns = read_jsonl(path)
-        self.warnings += [f"{path.parent.name}/{w}" for w in warns]
-        self.add([(f"{path.parent.name}/{path.name}:{no}", r) for no, r in records], prefix, step)
+        problems, where = LineProblems(), f"{path.parent.name}/{path.name}"
+        self.add(((f"{where}:{no}", r) for no, r in iter_jsonl(path, problems, max_line_mb=self.cfg.max_line_mb)),
+                 prefix, step)
+        self.warnings += [f"{path.parent.name}/{w}" for w in problems.warnings(path.name)]
 
     def examples(self) -> list[Example]:
         return [ex for _, _, ex in sorted(self._heap, key=lambda item: item[0], reverse=True)]
@@ -356,9 +458,10 @@ def _read_run(run_dir: Path, reader: _Reader, progress: bool) -> None:
     if not metrics_path.is_file() and not rollout_files and not val_files:
         raise UserError(f"{run_dir} is not a run directory: no metrics.jsonl, rollouts/ or val/ files in it")
     if metrics_path.is_file():
-        records, warns = read_jsonl(metrics_path)
-        reader.warnings += warns
+        problems = LineProblems()
+        records = iter_jsonl(metrics_path, problems, max_line_mb=reader.cfg.max_line_mb)
         reader.series.update(_metrics_series(records, metrics_path.name, reader.warnings))
+        reader.warnings += problems.warnings(metrics_path.name)
     else:
         reader.warnings.append(f"{metrics_path.name} missing: every series is recomputed from rollouts")
     last = set(rollout_files[len(rollout_files) - reader.cfg.example_files :])
@@ -379,25 +482,26 @@ def _read_run(run_dir: Path, reader: _Reader, progress: bool) -> None:
         raise UserError(f"{run_dir} is empty: its metrics.jsonl and rollout files hold no records")
 
 
-def _read_responses(path: Path, records: list[tuple[int, dict]], reader: _Reader) -> None:
+def _read_responses(path: Path, reader: _Reader, *, by_step_field: bool) -> None:
+    """Stream a responses file into per-step sums: memory holds one line and the sums, not the file."""
     field_, chunk = reader.cfg.step_field, reader.cfg.chunk_size
-    if any(field_ in r for _, r in records):
-        groups: dict[int, list[tuple[str, dict]]] = {}
-        bad = []
-        for no, r in records:
+    no_step = LineProblems()
+    steps: dict[int, StepStats] = {}
+    records = iter_jsonl(path, LineProblems(), max_line_mb=reader.cfg.max_line_mb)  # warned on the first pass
+    for i, (no, r) in enumerate(records):
+        if by_step_field:
             step = r.get(field_)
-            if isinstance(step, int) and not isinstance(step, bool):
-                groups.setdefault(step, []).append((f"{path.name}:{no}", r))
-            else:
-                bad.append(no)
-        reader.warnings += _line_warnings(path.name, {f"no integer '{field_}' field": bad})
-    elif chunk:
-        labelled = [(f"{path.name}:{no}", r) for no, r in records]
-        groups = {i // chunk: labelled[i : i + chunk] for i in range(0, len(labelled), chunk)}
-    else:
-        groups = {0: [(f"{path.name}:{no}", r) for no, r in records]}
-    for step in sorted(groups):
-        reader.add(groups[step], "rollout", step)
+            if not isinstance(step, int) or isinstance(step, bool):
+                no_step.add(f"no integer '{field_}' field", no)
+                continue
+        else:
+            step = i // chunk if chunk else 0
+        if step not in steps:
+            steps[step] = reader.stats("rollout", step)
+        reader.take(steps[step], f"{path.name}:{no}", r)
+    reader.warnings += no_step.warnings(path.name)
+    for step in sorted(steps):
+        reader.finish(steps[step])
 
 
 def require_path(path: Path) -> None:
@@ -420,20 +524,19 @@ def diagnose(path: Path, cfg: DiagnoseConfig, *, progress: bool = False) -> Diag
         kind = "run"
         _read_run(path, reader, progress)
     else:
-        records, warns = read_jsonl(path)
-        reader.warnings += warns
-        if not records:
-            what = (
-                "is empty"
-                if not path.read_bytes().strip()
-                else "is empty of records (no line is a JSON object)"
-            )
-            raise UserError(f"{path} {what}: nothing to diagnose")
-        kind = _records_kind(records, cfg, path)
+        problems = LineProblems()
+        scan = _scan(path, cfg, problems)
+        reader.warnings += problems.warnings(path.name)
+        if not scan.records:
+            what = "is empty" if not problems.kinds else "is empty of records (no line is a JSON object)"
+            utf8 = "; it is not UTF-8 text" if problems.bad_utf8 else ""
+            raise UserError(f"{path} {what}{utf8}: nothing to diagnose")
+        kind = _records_kind(scan, cfg, path)
         if kind == "metrics":
+            records = iter_jsonl(path, LineProblems(), max_line_mb=cfg.max_line_mb)
             reader.series.update(_metrics_series(records, path.name, reader.warnings))
         else:
-            _read_responses(path, records, reader)
+            _read_responses(path, reader, by_step_field=scan.steps)
     series = reader.series
     if not series:
         first = f" ({reader.warnings[0]})" if reader.warnings else ""

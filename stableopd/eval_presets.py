@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stableopd.config import Config
-from stableopd.data import Example, Fields, load_examples
+from stableopd.data import Example, examples_for
 from stableopd.errors import UserError
 
 BOX_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -98,14 +98,8 @@ def apply_preset(cfg: Config) -> tuple[Config, Preset | None]:
 
 def load_preset_examples(cfg: Config, preset: Preset, *, limit: int | None) -> list[Example]:
     """Load the preset's problems; offline or without `datasets`, one line that says what to do."""
-    fields = Fields(
-        id=cfg.data.id_field,
-        prompt=cfg.data.prompt_field,
-        answer=cfg.data.answer_field,
-        solution=cfg.data.solution_field,
-    )
     try:
-        return load_examples(cfg.data.source, split=cfg.data.split, fields=fields, limit=limit, shuffle=False)
+        return examples_for(cfg.data, limit=limit, shuffle=False)
     except UserError as exc:
         if cfg.data.source != preset.source:  # the user's own local copy: its own error is the right one
             raise

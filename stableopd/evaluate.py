@@ -50,7 +50,7 @@ from rich.table import Table
 
 from stableopd.answers import Checker, check, get_checker
 from stableopd.config import Config
-from stableopd.data import Example, Fields, load_examples, read_jsonl
+from stableopd.data import Example, examples_for, read_jsonl
 from stableopd.errors import UserError
 from stableopd.eval_presets import Preset, apply_preset, load_preset_examples
 from stableopd.progress import console as stderr_console
@@ -74,8 +74,7 @@ def load_problems(cfg: Config, preset: Preset | None) -> list[Example]:
     d = cfg.data
     if preset is not None:
         return load_preset_examples(cfg, preset, limit=d.limit)
-    fields = Fields(id=d.id_field, prompt=d.prompt_field, answer=d.answer_field, solution=d.solution_field)
-    return load_examples(d.source, split=d.split, fields=fields, limit=d.limit, shuffle=False)
+    return examples_for(d, limit=d.limit, shuffle=False)
 
 
 def require_answers(examples: list[Example], *, source: str, answer_field: str) -> None:
@@ -123,9 +122,7 @@ def read_responses(
     path: Path, examples: list[Example], *, response_field: str
 ) -> tuple[list[dict], list[str]]:
     """Rows of a responses file joined to problems -> (records with prompt_id, unknown ids / lines)."""
-    if not path.exists() or path.is_dir():
-        raise UserError(f"responses file '{path}' does not exist")
-    rows = read_jsonl(path)
+    rows = read_jsonl(path, what="responses file")
     if not rows:
         raise UserError(f"responses file '{path}' is empty: nothing to score")
     by_id = {e.id: e for e in examples}

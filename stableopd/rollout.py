@@ -85,12 +85,11 @@ def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
 def run_rollout(cfg, *, out: Path) -> dict[str, float]:
     """The `rollout` stage: load the model and prompts, sample, write records, return the summary."""
     from stableopd.backends.base import build_backend
-    from stableopd.data import encode_prompts, load_examples
+    from stableopd.data import encode_prompts, examples_for
     from stableopd.models import load_model, stop_token_ids
 
     d = cfg.data
-    examples = load_examples(d.source, split=d.split, fields=data_fields(d), limit=d.limit, shuffle=d.shuffle,
-                             seed=d.seed)
+    examples = examples_for(d, limit=d.limit)
     loaded = load_model(cfg.student.name, dtype=cfg.student.dtype, device=cfg.student.device,
                         revision=cfg.student.revision, trust_remote_code=cfg.student.trust_remote_code)
     prompt_ids = encode_prompts(loaded.tokenizer, examples, chat_template=d.chat_template,
@@ -106,12 +105,6 @@ def run_rollout(cfg, *, out: Path) -> dict[str, float]:
                              progress=cfg.logging.progress)
     write_jsonl_atomic(out, records)
     return summarize(records)
-
-
-def data_fields(d) -> Any:
-    from stableopd.data import Fields
-
-    return Fields(id=d.id_field, prompt=d.prompt_field, answer=d.answer_field, solution=d.solution_field)
 
 
 def print_rollout_summary(summary: dict[str, float], out: Path) -> None:

@@ -30,7 +30,7 @@ import torch
 from stableopd.backends.base import SamplingParams, build_backend
 from stableopd.checkpoint import list_checkpoints, load_latest, save_checkpoint, set_rng_state
 from stableopd.config import Config, dump_config
-from stableopd.data import Example, encode_prompts, load_examples
+from stableopd.data import Example, encode_prompts, examples_for
 from stableopd.detector import CollapseGuard
 from stableopd.distributed import (
     SINGLE,
@@ -54,7 +54,7 @@ from stableopd.models import (
 )
 from stableopd.progress import console, duration, note, run_summary
 from stableopd.repetition import repetitive_token_mask
-from stableopd.rollout import data_fields, sample_records, summarize, write_jsonl_atomic
+from stableopd.rollout import sample_records, summarize, write_jsonl_atomic
 from stableopd.schedule import lr_at_step, set_lr
 from stableopd.teacher import score_targets
 from stableopd.tracking import MetricsLog
@@ -99,8 +99,7 @@ def _load(spec, *, device: str | None = None, name: str | None = None) -> Loaded
 
 
 def _examples(cfg: Config, split: str, source: str, limit: int | None) -> list[Example]:
-    d = cfg.data
-    return load_examples(source, split=split, fields=data_fields(d), limit=limit, shuffle=d.shuffle, seed=d.seed)
+    return examples_for(cfg.data, source=source, split=split, limit=limit)
 
 
 def prepare(cfg: Config, *, student_path: str | None, need_teacher: bool, need_ref: bool) -> Setup:

@@ -9,6 +9,7 @@ padding, position-id, chat-template or stop-token bug breaks the equality.
 from __future__ import annotations
 
 import copy
+import json
 import textwrap
 
 import pytest
@@ -22,6 +23,7 @@ from stableopd.backends.base import (
     build_backend,
     split_stop,
 )
+from stableopd.config import load_config
 from stableopd.data import Example, encode_prompts
 from stableopd.errors import UserError
 from stableopd.models import stop_token_ids
@@ -270,13 +272,16 @@ def test_training_mode_is_restored(tiny):
 
 @pytest.mark.parametrize(
     ("options", "fragment"),
-    [({"batch_size": 0}, "(batch_size)"), ({"beams": 2}, "Extra inputs are not permitted (beams)")],
+    [({"batch_size": 0}, "sampling.options.batch_size: Input should be greater than or equal to 1 (got 0)"),
+     ({"beams": 2}, "unknown hf option 'sampling.options.beams'; valid: batch_size")],
 )
 def test_hf_options_are_validated(tiny, options, fragment):
     with pytest.raises(UserError) as exc:
         hf_backend(tiny, **options)
-    assert str(exc.value).startswith("sampling.options for the hf backend: ")
-    assert str(exc.value).endswith(fragment)
+    assert str(exc.value) == fragment
+    with pytest.raises(UserError) as at_load:  # the same check runs when the config loads, before any model
+        load_config(None, [f"sampling.options={json.dumps(options)}"])
+    assert str(at_load.value) == fragment
 
 
 # ------------------------------------------------------------------------------------------------

@@ -499,3 +499,27 @@ def test_rollout_on_smollm2_writes_real_text(tmp_path, smollm2):
     assert "Paris" in capital["response"] and capital["finish_reason"] == "stop"
     assert capital["response"].isascii() and len(capital["response"].split()) >= 3
     assert any(c.isdigit() or c.isalpha() for c in count["response"])
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "line"),
+    [
+        (RuntimeError("kaboom\nmore detail"), 1,
+         "error: internal error: RuntimeError: kaboom; rerun with --debug for the traceback"),
+        (PermissionError(13, "Permission denied", "/runs/x/metrics.jsonl"), 2,
+         "error: permission denied: /runs/x/metrics.jsonl"),
+        (OSError(28, "No space left on device"), 2, "error: no space left on device"),
+    ],
+)
+def test_whatever_escapes_a_command_is_one_line_and_debug_shows_it(monkeypatch, raised, code, line):
+    import stableopd.diagnostics
+
+    def fail(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(stableopd.diagnostics, "run_diagnose", fail)
+    result = invoke("diagnose", "anything.jsonl")
+    assert result.exit_code == code and isinstance(result.exception, SystemExit)
+    assert result.stderr.splitlines() == [line] and "Traceback" not in result.output
+    result = invoke("diagnose", "anything.jsonl", "--debug")
+    assert result.exception is raised

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,48 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path):
     with pytest.raises(UserError) as exc:
         load_examples(str(path))
     assert str(exc.value) == f"{path}:3: not valid JSON (Expecting value); fix or remove that line"
+
+
+def test_data_file_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps(ROWS[0]).encode() + b'\n{"id": "x", "prompt": "caf\xe9"}\n')
+    with pytest.raises(UserError) as exc:
+        load_examples(str(path))
+    assert str(exc.value) == f"{path}:2: not UTF-8 text (byte 27 of the line); save the file as UTF-8"
+
+
+@pytest.mark.parametrize("kind", ["directory", "pipe", "device", "dangling link"])
+def test_data_path_that_is_not_a_regular_file_fails_before_reading(tmp_path, kind):
+    path = tmp_path / "d.jsonl"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "pipe":
+        os.mkfifo(path)  # opening it would block until a writer came: it must never be opened
+    elif kind == "device":
+        path = Path("/dev/zero")  # reading it would grow without end
+    else:
+        path.symlink_to(tmp_path / "gone.jsonl")
+    with pytest.raises(UserError) as exc:
+        load_examples(str(path))
+    expected = {"directory": "is a directory, not a file", "pipe": "is a pipe, not a file",
+                "device": "is a device, not a file", "dangling link": "does not exist"}[kind]
+    assert str(exc.value) == f"data file '{path}' {expected}"
+
+
+def test_data_file_and_line_limits_name_the_key_to_raise(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "prompt": "x" * (2 << 20)}, ROWS[1]])
+    with pytest.raises(UserError) as exc:
+        load_examples(str(path), max_line_mb=1)
+    assert str(exc.value) == f"{path}:1: line longer than 1 MiB; raise data.max_line_mb if the file is right"
+    with pytest.raises(UserError) as exc:
+        load_examples(str(path), max_file_mb=1)
+    assert str(exc.value) == f"data file '{path}' is 2 MiB, over the 1 MiB limit; raise data.max_file_mb to read it"
+    assert [e.id for e in load_examples(str(path), max_line_mb=3)] == ["a", "b"]
+    exact = tmp_path / "exact.jsonl"  # a line of exactly the limit (newline excluded) is read
+    line = json.dumps({"prompt": ""})
+    exact.write_text(json.dumps({"prompt": "y" * ((1 << 20) - len(line))}) + "\n")
+    assert len(exact.read_bytes()) == (1 << 20) + 1
+    assert len(load_examples(str(exact), max_line_mb=1)[0].prompt) == (1 << 20) - len(line)
 
 
 def test_jsonl_line_that_is_not_an_object(tmp_path):

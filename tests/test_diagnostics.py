@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -491,3 +492,23 @@ def test_step_field_groups_records_and_records_without_it_are_warned(tmp_path):
     assert "g.jsonl:5: no integer 'iter' field, skipped" in diag.warnings
     assert any("rep_tail_chars=10000" in w for w in diag.warnings)  # short texts can never be repetitive
     assert any("no truncation" in r for r in diag.verdict.reasons)
+
+
+def test_a_large_responses_file_is_streamed_in_bounded_memory(tmp_path):
+    p = tmp_path / "big.jsonl"
+    with p.open("w") as fh:
+        for i in range(4_000):  # steps interleaved: every step stays open until the end of the file
+            words = 50 + i % 7
+            fh.write(json.dumps({"step": i % 10, "response": "w " * words, "finish_reason": "length" if i % 4 == 0
+                                 else "stop", "pad": "x" * 2200}) + "\n")
+    size = p.stat().st_size
+    tracemalloc.start()
+    diag = diagnose(p, DiagnoseConfig(rep_tail_chars=50, examples=3))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert size > 8 << 20 and peak < size / 8, (size, peak)  # holding the records would take several times size
+    for step in range(10):
+        expect = [50 + i % 7 for i in range(step, 4_000, 10)]
+        assert diag.series["rollout/length_mean"][step] == pytest.approx(sum(expect) / len(expect))
+        assert diag.series["rollout/trunc_rate"][step] == (0.5 if step % 2 == 0 else 0.0)
+    assert len(diag.examples) == 3 and all(ex.truncated for ex in diag.examples)

@@ -24,6 +24,18 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from stableopd.errors import UserError
 
+
+def check_options(backend: str, options: dict[str, Any]) -> None:
+    """Validate the options of a built-in backend without importing it (UserError naming the key);
+    plugins validate their own when built."""
+    if backend == "hf":
+        from stableopd.backends.hf_options import parse_options
+    elif backend == "vllm":
+        from stableopd.backends.vllm import parse_options
+    else:
+        return
+    parse_options(options)
+
 ENTRY_POINT_GROUP = "stableopd.backends"
 # Used when the package's own metadata is missing (e.g. running from a source tree that was not installed).
 BUILTIN_BACKENDS = {"hf": "stableopd.backends.hf:HFBackend", "vllm": "stableopd.backends.vllm:VLLMBackend"}

@@ -19,15 +19,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stableopd.backends.base import Sample, SamplingParams
-from stableopd.errors import UserError
-
-
-class HFOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    batch_size: int = Field(default=16, ge=1)
+from stableopd.backends.hf_options import parse_options
 
 
 class _MaskPaddedRows:
@@ -47,11 +41,7 @@ class HFBackend:
 
     def __init__(self, *, model: Any, tokenizer: Any, model_path: str, stop_ids: list[int],
                  options: dict[str, Any]) -> None:
-        try:
-            self.options = HFOptions(**options)
-        except ValidationError as err:
-            raise UserError(f"sampling.options for the hf backend: {err.errors()[0]['msg']} "
-                            f"({'.'.join(map(str, err.errors()[0]['loc']))})") from None
+        self.options = parse_options(options)
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, list(stop_ids)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.stop_ids[0]

@@ -43,7 +43,7 @@ _NAME_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.", "_checkpoint
 
 
 class VLLMOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     gpu_memory_utilization: float = Field(default=0.5, gt=0.0, le=1.0)
     tensor_parallel_size: int = Field(default=1, ge=1)
     enable_sleep_mode: bool = False
@@ -67,7 +67,7 @@ def parse_options(options: dict[str, Any]) -> VLLMOptions:
         if e["type"] == "extra_forbidden":
             raise UserError(f"unknown vllm option 'sampling.options.{loc}'; valid: "
                             f"{', '.join(VLLMOptions.model_fields)}") from None
-        raise UserError(f"sampling.options.{loc}: {e['msg']}") from None
+        raise UserError(f"sampling.options.{loc}: {e['msg']} (got {e.get('input')!r})") from None
 
 
 def import_vllm():
