@@ -4,16 +4,18 @@
         config.json, model.safetensors, tokenizer files   loadable by AutoModelForCausalLM and vLLM
         trainer_state.json                                step, data position, counters
         optimizer.pt, rng.pt                              tensors only: loaded with weights_only=True
-        COMPLETE                                          written last
+        COMPLETE                                          written last: the SHA-256 of every file above
 
 A checkpoint is assembled in a temporary sibling directory and renamed into place, and only directories
 holding `COMPLETE` count, so a run killed at any moment never leaves one that resume would pick. If the
 latest complete checkpoint is unreadable anyway (a damaged disk, a hand edit), `load_latest` warns and
-falls back to the previous one.
+falls back to the previous one; damage anywhere in any file is caught by the checksums, which resume
+verifies before it reads anything.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -70,7 +72,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, st
         rng = rng_state()
         torch.save({"torch": rng["torch"], "python": _py_rng_to_tensorable(rng["python"])}, tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=1))
-        (tmp / MARKER).write_text("ok\n")
+        (tmp / MARKER).write_text(json.dumps({"sha256": checksums(tmp)}, indent=1) + "\n")
         if target.exists():  # re-saving a step (after a fallback resume): unmark it first, so a kill
             (target / MARKER).unlink(missing_ok=True)  # inside rmtree leaves no half-deleted "complete" one
             shutil.rmtree(target)
@@ -101,7 +103,39 @@ class Restored:
     rng: dict[str, Any]
 
 
+def checksums(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file in a checkpoint folder (the marker excepted), by name."""
+    out = {}
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.name != MARKER:
+            digest = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    digest.update(block)
+            out[f.name] = digest.hexdigest()
+    return out
+
+
+def verify(path: Path) -> None:
+    """Raise ValueError naming the first file of checkpoint `path` that is missing or differs from its
+    checksum at save time. Checkpoints written before checksums existed hold "ok" and pass."""
+    text = (path / MARKER).read_text(encoding="utf-8", errors="replace")
+    if text.strip() == "ok":
+        return
+    try:
+        expected = json.loads(text)["sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"its {MARKER} marker is damaged") from None
+    actual = checksums(path)
+    for name, digest in expected.items():
+        if name not in actual:
+            raise ValueError(f"{name} is missing")
+        if actual[name] != digest:
+            raise ValueError(f"{name} does not match its checksum (cut short or corrupted)")
+
+
 def read_checkpoint(path: Path) -> Restored:
+    verify(path)
     state = json.loads((path / "trainer_state.json").read_text())
     optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)

@@ -20,6 +20,7 @@ from rich.markup import escape as rich_escape
 from stableopd.config import Config, DiagnoseConfig, load_config
 from stableopd.errors import CollapseStop, TrainingStopped, UserError, record_exit_code
 from stableopd.progress import console
+from stableopd.runctl import Stopped
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="On-policy distillation that sees length inflation and truncation collapse coming.")
@@ -63,6 +64,9 @@ def _guard(debug: bool, body: Callable[[], int | None]) -> None:
             raise
         _error(str(exc))
         code = exc.exit_code
+    except Stopped as exc:
+        console.print(str(exc), highlight=False, soft_wrap=True)
+        code = exc.exit_code
     except KeyboardInterrupt:
         console.print("interrupted", highlight=False)
         code = 130
@@ -80,6 +84,20 @@ def _guard(debug: bool, body: Callable[[], int | None]) -> None:
     if code:
         record_exit_code(code)
     raise typer.Exit(code)
+
+
+def _relaunch_locked(nproc: int, run_dir: Path) -> int:
+    """`--nproc K`: hold the run directory's lock here, for the ranks torchrun starts (runctl.RunLock)."""
+    import os
+
+    from stableopd.distributed import relaunch, strip_nproc
+    from stableopd.files import check_output_dir
+    from stableopd.runctl import LOCK_ENV, RunLock
+
+    check_output_dir(run_dir, "run directory")
+    with RunLock(run_dir):
+        os.environ[LOCK_ENV] = str(run_dir.resolve())
+        return relaunch(nproc, strip_nproc(sys.argv[1:]))
 
 
 def _config(path: Path | None, sets: list[str], flags: dict[str, Any]) -> Config:
@@ -119,10 +137,10 @@ def distill(config: Path = ConfigOpt, sets: list[str] = SetOpt,
         cfg = _config(config, sets, {"student.name": student, "teacher.name": teacher, "data.source": data,
                                      "out": out and str(out)})
         if nproc > 1:
-            from stableopd.distributed import check_launch, relaunch, strip_nproc
+            from stableopd.distributed import check_launch
 
             check_launch(nproc, cfg)
-            return relaunch(nproc, strip_nproc(sys.argv[1:]))
+            return _relaunch_locked(nproc, Path(cfg.out or "runs/distill"))
         return run_distill(cfg, resume=resume)
     _guard(debug, body)
 

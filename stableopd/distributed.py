@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -348,7 +349,14 @@ def relaunch(nproc: int, argv: list[str]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "stableopd", *argv]
     with tempfile.TemporaryDirectory(prefix="stableopd-exit-") as exits:
-        code = subprocess.run(cmd, check=False, env={**os.environ, EXIT_DIR_ENV: exits}).returncode
+        proc = subprocess.Popen(cmd, env={**os.environ, EXIT_DIR_ENV: exits})
+        previous = {sig: signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
+                    for sig in (signal.SIGINT, signal.SIGTERM)}  # the ranks stop cleanly; torchrun relays
+        try:
+            code = proc.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         if code:
             ranks = sorted(int(f.name.removeprefix("rank")) for f in os.scandir(exits) if f.name.startswith("rank"))
             if ranks:

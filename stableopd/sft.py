@@ -18,21 +18,26 @@ from typing import Any
 import torch
 
 from stableopd.checkpoint import save_checkpoint, set_rng_state
-from stableopd.config import Config, dump_config
+from stableopd.config import Config
 from stableopd.errors import UserError
+from stableopd.files import check_free_space, check_output_dir
 from stableopd.kernels import make_adamw
 from stableopd.progress import console, duration, note, step_display
+from stableopd.runctl import GracefulStop, RunLock, Stopped
 from stableopd.schedule import set_lr
 from stableopd.tracking import MetricsLog
 from stableopd.trainer import (
     _start,
+    agreed_signal,
     build_step_backend,
+    checkpoint_bytes,
     gold_targets,
     guard_from,
     prepare,
     print_summary,
     step_indices,
     train_lr,
+    write_config,
 )
 from stableopd.update import GoldSeq, LossSettings, accumulate
 from stableopd.validation import validate
@@ -61,6 +66,12 @@ def sft_step(model, optimizer, golds: list[GoldSeq], settings: LossSettings, *, 
 
 def run_sft(cfg: Config, *, resume: bool = False) -> int:
     run_dir = Path(cfg.out or "runs/sft")
+    check_output_dir(run_dir, "run directory")
+    with RunLock(run_dir):
+        return _run_sft(cfg, resume, run_dir)
+
+
+def _run_sft(cfg: Config, resume: bool, run_dir: Path) -> int:
     restored = _start(cfg, run_dir, resume)
     t0 = time.perf_counter()
     note(f"loading student '{cfg.student.name}' ...", enabled=cfg.logging.progress)
@@ -74,9 +85,9 @@ def run_sft(cfg: Config, *, resume: bool = False) -> int:
     if not keep:
         raise UserError(f"sft needs golden solutions: no example in '{cfg.data.source}' has a "
                         f"'{cfg.data.solution_field}' field (set data.solution_field)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
     model = setup.student.model
+    check_free_space(run_dir, checkpoint_bytes(model), "a checkpoint")
+    write_config(run_dir, cfg)
     optimizer = make_adamw([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
                            weight_decay=cfg.train.weight_decay)
     start = 0
@@ -97,7 +108,8 @@ def run_sft(cfg: Config, *, resume: bool = False) -> int:
         log.write({"step": 0, **validate(cfg, setup, backend, 0, run_dir)})
     guard = guard_from(cfg)
     t_loop = time.perf_counter()
-    with step_display(tcfg.steps, start, enabled=cfg.logging.progress) as show:
+    with step_display(tcfg.steps, start, enabled=cfg.logging.progress) as show, \
+            GracefulStop(announce=console.print) as stop:
         for step in range(start + 1, tcfg.steps + 1):
             idx = [keep[i] for i in step_indices(len(keep), step, tcfg.prompts_per_step, cfg.data.seed)]
             golds = [GoldSeq(prompt=setup.train_ids[i], target=golds_all[i]) for i in idx]
@@ -108,9 +120,12 @@ def run_sft(cfg: Config, *, resume: bool = False) -> int:
                 metrics.update(validate(cfg, setup, backend, step, run_dir))
             log.write({"step": step, **metrics})
             show(step, metrics, guard.verdict)
-            if step % tcfg.save_every == 0 or step == tcfg.steps:
+            signum = agreed_signal(stop, None) if step < tcfg.steps else None
+            if step % tcfg.save_every == 0 or step == tcfg.steps or signum:
                 save_checkpoint(run_dir, step, model=model, tokenizer=tok, optimizer=optimizer,
                                 state={"data_position": step * tcfg.prompts_per_step}, keep_last=tcfg.keep_last)
+            if signum:
+                raise Stopped(signum, step)
     print_summary(cfg, log.rows, first_step=start + 1, wall_s=time.perf_counter() - t_loop, run_dir=run_dir)
     console.print(f"run directory: {run_dir}\nthe fine-tuned student: {run_dir}/checkpoints/step_{tcfg.steps:06d}",
                   highlight=False, soft_wrap=True)

@@ -21,6 +21,7 @@ import functools
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from stableopd.distributed import (
     memory_plan,
 )
 from stableopd.errors import CollapseStop, TrainingStopped, UserError
+from stableopd.files import check_free_space, check_output_dir
 from stableopd.kernels import make_adamw
 from stableopd.models import (
     BUILTINS,
@@ -55,6 +57,7 @@ from stableopd.models import (
 from stableopd.progress import console, duration, note, run_summary
 from stableopd.repetition import repetitive_token_mask
 from stableopd.rollout import sample_records, summarize, write_jsonl_atomic
+from stableopd.runctl import GracefulStop, RunLock, Stopped
 from stableopd.schedule import lr_at_step, set_lr
 from stableopd.teacher import score_targets
 from stableopd.tracking import MetricsLog
@@ -197,6 +200,20 @@ def _start(cfg: Config, run_dir: Path, resume: bool):
     return None
 
 
+def write_config(run_dir: Path, cfg: Config) -> None:
+    """RUN_DIR/config.yaml, replaced atomically (a kill never leaves half a config for --resume)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(dump_config(cfg))
+    tmp.replace(run_dir / "config.yaml")
+
+
+def checkpoint_bytes(model) -> int:
+    """About one checkpoint's size: the weights plus Adam's two fp32 moments per trainable parameter."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weights + sum(8 * p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def run_distill(cfg: Config, *, resume: bool = False) -> int:
     if launched_world() > 1:
         # build uncached built-ins before the process group exists: transformers' save_pretrained writes
@@ -216,6 +233,13 @@ def run_distill(cfg: Config, *, resume: bool = False) -> int:
 def _run_distill(cfg: Config, resume: bool, dist: Dist) -> int:
     run_dir = Path(cfg.out or "runs/distill")
     check_launch(dist.world, cfg)
+    if dist.is_main:
+        check_output_dir(run_dir, "run directory")
+    with RunLock(run_dir) if dist.is_main else nullcontext():
+        return _run_distill_locked(cfg, resume, dist, run_dir)
+
+
+def _run_distill_locked(cfg: Config, resume: bool, dist: Dist, run_dir: Path) -> int:
     restored = _start(cfg, run_dir, resume)
     dist.barrier()  # every rank has checked the run directory before rank 0 writes into it
     need_ref = cfg.loss.objective != "opd" and cfg.loss.ref_kl_coef > 0
@@ -242,10 +266,8 @@ def _run_distill(cfg: Config, resume: bool, dist: Dist) -> int:
             for model in frozen:
                 dist.wrap_frozen(model)
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / "config.yaml.tmp"
-        tmp.write_text(dump_config(cfg))
-        tmp.replace(run_dir / "config.yaml")
+        check_free_space(run_dir, checkpoint_bytes(setup.student.model), "a checkpoint")
+        write_config(run_dir, cfg)
     optimizer = make_adamw([p for p in setup.student.model.parameters() if p.requires_grad], lr=cfg.train.lr,
                            weight_decay=cfg.train.weight_decay)
     start = 0
@@ -423,7 +445,8 @@ def distill_loop(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start: 
                             keep_last=tcfg.keep_last, model_state=model_state, optimizer_state=optim_state)
 
     t_loop = time.perf_counter()
-    with step_display(tcfg.steps, start, enabled=cfg.logging.progress and dist.is_main) as show:
+    with step_display(tcfg.steps, start, enabled=cfg.logging.progress and dist.is_main) as show, \
+            GracefulStop(announce=console.print if dist.is_main else None) as stop:
         for step in range(start + 1, tcfg.steps + 1):
             metrics, records = train_step(cfg, setup, backend, optimizer, step, settings=settings, golds_all=golds)
             backend.sync_weights(setup.student.model)
@@ -444,16 +467,27 @@ def distill_loop(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start: 
             if bad >= tcfg.max_bad_steps:
                 raise stop_for_nonfinite(bad)
             collapse = verdict.verdict == "collapse" and tcfg.stop_on_collapse
-            if step % tcfg.save_every == 0 or step == tcfg.steps or collapse:
+            signum = agreed_signal(stop, dist) if step < tcfg.steps else None
+            if step % tcfg.save_every == 0 or step == tcfg.steps or collapse or signum:
                 save(step)
             if collapse:
                 raise stop_for_collapse(run_dir, verdict)
+            if signum:
+                raise Stopped(signum, step)
     if dist.is_main:
         print_summary(cfg, log.rows, first_step=start + 1, wall_s=time.perf_counter() - t_loop, run_dir=run_dir)
         console.print(f"run directory: {run_dir}\nlook at it with: stableopd diagnose {run_dir}\n(it writes plots "
                       f"and report.md to {run_dir / 'report'})", highlight=False,
                       soft_wrap=True)  # a path is never broken across lines
     return 0
+
+
+def agreed_signal(stop: GracefulStop, dist) -> int | None:
+    """The stop signal if any rank received one (every rank stops after the same step)."""
+    signum = stop.signum or 0
+    if dist is not None and dist.active:
+        signum = int(dist.all_max([float(signum)])[0])
+    return signum or None
 
 
 def print_summary(cfg: Config, rows: list[dict[str, Any]], *, first_step: int, wall_s: float, run_dir: Path

@@ -39,9 +39,10 @@ from typer.testing import CliRunner
 
 from stableopd import trainer
 from stableopd.backends.base import Sample
-from stableopd.checkpoint import list_checkpoints
+from stableopd.checkpoint import list_checkpoints, load_latest
 from stableopd.cli import app
 from stableopd.config import Config, load_config
+from stableopd.errors import UserError
 from stableopd.models import resolve_model_path
 from stableopd.teacher import score_targets
 from stableopd.tracking import read_rows
@@ -660,6 +661,78 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(smoke, tmp_pat
     assert comparable(read_rows(run / "metrics.jsonl")) == comparable(read_rows(smoke.run / "metrics.jsonl"))
     redone, original = model_tensors(run, 4), model_tensors(smoke.run, 4)
     assert all(torch.equal(redone[k], original[k]) for k in original)
+
+
+@pytest.mark.parametrize("cut", ["truncated", "one byte changed"])
+def test_damage_to_any_checkpoint_file_is_caught_by_its_checksum(smoke, tmp_path, cut):
+    """Every file of the latest checkpoint, cut short or with one byte changed: resume warns naming that file
+    and falls back to the previous checkpoint; with no intact checkpoint left it exits 2."""
+    names = sorted(f.name for f in (smoke.run / "checkpoints" / "step_000004").iterdir() if f.name != "COMPLETE")
+    assert {"model.safetensors", "optimizer.pt", "rng.pt", "trainer_state.json", "config.json"} <= set(names)
+    for name in names:
+        run = tmp_path / name
+        shutil.copytree(smoke.run / "checkpoints", run / "checkpoints")
+        target = run / "checkpoints" / "step_000004" / name
+        data = bytearray(target.read_bytes())
+        if cut == "truncated":
+            data = data[: len(data) - max(1, len(data) // 3)]
+        else:
+            data[len(data) // 2] ^= 0x01
+        target.write_bytes(bytes(data))
+        warnings: list[str] = []
+        restored = load_latest(run, warnings.append)
+        assert restored.step == 2, name
+        assert warnings == [f"checkpoint step_000004 is unreadable (ValueError: {name} does not match its "
+                            "checksum (cut short or corrupted)); trying the previous one"]
+        shutil.rmtree(run / "checkpoints" / "step_000002")
+        with pytest.raises(UserError, match="every checkpoint in .* is unreadable"):
+            load_latest(run, warnings.append)
+
+
+def test_a_signal_stops_after_the_step_saves_and_resumes_to_the_same_run(smoke, tmp_path):
+    """SIGTERM mid-run: the step in flight finishes, a checkpoint of it is saved, exit 143 with the resume
+    command; --resume then ends identical to the uninterrupted smoke run."""
+    run = tmp_path / "run"
+    args = [*pair_args(smoke.data, run), "-s", "train.steps=4", *sets()]
+    proc = subprocess.Popen(distill_cmd(*args), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (run / "metrics.jsonl").exists() and read_rows(run / "metrics.jsonl"):  # step 0 validation is logged
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.01)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    stopped = max(r["step"] for r in read_rows(run / "metrics.jsonl"))
+    assert 1 <= stopped < 4
+    assert says(err, f"stopped by SIGTERM after step {stopped}; checkpoint saved. Resume with: stableopd distill")
+    assert flat(err).endswith(flat(" ".join([*args, "--resume"]))) and "Traceback" not in err
+    assert list_checkpoints(run)[-1].name == f"step_{stopped:06d}"
+    resumed = distill_cli(*args, "--resume")
+    assert resumed.exit_code == 0, resumed.output + repr(resumed.exception)
+    assert comparable(read_rows(run / "metrics.jsonl")) == comparable(read_rows(smoke.run / "metrics.jsonl"))
+    a, b = model_tensors(run, 4), model_tensors(smoke.run, 4)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_a_second_writer_on_a_run_directory_is_refused(smoke, tmp_path):
+    run = tmp_path / "run"
+    args = [*pair_args(smoke.data, run), "-s", "train.steps=4", *sets()]
+    first = subprocess.Popen(distill_cmd(*args), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run / ".lock").exists() or not (run / ".lock").read_text().strip():
+        assert first.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    for second in (distill_cli(*args), distill_cli(*args, "--resume"),
+                   CliRunner().invoke(app, ["sft", "--student", "tiny", "--data", str(smoke.data), "--out", str(run)])):
+        assert second.exit_code == 2, second.output
+        assert error_line(second) == (f"error: run directory '{run}' is in use by another stableopd process (pid "
+                                      f"{first.pid}); wait for it to end, or pass another --out")
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]  # the first run is unharmed: it ends as if it had been alone
+    assert comparable(read_rows(run / "metrics.jsonl")) == comparable(read_rows(smoke.run / "metrics.jsonl"))
+    again = distill_cli(*args, "--resume")  # and its lock went with it
+    assert again.exit_code == 0, again.output
 
 
 # ------------------------------------------------------------------------------------------------
