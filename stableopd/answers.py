@@ -33,7 +33,10 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -166,6 +169,7 @@ def _last_number_or_env(text: str, *, latex: bool) -> str | None:
 
 _FRAC = re.compile(r"^(-?)\\[dt]?frac\{(-?\d+)\}\{(-?\d+)\}$")
 _FRAC_SHORT = re.compile(r"^(-?)\\[dt]?frac(\d)(\d)$")
+MAX_ANSWER_DIGITS = 20_000
 _PLAIN = re.compile(r"^-?(?:\d+(?:\.\d*)?|\.\d+)(?:/-?\d+)?$")
 _THOUSANDS = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _ASSIGN = re.compile(r"^[A-Za-z]\w*\s*=\s*")
@@ -192,16 +196,33 @@ def to_number(s: str) -> Fraction | None:
         s = s[1:-1]
     if _THOUSANDS.match(s):
         s = s.replace(",", "")
-    for pattern in (_FRAC, _FRAC_SHORT):
-        if m := pattern.match(s):
-            den = int(m.group(3))
-            return None if den == 0 else Fraction(int(m.group(2)), den) * (-1 if m.group(1) else 1)
-    if _PLAIN.match(s):
-        try:
-            return Fraction(s)
-        except (ValueError, ZeroDivisionError):
-            return None
+    if len(s) > MAX_ANSWER_DIGITS:  # compared as text by the math checker, never converted
+        return None
+    with _long_ints():
+        for pattern in (_FRAC, _FRAC_SHORT):
+            if m := pattern.match(s):
+                den = int(m.group(3))
+                return None if den == 0 else Fraction(int(m.group(2)), den) * (-1 if m.group(1) else 1)
+        if _PLAIN.match(s):
+            try:
+                return Fraction(s)
+            except (ValueError, ZeroDivisionError):
+                return None
     return None
+
+
+@contextmanager
+def _long_ints() -> Iterator[None]:
+    """Python refuses int(str) beyond 4300 digits by default; an answer of up to MAX_ANSWER_DIGITS is
+    converted exactly (the cost is bounded by that length)."""
+    old = sys.get_int_max_str_digits() if hasattr(sys, "get_int_max_str_digits") else None
+    if old is not None and old and old < MAX_ANSWER_DIGITS:
+        sys.set_int_max_str_digits(MAX_ANSWER_DIGITS)
+    try:
+        yield
+    finally:
+        if old is not None:
+            sys.set_int_max_str_digits(old)
 
 
 def numbers_equal(a: Fraction, b: Fraction) -> bool:

@@ -18,7 +18,6 @@ path is read before anything is written, so a bad path leaves no files behind.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ from rich.text import Text
 from stableopd import report
 from stableopd.config import DiagnoseConfig
 from stableopd.diagnostics import Diagnosis, diagnose, require_path
-from stableopd.errors import UserError
+from stableopd.files import check_output_dir
 
 DEFAULT_DIR = Path("diagnose-compare")
 COLUMNS = [  # (header, row key)
@@ -148,15 +147,6 @@ def write_comparison(
     return [*pngs, md, js]
 
 
-def check_plots_dir(path: Path) -> None:
-    """Fail before any reading when `path` cannot become a writable folder (nothing is created here)."""
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise UserError(f"cannot create the plots folder {path}: {existing} is a file; pass --plots DIR")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write the plots folder {path}: {existing} is read-only; pass --plots DIR")
-
-
 def run_compare(
     runs: Sequence[tuple[Path, DiagnoseConfig]],
     *,
@@ -169,7 +159,7 @@ def run_compare(
     out_dir = Path(plots_dir or DEFAULT_DIR)
     for path, _ in runs:  # a typo in the last path fails before the first run is read
         require_path(Path(path))
-    check_plots_dir(out_dir)
+    check_output_dir(out_dir, "plots folder")
     diags = [diagnose(Path(path), cfg, progress=console is not None) for path, cfg in runs]
     names = run_names([path for path, _ in runs])
     rows = [summarize(diag, name) for diag, name in zip(diags, names, strict=True)]

@@ -53,7 +53,7 @@ from stableopd.detector import (  # noqa: F401 (CollapseGuard, detect and Verdic
     detect,
 )
 from stableopd.errors import UserError
-from stableopd.files import MIB, iter_lines
+from stableopd.files import MIB, check_output_dir, iter_lines
 from stableopd.repetition import is_repetitive, repetitive_token_mask
 
 ROLLOUT_KEYS = (LENGTH, "rollout/length_max", TRUNC, REP, "rollout/rep_token_frac")
@@ -582,9 +582,11 @@ def run_diagnose(
     """The `diagnose` stage: read, detect, report (terminal or JSON, plots, report.md); the exit code."""
     from stableopd import report  # matplotlib and rich stay out of the trainer's imports of this module
 
-    diag = diagnose(Path(path), cfg, progress=console is not None)
-    if plots_dir is None and diag.kind == "run":
+    if plots_dir is None and Path(path).is_dir():
         plots_dir = Path(path) / "report"
+    if plots_dir is not None:
+        check_output_dir(plots_dir, "plots folder")  # before reading: a bad --plots costs no time
+    diag = diagnose(Path(path), cfg, progress=console is not None)
     written = report.write_report(diag, plots_dir) if plots_dir is not None else []
     if as_json:
         payload = diag.to_json() | {"report": [str(p) for p in written]}

@@ -53,6 +53,7 @@ from stableopd.config import Config
 from stableopd.data import Example, examples_for, read_jsonl
 from stableopd.errors import UserError
 from stableopd.eval_presets import Preset, apply_preset, load_preset_examples
+from stableopd.files import check_output_dir, check_output_file
 from stableopd.progress import console as stderr_console
 from stableopd.progress import progress_bar
 from stableopd.repetition import is_repetitive
@@ -415,6 +416,10 @@ def run_eval(
     console = console or stderr_console
     cfg, preset = apply_preset(cfg)
     get_checker(cfg.eval.checker)  # fail on a bad name before any loading
+    if out is not None:
+        check_output_dir(Path(out), "eval output folder")
+        for name in ("samples.jsonl", "summary.json"):
+            check_output_file(Path(out) / name, "eval output")
     if responses is not None and models:
         raise UserError("pass either --responses or --model, not both: responses are scored without a model")
     if responses is None and (bad := [k for k in cfg.eval.pass_k if k > cfg.eval.n]):

@@ -86,13 +86,15 @@ def iter_lines(path: Path, *, max_line_bytes: int, key: str, what: str = "file",
             yield no, text, text.endswith("\n")
 
 
-def _probe_writable(folder: Path, what: str, shown: Path) -> None:
+def _unwritable(folder: Path) -> str | None:
+    """None if a file can be created in `folder`, else the reason (what the OS said)."""
     try:
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
     except OSError as exc:
-        raise UserError(f"{what} '{shown}' is not writable: {exc.strerror}") from None
+        return exc.strerror or type(exc).__name__
     os.close(fd)
     os.unlink(probe)
+    return None
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -102,15 +104,22 @@ def _existing_ancestor(path: Path) -> Path:
     return p
 
 
+def _check_creatable(path: Path, what: str) -> None:
+    base = _existing_ancestor(path)
+    if not base.is_dir():
+        raise UserError(f"{what} '{path}' cannot be created: '{base}' is a file")
+    if (why := _unwritable(base)) is not None:
+        if base == path.absolute():
+            raise UserError(f"{what} '{path}' is not writable: {why}")
+        raise UserError(f"{what} '{path}' cannot be created: '{base}' is not writable ({why})")
+
+
 def check_output_dir(path: Path, what: str) -> None:
     """`path` is (or can be created as) a writable directory; nothing is created."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{what} '{path}' is a file, not a directory; pass a directory")
-    base = _existing_ancestor(path)
-    if not base.is_dir():
-        raise UserError(f"{what} '{path}' cannot be created: '{base}' is a file")
-    _probe_writable(base, what, path)
+    _check_creatable(path, what)
 
 
 def check_output_file(path: Path, what: str) -> None:
@@ -120,7 +129,11 @@ def check_output_file(path: Path, what: str) -> None:
         raise UserError(f"{what} '{path}' is a directory; pass a file path")
     if path.exists() and not os.access(path, os.W_OK):
         raise UserError(f"{what} '{path}' is not writable (permission denied)")
-    check_output_dir(path.parent if str(path.parent) else Path("."), f"folder of {what}")
+    base = _existing_ancestor(path.absolute().parent)
+    if not base.is_dir():
+        raise UserError(f"{what} '{path}' cannot be created: '{base}' is a file")
+    if (why := _unwritable(base)) is not None:
+        raise UserError(f"{what} '{path}' cannot be written: '{base}' is not writable ({why})")
 
 
 def check_free_space(folder: Path, need_bytes: int, what: str) -> None:

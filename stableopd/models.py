@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -176,7 +177,13 @@ def _from_pretrained(loader, path: str, *, revision: str | None, trust_remote_co
     """Local directories never touch the network; hub ids try the cache, then the hub."""
     common = dict(revision=revision, trust_remote_code=trust_remote_code, **kw)
     if Path(path).exists():
-        return loader.from_pretrained(path, local_files_only=True, **common)
+        try:
+            return loader.from_pretrained(path, local_files_only=True, **common)
+        except MemoryError:
+            raise
+        except Exception as exc:  # transformers raises OSError, ValueError, ImportError, SafetensorError...
+            raise UserError(load_failure(path, "tokenizer" if "Tokenizer" in loader.__name__ else "model",
+                                         exc)) from None
     try:
         return loader.from_pretrained(path, local_files_only=True, **common)
     except OSError:
@@ -190,6 +197,23 @@ def _from_pretrained(loader, path: str, *, revision: str | None, trust_remote_co
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"cannot load '{path}' from the hub and there is no local copy ({msg}); "
                         "check the name and your network, or pass a local directory") from None
+
+
+_PACKAGES = ("sentencepiece", "tiktoken", "protobuf", "blobfile", "einops", "flash_attn", "bitsandbytes")
+
+
+def load_failure(path: str, what: str, exc: Exception) -> str:
+    """One line for a local model directory that transformers cannot load: what is missing, and the pip
+    command when a package is."""
+    msg = " ".join(str(exc).split())[:300] or type(exc).__name__
+    pip = re.search(r"pip install [\w\-\[\]]+", msg)
+    missing = next((p for p in _PACKAGES if p in msg.lower().replace("-", "").replace(" ", "")), None)
+    if pip or (missing and ("requires" in msg or "install" in msg.lower() or isinstance(exc, ImportError))):
+        command = pip.group(0) if pip else f"pip install {missing.replace('_', '-')}"
+        return f"cannot load the {what} of '{path}': it needs a package that is not installed ({command})"
+    if "no file named" in msg or "does not appear to have" in msg:
+        return f"cannot load the {what} of '{path}': the directory holds no weights ({msg})"
+    return f"cannot load the {what} of '{path}': {msg}"
 
 
 def resolve_dtype(dtype: str, device: str):

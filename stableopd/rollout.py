@@ -86,8 +86,10 @@ def run_rollout(cfg, *, out: Path) -> dict[str, float]:
     """The `rollout` stage: load the model and prompts, sample, write records, return the summary."""
     from stableopd.backends.base import build_backend
     from stableopd.data import encode_prompts, examples_for
+    from stableopd.files import check_output_file
     from stableopd.models import load_model, stop_token_ids
 
+    check_output_file(out, "rollout output")
     d = cfg.data
     examples = examples_for(d, limit=d.limit)
     loaded = load_model(cfg.student.name, dtype=cfg.student.dtype, device=cfg.student.device,

@@ -217,3 +217,13 @@ def test_registry_plugs_in_a_checker_and_rejects_unknown_names():
         register_checker(Letter())
     with pytest.raises(UserError, match="unknown answer checker 'nope'.*auto"):
         get_checker("nope")
+
+
+@pytest.mark.parametrize("checker", ["auto", "numeric", "math"])
+def test_numbers_past_pythons_digit_limit_are_compared_not_crashed(checker):
+    big = "9" * 5000  # Python refuses int() of more than 4300 digits unless asked
+    assert check(f"so \\boxed{{{big}}}", big, checker).correct
+    assert not check(f"so \\boxed{{{big}8}}", big, checker).correct
+    assert not check(f"\\boxed{{\\frac{{1}}{{{big}}}}}", "0.5", checker).correct
+    huge = "7" * 30_000  # past the converter's own bound: never converted, still no crash
+    assert check(f"\\boxed{{{huge}}}", huge, checker).correct == (checker != "numeric")

@@ -334,16 +334,57 @@ def test_diagnose_bad_second_path_is_one_line_and_writes_nothing(tmp_path, monke
     assert sorted(p.name for p in (tmp_path / "good").iterdir()) == ["metrics.jsonl", "rollouts"]
 
 
-def test_diagnose_unwritable_plots_folder_is_one_line(tmp_path):
+# sysfs refuses new files to every user, root included (mode bits would not bind root)
+READ_ONLY = Path("/sys/stableopd-test-output")
+
+
+@pytest.mark.parametrize("paths", [1, 2])
+@pytest.mark.parametrize("kind", ["under a file", "a file", "read-only"])
+def test_diagnose_unwritable_plots_folder_is_one_line_before_reading(tmp_path, paths, kind):
     make_run(tmp_path / "a", collapse_at=None)
     make_run(tmp_path / "b", collapse_at=None, seed=1)
-    blocker = tmp_path / "a-file"
+    blocker = tmp_path / "blocker"
     blocker.write_text("")
-    result = invoke("diagnose", str(tmp_path / "a"), str(tmp_path / "b"), "--plots", str(blocker / "plots"))
-    assert_one_line_error(
-        result, f"cannot create the plots folder {blocker / 'plots'}: {blocker} is a file; pass --plots DIR"
-    )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "a-file", "b"]
+    plots = {"under a file": blocker / "plots", "a file": blocker, "read-only": READ_ONLY}[kind]
+    result = invoke("diagnose", *[str(tmp_path / "a"), str(tmp_path / "b")][:paths], "--plots", str(plots))
+    expected = {"under a file": f"plots folder '{plots}' cannot be created: '{blocker}' is a file",
+                "a file": f"plots folder '{plots}' is a file, not a directory; pass a directory",
+                "read-only": f"plots folder '{plots}' cannot be created: '/sys' is not writable (Permission denied)"}[kind]
+    assert_one_line_error(result, expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "blocker"]
+    assert not (tmp_path / "a" / "report").exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "dest", "expected"),
+    [
+        ("rollout", "dir", "rollout output '{dest}' is a directory; pass a file path"),
+        ("rollout", "ro", "rollout output '{dest}' cannot be written: '/sys' is not writable (Permission denied)"),
+        ("rollout", "under file", "rollout output '{dest}' cannot be created: '{blocker}' is a file"),
+        ("distill", "file", "run directory '{dest}' is a file, not a directory; pass a directory"),
+        ("distill", "ro", "run directory '{dest}' cannot be created: '/sys' is not writable (Permission denied)"),
+        ("sft", "file", "run directory '{dest}' is a file, not a directory; pass a directory"),
+        ("eval", "file", "eval output folder '{dest}' is a file, not a directory; pass a directory"),
+        ("eval", "taken", "eval output '{dest}/samples.jsonl' is a directory; pass a file path"),
+    ],
+)
+def test_output_paths_of_the_wrong_kind_fail_before_any_model_loads(tmp_path, prompts_file, monkeypatch,
+                                                                     command, dest, expected):
+    import transformers
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the output path was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    path = {"dir": tmp_path, "ro": READ_ONLY / "out", "under file": blocker / "o.jsonl", "file": blocker,
+            "taken": tmp_path / "evalout"}[dest]
+    if dest == "taken":
+        (path / "samples.jsonl").mkdir(parents=True)
+    model = ["--student", "tiny"] if command in ("distill", "sft") else ["--model", "tiny"]
+    result = invoke(command, *model, "--data", str(prompts_file), "--out", str(path))
+    assert_one_line_error(result, expected.format(dest=path, blocker=blocker))
 
 
 # ------------------------------------------------------------------------------------------------

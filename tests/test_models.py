@@ -270,6 +270,45 @@ def test_directory_without_config_is_not_a_model(tmp_path):
     assert str(exc.value) == f"'{tmp_path}' exists but is not a Hugging Face model directory (no config.json)"
 
 
+@pytest.mark.parametrize("damage", ["no weights", "weights cut short", "config not JSON", "tokenizer unreadable"])
+def test_a_damaged_model_directory_is_one_line_naming_what_is_wrong(tmp_path, damage):
+    path = build_tiny_model("tiny", tmp_path / "model")
+    if damage == "no weights":
+        (path / "model.safetensors").unlink()
+    elif damage == "weights cut short":
+        weights = path / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:4000])
+    elif damage == "config not JSON":
+        (path / "config.json").write_text("{not json")
+    else:
+        (path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "nonsense"}}')
+    with pytest.raises(UserError) as exc:
+        load_model(str(path), device="cpu")
+    what = "tokenizer" if damage in ("config not JSON", "tokenizer unreadable") else "model"
+    assert str(exc.value).startswith(f"cannot load the {what} of '{path}': ")
+    assert "\n" not in str(exc.value)
+    if damage == "no weights":
+        assert "the directory holds no weights" in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (ImportError("LlamaTokenizer requires the SentencePiece library but it was not found in your environment."),
+         "it needs a package that is not installed (pip install sentencepiece)"),
+        (ValueError("`tiktoken` is required to read a `tiktoken` file. Install it with `pip install tiktoken`."),
+         "it needs a package that is not installed (pip install tiktoken)"),
+        (OSError("Error no file named model.safetensors, or pytorch_model.bin, found in directory /m."),
+         "the directory holds no weights (Error no file named model.safetensors, or pytorch_model.bin, found in "
+         "directory /m.)"),
+        (ValueError("Unrecognized model in /m. Should have a `model_type` key\nin its config.json"),
+         "Unrecognized model in /m. Should have a `model_type` key in its config.json"),
+    ],
+)
+def test_load_failures_say_what_is_missing(error, expected):
+    assert models.load_failure("/m", "tokenizer", error) == f"cannot load the tokenizer of '/m': {expected}"
+
+
 def test_local_directory_loads_without_network(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = build_tiny_model("tiny", tmp_path / "copy")
