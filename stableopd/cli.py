@@ -67,9 +67,9 @@ def _guard(debug: bool, body: Callable[[], int | None]) -> None:
     except Stopped as exc:
         console.print(str(exc), highlight=False, soft_wrap=True)
         code = exc.exit_code
-    except KeyboardInterrupt:
-        console.print("interrupted", highlight=False)
-        code = 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or runctl.Interrupted for SIGINT/SIGTERM during training
+        console.print(str(exc) or "interrupted", highlight=False, soft_wrap=True)
+        code = getattr(exc, "exit_code", 130)
     except Exception as exc:
         if debug:
             raise

@@ -10,6 +10,7 @@ error that names the key and lists the valid ones. `dump_config` writes the reso
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
@@ -43,11 +44,18 @@ class ModelSpec(Section):
 
     name: str = "tiny"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = "auto"
+    device: str = "auto"  # auto, cpu, mps, cuda, cuda:N (or xpu / npu, :N)
     revision: str | None = None
     trust_remote_code: bool = False
     engine: Literal["hf", "vllm"] = "hf"  # teacher only: "vllm" scores with vLLM prompt_logprobs
     engine_options: dict[str, Any] = Field(default_factory=dict)  # vLLM engine options when engine=vllm
+
+    @field_validator("device")
+    @classmethod
+    def _torch_device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|(cuda|xpu|npu)(:\d+)?", v):
+            raise ValueError("must be auto, cpu, mps, cuda or cuda:N (xpu, npu likewise)")
+        return v
 
 
 class DataConfig(Section):

@@ -52,7 +52,7 @@ from stableopd.detector import (  # noqa: F401 (CollapseGuard, detect and Verdic
     detect,
 )
 from stableopd.errors import UserError
-from stableopd.files import check_output_dir
+from stableopd.files import check_input, check_output_dir
 from stableopd.stepstats import (  # noqa: F401 (Example, read_jsonl and response_metrics are re-exported)
     MAX_LINE_WARNINGS,
     Example,
@@ -297,7 +297,11 @@ def _read_responses(path: Path, reader: _Reader, *, by_step_field: bool) -> None
 
 def require_path(path: Path) -> None:
     """The one-line error for a PATH that is neither a directory nor a file (checked before any reading)."""
-    if not (path.is_dir() or path.is_file()):
+    if path.is_dir():
+        return
+    if path.exists() and not path.is_file():
+        check_input(path, "diagnose input")  # a pipe or a device: says which
+    if not path.is_file():
         raise UserError(
             f"{path} does not exist: pass a run directory, a metrics.jsonl or a JSONL of responses"
         )

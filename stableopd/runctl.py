@@ -5,10 +5,10 @@ on the same directory is refused at once with the holder's pid. The kernel drops
 dies, however it dies, so a killed run never leaves the directory stuck. Under `distill --nproc K` the
 launcher holds the lock and the ranks it starts inherit it.
 
-`GracefulStop` turns the first SIGINT (Ctrl-C) or SIGTERM into a request: the training loop finishes the
-step in flight, saves a checkpoint of it and raises `Stopped`, which exits 130 (SIGINT) or 143 (SIGTERM)
-with the command that resumes. A second signal stops at once (KeyboardInterrupt); `--resume` then continues
-from the last checkpoint that was saved before it.
+`GracefulStop` turns the first SIGINT (Ctrl-C) or SIGTERM during training into a request: the training loop
+finishes the step in flight, saves a checkpoint of it and raises `Stopped`, which exits 130 (SIGINT) or 143
+(SIGTERM) with the command that resumes. A second signal, or one during set-up (loading the models), stops
+at once (`Interrupted`); `--resume` then continues from the last checkpoint saved before.
 """
 
 from __future__ import annotations
@@ -93,22 +93,40 @@ def resume_command() -> str:
     return " ".join(["stableopd", *map(shlex.quote, args), "--resume"])
 
 
+class Interrupted(KeyboardInterrupt):
+    """A signal that stops the command at once; exit code 128 + signum."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        self.signum, self.exit_code = signum, 128 + signum
+        super().__init__(message)
+
+
 class GracefulStop:
-    """Within the block, the first SIGINT/SIGTERM sets `signum` (and prints a line); a second one raises
-    KeyboardInterrupt. Outside the main thread (tests calling the trainer) it installs nothing."""
+    """SIGINT/SIGTERM handling for a training command. Until `arm()` (set-up: loading the models) a signal
+    stops at once. Once armed, the first signal sets `signum` (and prints a line) for
+    the loop to act on after its step; a second one stops at once. Outside the main thread (tests calling
+    the trainer) it installs nothing."""
 
     def __init__(self, *, announce=None) -> None:
         self.signum: int | None = None
+        self.armed = False
         self._announce = announce
         self._previous: dict[int, object] = {}
         self._first = 0.0
 
+    def arm(self) -> None:
+        self.armed = True
+
     def _handle(self, signum, frame) -> None:
         now = time.monotonic()
+        name = signal.Signals(signum).name
+        if not self.armed:
+            raise Interrupted(signum, f"interrupted by {name} before training started")
         if self.signum is not None:
             if now - self._first < REPEAT_S:  # one Ctrl-C reaches a rank twice under torchrun (terminal, relay)
                 return
-            raise KeyboardInterrupt
+            raise Interrupted(signum, f"interrupted by {name}; continue from the last checkpoint with: "
+                                      f"{resume_command()}")
         self.signum, self._first = signum, now
         if self._announce is not None:
             self._announce(f"{signal.Signals(signum).name}: finishing this step and saving a checkpoint "

@@ -67,11 +67,11 @@ def sft_step(model, optimizer, golds: list[GoldSeq], settings: LossSettings, *, 
 def run_sft(cfg: Config, *, resume: bool = False) -> int:
     run_dir = Path(cfg.out or "runs/sft")
     check_output_dir(run_dir, "run directory")
-    with RunLock(run_dir):
-        return _run_sft(cfg, resume, run_dir)
+    with RunLock(run_dir), GracefulStop(announce=console.print) as stop:
+        return _run_sft(cfg, resume, run_dir, stop)
 
 
-def _run_sft(cfg: Config, resume: bool, run_dir: Path) -> int:
+def _run_sft(cfg: Config, resume: bool, run_dir: Path, stop: GracefulStop) -> int:
     restored = _start(cfg, run_dir, resume)
     t0 = time.perf_counter()
     note(f"loading student '{cfg.student.name}' ...", enabled=cfg.logging.progress)
@@ -101,6 +101,7 @@ def _run_sft(cfg: Config, resume: bool, run_dir: Path) -> int:
     settings = sft_settings(cfg.loss.chunk_size, setup.vocab_size)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     backend = build_step_backend(cfg, setup)
+    stop.arm()  # from here a first signal lets the loop finish a step and save it
     log = MetricsLog.open(run_dir / "metrics.jsonl", keep_until=start if start else None)
     tcfg = cfg.train
     if start == 0 and tcfg.eval_every and tcfg.eval_at_start:
@@ -108,8 +109,7 @@ def _run_sft(cfg: Config, resume: bool, run_dir: Path) -> int:
         log.write({"step": 0, **validate(cfg, setup, backend, 0, run_dir)})
     guard = guard_from(cfg)
     t_loop = time.perf_counter()
-    with step_display(tcfg.steps, start, enabled=cfg.logging.progress) as show, \
-            GracefulStop(announce=console.print) as stop:
+    with step_display(tcfg.steps, start, enabled=cfg.logging.progress) as show:
         for step in range(start + 1, tcfg.steps + 1):
             idx = [keep[i] for i in step_indices(len(keep), step, tcfg.prompts_per_step, cfg.data.seed)]
             golds = [GoldSeq(prompt=setup.train_ids[i], target=golds_all[i]) for i in idx]

@@ -235,11 +235,12 @@ def _run_distill(cfg: Config, resume: bool, dist: Dist) -> int:
     check_launch(dist.world, cfg)
     if dist.is_main:
         check_output_dir(run_dir, "run directory")
-    with RunLock(run_dir) if dist.is_main else nullcontext():
-        return _run_distill_locked(cfg, resume, dist, run_dir)
+    with RunLock(run_dir) if dist.is_main else nullcontext(), \
+            GracefulStop(announce=console.print if dist.is_main else None) as stop:
+        return _run_distill_locked(cfg, resume, dist, run_dir, stop)
 
 
-def _run_distill_locked(cfg: Config, resume: bool, dist: Dist, run_dir: Path) -> int:
+def _run_distill_locked(cfg: Config, resume: bool, dist: Dist, run_dir: Path, stop: GracefulStop) -> int:
     restored = _start(cfg, run_dir, resume)
     dist.barrier()  # every rank has checked the run directory before rank 0 writes into it
     need_ref = cfg.loss.objective != "opd" and cfg.loss.ref_kl_coef > 0
@@ -278,7 +279,8 @@ def _run_distill_locked(cfg: Config, resume: bool, dist: Dist, run_dir: Path) ->
     else:
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
-    return distill_loop(cfg, setup, optimizer, run_dir, start=start, restored_state=restored.state if restored else {})
+    return distill_loop(cfg, setup, optimizer, run_dir, start=start, restored_state=restored.state if restored else {},
+                        stop=stop)
 
 
 def train_step(cfg: Config, setup: Setup, backend, optimizer, step: int, *, settings: LossSettings,
@@ -408,12 +410,14 @@ def build_step_backend(cfg: Config, setup: Setup):
 
 
 def distill_loop(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start: int,
-                 restored_state: dict[str, Any]) -> int:
+                 restored_state: dict[str, Any], stop: GracefulStop | None = None) -> int:
     """Steps start+1 .. train.steps; returns the exit code (0), or raises a stop."""
     from stableopd.progress import step_display
 
     tcfg = cfg.train
     dist = setup.dist
+    stop = stop or GracefulStop()
+    stop.arm()  # from here a first signal lets the loop finish a step and save it
     log = (MetricsLog.open(run_dir / "metrics.jsonl", keep_until=start if start else None) if dist.is_main
            else MetricsLog.reader(run_dir / "metrics.jsonl", keep_until=start if start else None))
     guard = guard_from(cfg)
@@ -445,8 +449,7 @@ def distill_loop(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start: 
                             keep_last=tcfg.keep_last, model_state=model_state, optimizer_state=optim_state)
 
     t_loop = time.perf_counter()
-    with step_display(tcfg.steps, start, enabled=cfg.logging.progress and dist.is_main) as show, \
-            GracefulStop(announce=console.print if dist.is_main else None) as stop:
+    with step_display(tcfg.steps, start, enabled=cfg.logging.progress and dist.is_main) as show:
         for step in range(start + 1, tcfg.steps + 1):
             metrics, records = train_step(cfg, setup, backend, optimizer, step, settings=settings, golds_all=golds)
             backend.sync_weights(setup.student.model)
