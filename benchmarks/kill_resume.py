@@ -5,7 +5,7 @@ SIGTERM at a random moment after its first step, runs `--resume` until it finish
 metrics.jsonl (without time/*), the rollout files and the final weights and optimizer state with the
 uninterrupted run. Prints one row per trial and the number identical.
 
-    python benchmarks/kill_resume.py [--kills 10] [--terms 5] [--steps 8] [--seed 0]
+    python benchmarks/kill_resume.py [--kills 10] [--terms 5] [--steps 12] [--seed 0]
 """
 
 from __future__ import annotations
@@ -70,13 +70,14 @@ def same(a: tuple, b: tuple) -> tuple[bool, str]:
     return True, "identical"
 
 
-def trial(data: Path, run: Path, steps: int, sig: int, rng: random.Random, span: float) -> tuple[str, int, int]:
-    """Start, signal at a random moment after step 1 is logged, resume until done; (how it ended, code, step)."""
+def trial(data: Path, run: Path, steps: int, sig: int, rng: random.Random, step_s: float) -> tuple[str, int, int]:
+    """Start, signal at a random moment of a random step, resume until done; (last line, exit code, step)."""
     proc = subprocess.Popen(command(data, run, steps), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
-    while proc.poll() is None and not any(r.get("step", 0) >= 1 for r in rows(run)):
+    target = rng.randint(1, steps - 1)
+    while proc.poll() is None and not any(r.get("step", 0) >= target for r in rows(run)):
         time.sleep(0.005)
-    time.sleep(rng.uniform(0.0, span))
+    time.sleep(rng.uniform(0.0, step_s))
     at = max((r.get("step", 0) for r in rows(run)), default=0)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=600)
@@ -96,7 +97,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kills", type=int, default=10)
     ap.add_argument("--terms", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     rng = random.Random(a.seed)
@@ -105,18 +106,29 @@ def main() -> int:
     data.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"{i}+{i + 1}=", "answer": str(2 * i + 1),
                                         "solution": str(2 * i + 1)}) + "\n" for i in range(12)))
     t0 = time.perf_counter()
-    subprocess.run(command(data, root / "base", a.steps), env=ENV, check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(command(data, root / "base", a.steps), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    marks = {}
+    while proc.poll() is None:
+        logged = max((r.get("step", 0) for r in rows(root / "base")), default=-1)
+        for s in (1, a.steps):
+            if logged >= s and s not in marks:
+                marks[s] = time.perf_counter()
+        time.sleep(0.005)
+    if proc.returncode != 0 or len(marks) < 2:
+        raise SystemExit("the uninterrupted run failed")
     base_wall = time.perf_counter() - t0
+    step_s = (marks[a.steps] - marks[1]) / (a.steps - 1)
     base = fingerprint(root / "base", a.steps)
-    span = max(0.5, base_wall * 0.6)  # random moments spread over most of the run after its first step
     plan = [signal.SIGKILL] * a.kills + [signal.SIGTERM] * a.terms
     rng.shuffle(plan)
     ok = 0
-    print(f"uninterrupted run: {a.steps} steps in {base_wall:.1f} s (one thread)")
+    print(f"uninterrupted run: {a.steps} steps in {base_wall:.1f} s, {step_s:.2f} s a step (one thread); each "
+          "signal lands at a random moment of a random step (validation and checkpoint writes included)")
     print(f"{'#':>2} {'signal':8} {'at step':>7} {'exit':>5}  result")
     for i, sig in enumerate(plan, 1):
         run = root / f"t{i}"
-        last, code, at = trial(data, run, a.steps, sig, rng, span)
+        last, code, at = trial(data, run, a.steps, sig, rng, step_s)
         good, why = same(fingerprint(run, a.steps), base)
         ok += good
         print(f"{i:>2} {signal.Signals(sig).name:8} {at:>7} {code:>5}  {why}"
