@@ -301,7 +301,9 @@ def cases() -> list[Case]:
              signal_after=(signal.SIGINT, "run/metrics.jsonl")))
     add(Case("signals", "SIGTERM during distill", distill("-s", "train.steps=40"), DATA, expect=143,
              signal_after=(signal.SIGTERM, "run/metrics.jsonl")))
-    add(Case("signals", "two SIGINTs during distill (stop now)", distill("-s", "train.steps=40"), DATA, expect=130,
+    add(Case("signals", "two SIGINTs during distill (stop now)",  # steps of several seconds: the second lands in one
+             distill("-s", "train.steps=40", "-s", "sampling.max_new_tokens=600", "-s", "sampling.n=8",
+                     "-s", "train.prompts_per_step=8"), DATA, expect=130,
              signal_after=(signal.SIGINT, "run/metrics.jsonl"), signals=2))
     add(Case("signals", "SIGTERM during sft", ["sft", "--student", "tiny", "--data", "d.jsonl", "--out", "run",
                                                 "-s", "train.steps=400", "-s", "train.eval_every=0",

@@ -9,6 +9,7 @@ the traceback); a collapse stop ends with exit code 3.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -65,7 +66,8 @@ def _guard(debug: bool, body: Callable[[], int | None]) -> None:
         _error(str(exc))
         code = exc.exit_code
     except Stopped as exc:
-        console.print(str(exc), highlight=False, soft_wrap=True)
+        if os.environ.get("RANK", "0") == "0":  # every rank stopped after the same step: one says so
+            console.print(str(exc), highlight=False, soft_wrap=True)
         code = exc.exit_code
     except KeyboardInterrupt as exc:  # Ctrl-C, or runctl.Interrupted for SIGINT/SIGTERM during training
         console.print(str(exc) or "interrupted", highlight=False, soft_wrap=True)

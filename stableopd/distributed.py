@@ -346,7 +346,7 @@ def relaunch(nproc: int, argv: list[str]) -> int:
     and the lowest failing rank's code is returned, so `--nproc` exits 2 on a bad config like one process."""
     import tempfile
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    cmd = [sys.executable, "-m", "stableopd.launch", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "stableopd", *argv]
     with tempfile.TemporaryDirectory(prefix="stableopd-exit-") as exits:
         proc = subprocess.Popen(cmd, env={**os.environ, EXIT_DIR_ENV: exits})

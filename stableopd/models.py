@@ -205,10 +205,13 @@ _PACKAGES = ("sentencepiece", "tiktoken", "protobuf", "blobfile", "einops", "fla
 def load_failure(path: str, what: str, exc: Exception) -> str:
     """One line for a local model directory that transformers cannot load: what is missing, and the pip
     command when a package is."""
-    msg = " ".join(str(exc).split())[:300] or type(exc).__name__
-    pip = re.search(r"pip install [\w\-\[\]]+", msg)
-    missing = next((p for p in _PACKAGES if p in msg.lower().replace("-", "").replace(" ", "")), None)
-    if pip or (missing and ("requires" in msg or "install" in msg.lower() or isinstance(exc, ImportError))):
+    full = " ".join(str(exc).split()) or type(exc).__name__
+    msg = full[:300]
+    pip = re.search(r"pip install (?:-U |--upgrade )?[\w\-\[\]]+", full)
+    missing = next((p for p in _PACKAGES if p in full.lower().replace("-", "").replace(" ", "")), None)
+    if pip and re.search(r"-U |--upgrade ", pip.group(0)):
+        return f"cannot load the {what} of '{path}': it needs a newer package ({pip.group(0)}): {msg}"
+    if pip or (missing and ("requires" in full or "install" in full.lower() or isinstance(exc, ImportError))):
         command = pip.group(0) if pip else f"pip install {missing.replace('_', '-')}"
         return f"cannot load the {what} of '{path}': it needs a package that is not installed ({command})"
     if "no file named" in msg or "does not appear to have" in msg:

@@ -29,6 +29,7 @@ from stableopd.tracking import MetricsLog
 from stableopd.trainer import (
     _start,
     agreed_signal,
+    announce,
     build_step_backend,
     checkpoint_bytes,
     gold_targets,
@@ -67,7 +68,7 @@ def sft_step(model, optimizer, golds: list[GoldSeq], settings: LossSettings, *, 
 def run_sft(cfg: Config, *, resume: bool = False) -> int:
     run_dir = Path(cfg.out or "runs/sft")
     check_output_dir(run_dir, "run directory")
-    with RunLock(run_dir), GracefulStop(announce=console.print) as stop:
+    with RunLock(run_dir), GracefulStop(announce=announce) as stop:
         return _run_sft(cfg, resume, run_dir, stop)
 
 

@@ -200,6 +200,10 @@ def _start(cfg: Config, run_dir: Path, resume: bool):
     return None
 
 
+def announce(line: str) -> None:
+    console.print(line, highlight=False, soft_wrap=True)
+
+
 def write_config(run_dir: Path, cfg: Config) -> None:
     """RUN_DIR/config.yaml, replaced atomically (a kill never leaves half a config for --resume)."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -236,7 +240,7 @@ def _run_distill(cfg: Config, resume: bool, dist: Dist) -> int:
     if dist.is_main:
         check_output_dir(run_dir, "run directory")
     with RunLock(run_dir) if dist.is_main else nullcontext(), \
-            GracefulStop(announce=console.print if dist.is_main else None) as stop:
+            GracefulStop(announce=announce if dist.is_main else None) as stop:
         return _run_distill_locked(cfg, resume, dist, run_dir, stop)
 
 

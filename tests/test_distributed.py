@@ -20,6 +20,7 @@ What is checked, and against what:
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -266,7 +267,31 @@ def test_split_gives_contiguous_shares_that_concatenate_to_the_list():
 def test_nproc_passes_a_ranks_config_error_through_as_exit_2(data, tmp_path):
     proc = launch([*args(data, tmp_path / "r", student="./no/such/model"), "--nproc", "2"])
     assert proc.returncode == 2, proc.stderr[-2000:]  # torchrun alone would exit 1
-    assert "./no/such/model" in proc.stderr
+    # each rank's one line, and nothing of torchrun's (no ChildFailedError traceback, no per-rank log lines)
+    assert proc.stderr.splitlines() == ["error: model path './no/such/model' does not exist"] * 2, proc.stderr
+
+
+def test_sigterm_to_an_nproc_run_stops_every_rank_after_the_same_step(data, tmp_path):
+    run = tmp_path / "r"
+    cli = [*args(data, run, train__steps=8, train__save_every=100, train__eval_every=0), "--nproc", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "stableopd", *cli], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (run / "metrics.jsonl").exists() and read_rows(run / "metrics.jsonl"):
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err[-3000:]
+    stopped = [line for line in err.splitlines() if line.startswith("stopped by SIGTERM")]
+    assert len(stopped) == 1 and "Traceback" not in err, err[-3000:]  # rank 0 says it, once
+    step = max(r["step"] for r in read_rows(run / "metrics.jsonl"))
+    assert stopped[0].startswith(f"stopped by SIGTERM after step {step}; checkpoint saved.") and step < 8
+    assert (run / "checkpoints" / f"step_{step:06d}" / "COMPLETE").exists()
+    resumed = launch([*cli, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["step"] for r in read_rows(run / "metrics.jsonl")] == list(range(1, 9))
 
 
 def test_first_use_of_built_in_models_under_several_processes(data, tmp_path):

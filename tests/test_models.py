@@ -303,6 +303,11 @@ def test_a_damaged_model_directory_is_one_line_naming_what_is_wrong(tmp_path, da
          "directory /m.)"),
         (ValueError("Unrecognized model in /m. Should have a `model_type` key\nin its config.json"),
          "Unrecognized model in /m. Should have a `model_type` key in its config.json"),
+        (ValueError("The checkpoint you are trying to load has model type `x` but Transformers does not recognize "
+                    "it. You can update Transformers with the command `pip install --upgrade transformers`."),
+         "it needs a newer package (pip install --upgrade transformers): The checkpoint you are trying to load has "
+         "model type `x` but Transformers does not recognize it. You can update Transformers with the command "
+         "`pip install --upgrade transformers`."),
     ],
 )
 def test_load_failures_say_what_is_missing(error, expected):
