@@ -53,7 +53,7 @@ from stableopd.config import Config
 from stableopd.data import Example, examples_for, read_jsonl
 from stableopd.errors import UserError
 from stableopd.eval_presets import Preset, apply_preset, load_preset_examples
-from stableopd.files import check_output_dir, check_output_file
+from stableopd.files import MIB, check_input, check_output_dir, check_output_file
 from stableopd.progress import console as stderr_console
 from stableopd.progress import progress_bar
 from stableopd.repetition import is_repetitive
@@ -120,10 +120,12 @@ def resolve_target(name: str, step: int | None) -> tuple[str, str]:
 
 
 def read_responses(
-    path: Path, examples: list[Example], *, response_field: str
+    path: Path, examples: list[Example], *, response_field: str, max_file_mb: int = 4096, max_line_mb: int = 64
 ) -> tuple[list[dict], list[str]]:
-    """Rows of a responses file joined to problems -> (records with prompt_id, unknown ids / lines)."""
-    rows = read_jsonl(path, what="responses file")
+    """Rows of a responses file joined to problems -> (records with prompt_id, unknown ids / lines). The file
+    is read whole, so it is held to `max_file_mb` (data.max_file_mb) like a data file."""
+    check_input(path, "responses file", max_bytes=max_file_mb * MIB, key="data.max_file_mb")
+    rows = read_jsonl(path, what="responses file", max_line_mb=max_line_mb)
     if not rows:
         raise UserError(f"responses file '{path}' is empty: nothing to score")
     by_id = {e.id: e for e in examples}
@@ -431,7 +433,8 @@ def run_eval(
     progress = cfg.logging.progress  # bars go to stderr, so --json output on stdout stays clean
     results: list[tuple[dict, list[dict], list[str]]] = []
     if responses is not None:
-        records, unknown = read_responses(Path(responses), examples, response_field=cfg.eval.response_field)
+        records, unknown = read_responses(Path(responses), examples, response_field=cfg.eval.response_field,
+                                          max_file_mb=cfg.data.max_file_mb, max_line_mb=cfg.data.max_line_mb)
         scored_ids = {r["prompt_id"] for r in records}
         require_answers(
             [e for e in examples if e.id in scored_ids],

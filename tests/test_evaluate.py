@@ -188,6 +188,24 @@ def test_bad_responses_and_flag_combinations(tmp_path):
         run_eval(_cfg(data, "eval.checker=nope"), models=[], responses=no_text, out=None)
 
 
+def test_responses_file_limits_encoding_and_kind(tmp_path):
+    data = _jsonl(tmp_path / "problems.jsonl", PROBLEMS)
+    big = _jsonl(tmp_path / "big.jsonl", [{"prompt_id": "p1", "response": "x" * (2 << 20)}])
+    with pytest.raises(UserError) as exc:
+        run_eval(_cfg(data, "data.max_file_mb=1"), models=[], responses=big, out=None, as_json=True)
+    assert str(exc.value) == f"responses file '{big}' is 2 MiB, over the 1 MiB limit; raise data.max_file_mb to read it"
+    with pytest.raises(UserError) as exc:
+        run_eval(_cfg(data, "data.max_line_mb=1"), models=[], responses=big, out=None, as_json=True)
+    assert str(exc.value) == f"{big}:1: line longer than 1 MiB; raise data.max_line_mb if the file is right"
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"prompt_id": "p1", "response": "\xe9"}\n')
+    with pytest.raises(UserError, match=r"latin.jsonl:1: not UTF-8 text"):
+        run_eval(_cfg(data), models=[], responses=latin, out=None, as_json=True)
+    with pytest.raises(UserError) as exc:
+        run_eval(_cfg(data), models=[], responses=tmp_path, out=None, as_json=True)
+    assert str(exc.value) == f"responses file '{tmp_path}' is a directory, not a file"
+
+
 # ---------------------------------------------------------------- run directories and presets
 
 
