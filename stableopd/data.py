@@ -37,18 +37,23 @@ class Fields:
     solution: str = "solution"
 
 
+def _json(text: str, where: str, *, with_line: bool = False, advice: str = "") -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        at = f" at line {exc.lineno}" if with_line else ""
+        raise UserError(f"{where}: not valid JSON ({exc.msg}{at}){advice}") from None
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deeply") from None
+
+
 def read_jsonl(path: Path, *, max_line_mb: int = 64, what: str = "data file") -> list[dict[str, Any]]:
     rows = []
     for lineno, line, _ in iter_lines(path, max_line_bytes=max_line_mb * MIB, key="data.max_line_mb",
                                       what=what):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg}); fix or remove that line") from None
-        except RecursionError:
-            raise UserError(f"{path}:{lineno}: JSON nested too deeply") from None
+        row = _json(line, f"{path}:{lineno}", advice="; fix or remove that line")
         if not isinstance(row, dict):
             raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
         rows.append(row)
@@ -67,13 +72,8 @@ def _read_rows(path: Path, *, max_file_mb: int, max_line_mb: int) -> list[dict[s
         except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for damaged files
             raise UserError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0][:200]})") from None
     if path.suffix == ".json":
-        text = read_text(path, "data file", max_bytes=max_file_mb * MIB, key="data.max_file_mb")
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        except RecursionError:
-            raise UserError(f"{path}: JSON nested too deeply") from None
+        rows = _json(read_text(path, "data file", max_bytes=max_file_mb * MIB, key="data.max_file_mb"),
+                     str(path), with_line=True)
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise UserError(f"{path}: expected a JSON list of objects")
         return rows

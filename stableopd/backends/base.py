@@ -25,6 +25,21 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from stableopd.errors import UserError
 
 
+def parse_options(model: type, backend: str, options: dict[str, Any]):
+    """`model(**options)` for a backend's pydantic options model; a UserError naming the key otherwise."""
+    from pydantic import ValidationError
+
+    try:
+        return model(**options)
+    except ValidationError as err:
+        e = err.errors()[0]
+        loc = ".".join(map(str, e["loc"]))
+        if e["type"] == "extra_forbidden":
+            raise UserError(f"unknown {backend} option 'sampling.options.{loc}'; valid: "
+                            f"{', '.join(model.model_fields)}") from None
+        raise UserError(f"sampling.options.{loc}: {e['msg']} (got {e.get('input')!r})") from None
+
+
 def check_options(backend: str, options: dict[str, Any]) -> None:
     """Validate the options of a built-in backend without importing it (UserError naming the key);
     plugins validate their own when built."""

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from stableopd.errors import UserError
+from stableopd.backends import base
 
 
 class HFOptions(BaseModel):
@@ -15,12 +15,4 @@ class HFOptions(BaseModel):
 
 
 def parse_options(options: dict[str, Any]) -> HFOptions:
-    try:
-        return HFOptions(**options)
-    except ValidationError as err:
-        e = err.errors()[0]
-        loc = ".".join(map(str, e["loc"]))
-        if e["type"] == "extra_forbidden":
-            raise UserError(f"unknown hf option 'sampling.options.{loc}'; valid: "
-                            f"{', '.join(HFOptions.model_fields)}") from None
-        raise UserError(f"sampling.options.{loc}: {e['msg']} (got {e.get('input')!r})") from None
+    return base.parse_options(HFOptions, "hf", options)

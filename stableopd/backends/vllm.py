@@ -32,8 +32,9 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from stableopd.backends import base
 from stableopd.backends.base import Sample, SamplingParams
 from stableopd.errors import UserError
 
@@ -59,15 +60,7 @@ class VLLMOptions(BaseModel):
 
 
 def parse_options(options: dict[str, Any]) -> VLLMOptions:
-    try:
-        return VLLMOptions(**options)
-    except ValidationError as err:
-        e = err.errors()[0]
-        loc = ".".join(map(str, e["loc"]))
-        if e["type"] == "extra_forbidden":
-            raise UserError(f"unknown vllm option 'sampling.options.{loc}'; valid: "
-                            f"{', '.join(VLLMOptions.model_fields)}") from None
-        raise UserError(f"sampling.options.{loc}: {e['msg']} (got {e.get('input')!r})") from None
+    return base.parse_options(VLLMOptions, "vllm", options)
 
 
 def import_vllm():
