@@ -345,7 +345,8 @@ def run_case(case: Case, root: Path) -> tuple[Case, int, str, bool, float]:
         out, code = proc.stderr + proc.stdout, proc.returncode
     else:
         sig, trigger = case.signal_after
-        p = subprocess.Popen(cmd, cwd=d, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p = subprocess.Popen(cmd, cwd=d, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
         deadline = time.monotonic() + 300
         while p.poll() is None and time.monotonic() < deadline:
             if (d / trigger).is_file() if trigger else time.perf_counter() - t0 > 8:

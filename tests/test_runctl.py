@@ -62,16 +62,34 @@ def test_before_arming_a_signal_stops_at_once_with_its_exit_code():
     assert stop.signum is None
 
 
-def test_once_armed_the_first_signal_is_a_request_and_the_second_stops(monkeypatch):
-    announced = []
-    with GracefulStop(announce=announced.append) as stop:
-        stop.arm()
-        os.kill(os.getpid(), signal.SIGINT)
-        assert stop.signum == signal.SIGINT
-        assert announced == ["SIGINT: finishing this step and saving a checkpoint (send it again to stop at once)"]
-        os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C delivered twice (terminal and torchrun): ignored
-        monkeypatch.setattr(runctl, "REPEAT_S", 0.0)
-        with pytest.raises(Interrupted) as exc:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_once_armed_the_first_signal_is_a_request_and_the_second_stops(monkeypatch, sig):
+    before = signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
+    try:
+        announced = []
+        with GracefulStop(announce=announced.append) as stop:
+            stop.arm()
+            os.kill(os.getpid(), sig)
+            assert stop.signum == sig
+            name = signal.Signals(sig).name
+            assert announced == [f"{name}: finishing this step and saving a checkpoint (send it again to stop at once)"]
+            os.kill(os.getpid(), sig)  # the same Ctrl-C delivered twice (terminal and torchrun): ignored
+            monkeypatch.setattr(runctl, "REPEAT_S", 0.0)
+            with pytest.raises(Interrupted) as exc:
+                os.kill(os.getpid(), sig)
+        assert exc.value.exit_code == 128 + sig and "continue from the last checkpoint with: stableopd" in str(exc.value)
+        assert signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler)  # handlers restored
+    finally:
+        signal.signal(sig, before)
+
+
+def test_an_ignored_sigint_stays_ignored():
+    """A run started with SIGINT ignored (nohup, `cmd &` in a script) is not stopped by Ctrl-C."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with GracefulStop() as stop:
+            stop.arm()
             os.kill(os.getpid(), signal.SIGINT)
-    assert exc.value.exit_code == 130 and "continue from the last checkpoint with: stableopd" in str(exc.value)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+            assert stop.signum is None and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
