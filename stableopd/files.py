@@ -7,7 +7,7 @@ own, so one absurd line fails fast instead of filling memory, and bytes that are
 names the file and line. Output paths are checked by kind (file or directory) and for write permission
 before any model loads, so a bad `--out` costs seconds, not a training run.
 
-    for no, text in iter_lines(path, max_line_bytes=64 * MIB, key="data.max_line_mb"):
+    for no, text, ends_line in iter_lines(path, max_line_bytes=64 * MIB, key="data.max_line_mb"):
         ...
 """
 
