@@ -89,16 +89,18 @@ def _guard(debug: bool, body: Callable[[], int | None]) -> None:
 
 
 def _relaunch_locked(nproc: int, run_dir: Path) -> int:
-    """`--nproc K`: hold the run directory's lock here, for the ranks torchrun starts (runctl.RunLock)."""
-    import os
+    """`--nproc K`: hold the run directory's lock here, for the ranks torchrun starts (runctl.RunLock), and
+    tell them the command as typed, for the resume line they print when stopped."""
+    import json
 
     from stableopd.distributed import relaunch, strip_nproc
     from stableopd.files import check_output_dir
-    from stableopd.runctl import LOCK_ENV, RunLock
+    from stableopd.runctl import ARGV_ENV, LOCK_ENV, RunLock
 
     check_output_dir(run_dir, "run directory")
     with RunLock(run_dir):
         os.environ[LOCK_ENV] = str(run_dir.resolve())
+        os.environ[ARGV_ENV] = json.dumps(sys.argv[1:])
         return relaunch(nproc, strip_nproc(sys.argv[1:]))
 
 

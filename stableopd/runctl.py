@@ -13,6 +13,7 @@ at once (`Interrupted`); `--resume` then continues from the last checkpoint save
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -26,6 +27,7 @@ from stableopd.errors import UserError
 LOCK_NAME = ".lock"
 REPEAT_S = 2.0  # a second signal this soon after the first is the same request, delivered twice
 LOCK_ENV = "STABLEOPD_RUN_LOCK"  # set by the --nproc launcher: the run directory whose lock it holds
+ARGV_ENV = "STABLEOPD_ARGV"  # set by the --nproc launcher: the command line as typed (JSON list)
 
 
 class RunLock:
@@ -89,7 +91,9 @@ class Stopped(Exception):
 
 
 def resume_command() -> str:
-    args = [a for a in sys.argv[1:] if a != "--resume"]
+    """The command that was run (as typed, under --nproc too), with --resume."""
+    typed = json.loads(os.environ[ARGV_ENV]) if os.environ.get(ARGV_ENV) else sys.argv[1:]
+    args = [a for a in typed if a != "--resume"]
     return " ".join(["stableopd", *map(shlex.quote, args), "--resume"])
 
 

@@ -288,6 +288,7 @@ def test_sigterm_to_an_nproc_run_stops_every_rank_after_the_same_step(data, tmp_
     assert len(stopped) == 1 and "Traceback" not in err, err[-3000:]  # rank 0 says it, once
     step = max(r["step"] for r in read_rows(run / "metrics.jsonl"))
     assert stopped[0].startswith(f"stopped by SIGTERM after step {step}; checkpoint saved.") and step < 8
+    assert stopped[0].endswith(" ".join(["stableopd", *cli, "--resume"]))  # --nproc 2 included
     assert (run / "checkpoints" / f"step_{step:06d}" / "COMPLETE").exists()
     resumed = launch([*cli, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
