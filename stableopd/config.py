@@ -136,7 +136,8 @@ class TrainConfig(Section):
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
     stop_on_collapse: bool = False
     max_bad_steps: int = Field(default=3, ge=1, le=MAX_INT)  # consecutive non-finite steps before stopping
-    dist_timeout_s: float = Field(default=600.0, gt=0.0, le=7 * 86400.0)  # multi-process: a collective waiting longer raises
+    # multi-process: a collective waiting longer raises
+    dist_timeout_s: float = Field(default=600.0, gt=0.0, le=7 * 86400.0)
     shard_frozen: bool = False  # multi-process: FSDP-shard teacher and reference too (default: a full copy per rank)
 
     @model_validator(mode="after")

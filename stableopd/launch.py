@@ -16,8 +16,9 @@ import os
 import sys
 
 # torch's elastic loggers: some read their level from LOGLEVEL when created (so it is set before importing
-# them), the others inherit it from "torch.distributed.elastic" (set in main). Their per-rank status lines ("Sending process ... closing signal", "failed (exitcode: 2)") repeat what the ranks
-# print themselves; a failure of the launcher itself still raises and shows.
+# them), the others inherit it from "torch.distributed.elastic" (set in main). Their per-rank status lines
+# ("Sending process ... closing signal", "failed (exitcode: 2)") repeat what the ranks print themselves; a
+# failure of the launcher itself still raises and shows.
 os.environ.setdefault("LOGLEVEL", "CRITICAL")
 
 from torch.distributed.elastic.multiprocessing.api import SignalException  # noqa: E402

@@ -189,7 +189,8 @@ class StepStats:
             return {}
         p, sums = self.prefix, self.sums
         total, longest = (self.len_tokens, self.max_tokens) if self.tokens_all else (self.len_words, self.max_words)
-        m = {f"{p}/length_mean": total / self.n, f"{p}/length_max": float(longest), f"{p}/rep_rate": self.n_rep / self.n}
+        m = {f"{p}/length_mean": total / self.n, f"{p}/length_max": float(longest),
+             f"{p}/rep_rate": self.n_rep / self.n}
         if self.n_trunc_known:
             m[f"{p}/trunc_rate"] = self.n_trunc / self.n_trunc_known
         if sums["tokens"]:
