@@ -47,10 +47,12 @@ def _json(text: str, where: str, *, with_line: bool = False, advice: str = "") -
         raise UserError(f"{where}: JSON nested too deeply") from None
 
 
-def read_jsonl(path: Path, *, max_line_mb: int = 64, what: str = "data file") -> list[dict[str, Any]]:
+def read_jsonl(path: Path, *, max_file_mb: int = 4096, max_line_mb: int = 64, what: str = "data file"
+               ) -> list[dict[str, Any]]:
+    """Every object of a JSONL file, read whole: held to `max_file_mb` and `max_line_mb` (data.*)."""
     rows = []
-    for lineno, line, _ in iter_lines(path, max_line_bytes=max_line_mb * MIB, key="data.max_line_mb",
-                                      what=what):
+    for lineno, line, _ in iter_lines(path, max_line_bytes=max_line_mb * MIB, key="data.max_line_mb", what=what,
+                                      max_bytes=max_file_mb * MIB, size_key="data.max_file_mb"):
         if not line.strip():
             continue
         row = _json(line, f"{path}:{lineno}", advice="; fix or remove that line")
@@ -61,8 +63,8 @@ def read_jsonl(path: Path, *, max_line_mb: int = 64, what: str = "data file") ->
 
 
 def _read_rows(path: Path, *, max_file_mb: int, max_line_mb: int) -> list[dict[str, Any]]:
-    check_input(path, "data file", max_bytes=max_file_mb * MIB, key="data.max_file_mb")
     if path.suffix == ".parquet":
+        check_input(path, "data file", max_bytes=max_file_mb * MIB, key="data.max_file_mb")
         try:
             import pyarrow.parquet as pq
         except ImportError:
@@ -77,7 +79,7 @@ def _read_rows(path: Path, *, max_file_mb: int, max_line_mb: int) -> list[dict[s
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise UserError(f"{path}: expected a JSON list of objects")
         return rows
-    return read_jsonl(path, max_line_mb=max_line_mb)
+    return read_jsonl(path, max_file_mb=max_file_mb, max_line_mb=max_line_mb)
 
 
 def _read_hub(name: str, split: str) -> list[dict[str, Any]]:

@@ -53,7 +53,7 @@ from stableopd.config import Config
 from stableopd.data import Example, examples_for, read_jsonl
 from stableopd.errors import UserError
 from stableopd.eval_presets import Preset, apply_preset, load_preset_examples
-from stableopd.files import MIB, check_input, check_output_dir, check_output_file
+from stableopd.files import check_output_dir, check_output_file
 from stableopd.progress import console as stderr_console
 from stableopd.progress import progress_bar
 from stableopd.repetition import is_repetitive
@@ -124,8 +124,7 @@ def read_responses(
 ) -> tuple[list[dict], list[str]]:
     """Rows of a responses file joined to problems -> (records with prompt_id, unknown ids / lines). The file
     is read whole, so it is held to `max_file_mb` (data.max_file_mb) like a data file."""
-    check_input(path, "responses file", max_bytes=max_file_mb * MIB, key="data.max_file_mb")
-    rows = read_jsonl(path, what="responses file", max_line_mb=max_line_mb)
+    rows = read_jsonl(path, what="responses file", max_file_mb=max_file_mb, max_line_mb=max_line_mb)
     if not rows:
         raise UserError(f"responses file '{path}' is empty: nothing to score")
     by_id = {e.id: e for e in examples}

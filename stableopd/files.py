@@ -66,13 +66,14 @@ def read_text(path: Path, what: str, *, max_bytes: int, key: str | None = None) 
         raise UserError(f"{what} '{path}' is not UTF-8 text (line {line}); save it as UTF-8") from None
 
 
-def iter_lines(path: Path, *, max_line_bytes: int, key: str, what: str = "file",
-               errors: str = "strict") -> Iterator[tuple[int, str, bool]]:
-    """(line number, text, ends with a newline) for each line, reading at most `max_line_bytes` per line.
+def iter_lines(path: Path, *, max_line_bytes: int, key: str, what: str = "file", errors: str = "strict",
+               max_bytes: int | None = None, size_key: str | None = None) -> Iterator[tuple[int, str, bool]]:
+    """(line number, text, ends with a newline) for each line, reading at most `max_line_bytes` per line,
+    after `check_input(path, what, max_bytes=max_bytes, key=size_key)`.
 
     With errors="strict" bytes that are not UTF-8 are an error naming the line; with "replace" they become
     U+FFFD (diagnose reads another tool's logs and reports what it can)."""
-    check_input(path, what)
+    check_input(path, what, max_bytes=max_bytes, key=size_key)
     with open(path, "rb") as fh:
         for no, raw in enumerate(iter(lambda: fh.readline(max_line_bytes + 1), b""), start=1):
             if len(raw) > max_line_bytes and not raw.endswith(b"\n"):

@@ -136,7 +136,7 @@ class StepStats:
         self.tokens_all = True  # every record so far has a token length
         self.len_tokens = self.len_words = 0.0
         self.max_tokens = self.max_words = 0
-        self.correct: list[float] = [0.0, 0.0]  # sum, count
+        self.correct_sum, self.n_correct = 0.0, 0
         self.sums = dict.fromkeys(("tokens", "rep_tokens", "adv_regular", "adv_repetitive", "teacher",
                                    "student"), 0.0) | {"n_regular": 0, "n_repetitive": 0}
 
@@ -162,8 +162,8 @@ class StepStats:
         self.len_words += len(words)
         self.max_tokens, self.max_words = max(self.max_tokens, n_tok), max(self.max_words, len(words))
         if isinstance(rec.get("correct"), (bool, int, float)):
-            self.correct[0] += float(rec["correct"])
-            self.correct[1] += 1
+            self.correct_sum += float(rec["correct"])
+            self.n_correct += 1
         if ids is not None:
             units = ids
         else:
@@ -195,8 +195,8 @@ class StepStats:
             m[f"{p}/trunc_rate"] = self.n_trunc / self.n_trunc_known
         if sums["tokens"]:
             m[f"{p}/rep_token_frac"] = sums["rep_tokens"] / sums["tokens"]
-        if self.correct[1]:
-            m[f"{p}/accuracy"] = self.correct[0] / self.correct[1]
+        if self.n_correct:
+            m[f"{p}/accuracy"] = self.correct_sum / self.n_correct
         if p == "rollout":  # DESIGN.md names these without a prefix; validation has no teacher
             n_lp = sums["n_regular"] + sums["n_repetitive"]
             for kind in ("regular", "repetitive"):

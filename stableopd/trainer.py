@@ -414,13 +414,12 @@ def build_step_backend(cfg: Config, setup: Setup):
 
 
 def distill_loop(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start: int,
-                 restored_state: dict[str, Any], stop: GracefulStop | None = None) -> int:
+                 restored_state: dict[str, Any], stop: GracefulStop) -> int:
     """Steps start+1 .. train.steps; returns the exit code (0), or raises a stop."""
     from stableopd.progress import step_display
 
     tcfg = cfg.train
     dist = setup.dist
-    stop = stop or GracefulStop()
     stop.arm()  # from here a first signal lets the loop finish a step and save it
     log = (MetricsLog.open(run_dir / "metrics.jsonl", keep_until=start if start else None) if dist.is_main
            else MetricsLog.reader(run_dir / "metrics.jsonl", keep_until=start if start else None))
