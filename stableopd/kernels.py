@@ -24,7 +24,7 @@ normalisation are the caller's (sum the per-token values, divide once by the glo
 inductor needs a C++ toolchain).
 
 Deviations from the paper: none in the math; the paper does not say how its KL is computed. The JSD
-convention follows the issue (and Liger-Kernel) and is spelled out in `linear_jsd`.
+convention is TRL's and Liger-Kernel's and is spelled out in `linear_jsd`.
 
 Command: `pytest tests/test_kernels.py` and `python benchmarks/bench_kernels.py [--quick]`.
 """
@@ -86,19 +86,17 @@ def _kl_loss(ls, lt, g, scratch, want_out, *, reverse: bool):
 
 
 def _jsd_loss(ls, lt, g, scratch, want_out, *, beta: float):
-    if beta == 0.0:  # exact endpoints, computed without a log(0) from a zero mixture weight
-        return _kl_loss(ls, lt, g, scratch, want_out, reverse=False)
-    if beta == 1.0:
-        return _kl_loss(ls, lt, g, scratch, want_out, reverse=True)
-    lm = torch.add(ls, math.log(beta), out=scratch[1])  # (C, V)
-    torch.logaddexp(lm, torch.add(lt, math.log1p(-beta), out=scratch[0]), out=lm)  # log(beta ps + (1-beta) pt)
+    """0 < beta < 1 (the endpoints are the KL kernels): m = (1 - beta) ps + beta pt,
+    JSD = beta KL(t || m) + (1 - beta) KL(s || m)."""
+    lm = torch.add(ls, math.log1p(-beta), out=scratch[1])  # (C, V)
+    torch.logaddexp(lm, torch.add(lt, math.log(beta), out=scratch[0]), out=lm)  # log((1-beta) ps + beta pt)
     kl_tm = _rowdot(torch.exp(lt, out=scratch[0]), lt.sub_(lm)) if want_out else None  # (C, 1) KL(t || m)
     ps = torch.exp(ls, out=scratch[0])  # (C, V)
     d_s = ls.sub_(lm)  # (C, V) log(ps / m)
     kl_sm = _rowdot(ps, d_s)  # (C, 1) KL(s || m)
-    out = beta * kl_sm + (1.0 - beta) * kl_tm if want_out else None  # (C, 1)
-    # d JSD / d ps = beta * log(ps / m) (the terms from m cancel), then through the softmax.
-    return out, (None if g is None else d_s.sub_(kl_sm).mul_(ps).mul_(g * beta))
+    out = (1.0 - beta) * kl_sm + beta * kl_tm if want_out else None  # (C, 1)
+    # d JSD / d ps = (1 - beta) * log(ps / m) (the terms from m cancel), then through the softmax.
+    return out, (None if g is None else d_s.sub_(kl_sm).mul_(ps).mul_(g * (1.0 - beta)))
 
 
 _COMPILED: dict[object, Kernel] = {}
@@ -308,7 +306,9 @@ def _kl_kernel(direction: str) -> tuple[Kernel, int]:
 def _jsd_kernel(beta: float) -> tuple[Kernel, int]:
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
-    return partial(_jsd_loss, beta=float(beta)), 1 if beta in (0.0, 1.0) else 2  # JSD needs a buffer for log m
+    if beta in (0.0, 1.0):  # exact endpoints, computed without a log(0) from a zero mixture weight
+        return _kl_kernel("forward" if beta == 0.0 else "reverse")
+    return partial(_jsd_loss, beta=float(beta)), 2  # a buffer for log m
 
 
 def linear_kl(student_hidden: Tensor, student_weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor,
@@ -332,13 +332,14 @@ def linear_jsd(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: T
                compile: bool = False) -> Tensor:
     """Per-token generalized Jensen-Shannon divergence over the full vocabulary.
 
-    Convention (the issue's, also Liger-Kernel's), with p_s the student and p_t the teacher distribution:
-      0 < beta < 1:  m = beta * p_s + (1 - beta) * p_t,
-                     JSD_beta = beta * KL(p_s || m) + (1 - beta) * KL(p_t || m)   (beta = 0.5: the usual JSD)
+    Convention (TRL's `generalized_jsd_loss` and Liger-Kernel's), with p_s the student and p_t the teacher
+    distribution, so a `beta` copied from a TRL GKD config means the same divergence here:
+      0 < beta < 1:  m = (1 - beta) * p_s + beta * p_t,
+                     JSD_beta = beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)   (beta = 0.5: the usual JSD)
       beta == 0:     KL(p_t || p_s)  (forward KL)
       beta == 1:     KL(p_s || p_t)  (reverse KL)
     The endpoints are definitions, not limits: JSD_beta itself tends to 0 at both ends (near beta = 0 it is
-    about beta * KL(p_s || p_t)), so the family jumps there. Endpoints run the KL kernels, never log(0);
+    about beta * KL(p_t || p_s)), so the family jumps there. Endpoints run the KL kernels, never log(0);
     log m is formed with logaddexp. Shapes, masking, vocab_size and gradients as in `linear_kl`.
     """
     return _divergence(*_jsd_kernel(beta), student_hidden, student_weight, teacher_hidden, teacher_weight,

@@ -50,13 +50,16 @@ def ref_kl(lp, lq):  # KL(p || q) from log-probs
 
 
 def ref_jsd(ls, lt, beta):
+    """TRL's published `generalized_jsd_loss` (trl/trainer/gkd_trainer.py): beta 0 is KL(teacher || student),
+    beta 1 KL(student || teacher), between them m = (1 - beta) p_student + beta p_teacher and
+    beta KL(teacher || m) + (1 - beta) KL(student || m)."""
     if beta == 0:
         return ref_kl(lt, ls)
     if beta == 1:
         return ref_kl(ls, lt)
     ps, pt = ls.exp(), lt.exp()
-    m = beta * ps + (1 - beta) * pt
-    return beta * (ps * (ls - m.log())).sum(-1) + (1 - beta) * (pt * (lt - m.log())).sum(-1)
+    m = (1 - beta) * ps + beta * pt
+    return beta * (pt * (lt - m.log())).sum(-1) + (1 - beta) * (ps * (ls - m.log())).sum(-1)
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
@@ -187,7 +190,7 @@ def test_kl_matches_reference(direction, chunk, temperature):
 
 
 @pytest.mark.parametrize("chunk", [3, 47, 64])
-@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0])
 def test_jsd_matches_reference(beta, chunk):
     check_divergence(linear_jsd, lambda ls, lt: ref_jsd(ls, lt, beta), chunk, 0.8, beta=beta)
 
