@@ -110,9 +110,19 @@ class LossConfig(Section):
     aggregation: Literal["seq_mean", "token_mean"] = "seq_mean"
     ref_kl_coef: float = Field(default=0.01, ge=0.0, le=1e6)
     gold_coef: float = Field(default=0.1, ge=0.0, le=1e6)
-    jsd_beta: float = Field(default=0.5, ge=0.0, le=1.0)
+    jsd_beta: float = Field(default=0.5, ge=0.0, le=1.0)  # TRL's convention: 0 forward KL, 1 reverse KL
+    # discount of the OPD advantage's reward-to-go: 0 = per-token advantages (the paper), 1 = the sum of
+    # the log-ratios from each token to the end (the sequence-level reverse-KL gradient)
+    reward_to_go: float = Field(default=0.0, ge=0.0, le=1.0)
     teacher_temperature: float = Field(default=1.0, ge=MIN_TEMPERATURE, le=100.0)
     chunk_size: int = Field(default=1024, ge=1, le=MAX_INT)
+
+    @model_validator(mode="after")
+    def _keys_fit_objective(self) -> LossConfig:
+        if self.objective == "jsd" and self.reward_to_go > 0:
+            raise ValueError("loss.reward_to_go shapes the OPD advantage, and loss.objective=jsd has none; "
+                             "use objective opd or stableopd, or set loss.reward_to_go=0")
+        return self
 
 
 class TrainConfig(Section):

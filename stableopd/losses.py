@@ -31,8 +31,8 @@ from the student s, and the loss L = -sum_t A_t log s(y_t|h_t) with A detached (
   (stop-gradient on which states the student visits). J has the same value as the sequence-level
   KL(s || t) but not the same gradient: it drops  -E[ sum_t grad log s(y_t|h_t) * sum_{k>t} d_k ],
   the effect of a token on the later tokens' log-ratios.
-- Reward-to-go A_t = sum_{k>=t} d_k (`reward_to_go(adv, mask, gamma=1.0)`) makes the expected gradient
-  exactly grad KL(s || t) over whole sequences (EOS and truncation included). Both statements hold
+- Reward-to-go A_t = sum_{k>=t} d_k (`reward_to_go(adv, mask, gamma=1.0)`; config `loss.reward_to_go: 1`)
+  makes the expected gradient exactly grad KL(s || t) over whole sequences (EOS and truncation included). Both statements hold
   for token-sum weights (a constant weight per token); tests/test_losses.py checks both by exact
   enumeration. `seq_mean` weights 1/|y| depend on the sampled length, and `token_mean` divides by a
   random count, so with them the same estimators are exact only up to that (length) reweighting.
@@ -42,7 +42,8 @@ Deviations from the paper (it gives no code, clip eps or aggregation):
   (old = new.detach()) value and gradient are those of the plain policy gradient, and the value
   equals the clipped loss at rho = 1, so `loss/opd` reads as minus the mean (shaped) advantage.
 - Advantage shaping beyond the paper (section 7): `power` (PowerOPD), `clip`, `log_compress`; and an
-  optional reward-to-go, off by default.
+  optional reward-to-go (`loss.reward_to_go`, the discount gamma), off by default. The adv/* metrics stay
+  per token (before the reward-to-go), so they read the same either way.
 
 Exercised by:  pytest tests/test_losses.py
 """

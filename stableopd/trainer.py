@@ -172,7 +172,8 @@ def loss_settings(cfg: Config, vocab_size: int) -> LossSettings:
         clip_eps=lo.clip_eps if cfg.train.epochs_per_batch > 1 else None, aggregation=lo.aggregation,
         ref_kl_coef=lo.ref_kl_coef if lo.objective != "opd" else 0.0,
         gold_coef=lo.gold_coef if lo.objective == "stableopd" else 0.0, jsd_beta=lo.jsd_beta,
-        teacher_temperature=lo.teacher_temperature, chunk_size=lo.chunk_size, vocab_size=vocab_size)
+        reward_to_go=lo.reward_to_go, teacher_temperature=lo.teacher_temperature, chunk_size=lo.chunk_size,
+        vocab_size=vocab_size)
 
 
 def gold_targets(tokenizer, examples: list[Example], eos: int) -> list[list[int] | None]:

@@ -27,7 +27,7 @@ import torch
 from stableopd.batch import from_lists, head_forward, output_weight, pack, row_mask, target_hidden, to_rows
 from stableopd.distributed import SINGLE, Dist
 from stableopd.kernels import linear_jsd_sum, linear_kl_sum, linear_logprobs, linear_logprobs_sum
-from stableopd.losses import opd_loss, ref_kl_loss, sft_loss, shape_advantage, token_weights
+from stableopd.losses import opd_loss, ref_kl_loss, reward_to_go, sft_loss, shape_advantage, token_weights
 
 
 @dataclass
@@ -57,6 +57,7 @@ class LossSettings:
     ref_kl_coef: float = 0.01
     gold_coef: float = 0.1
     jsd_beta: float = 0.5
+    reward_to_go: float = 0.0  # discount of the advantage's reward-to-go (losses.reward_to_go); 0 = per token
     teacher_temperature: float = 1.0
     chunk_size: int = 1024
     vocab_size: int | None = None
@@ -123,7 +124,8 @@ def _rollout_chunk(student, ref, teacher, seqs: list[RolloutSeq], s: LossSetting
         main = jsd_sum
         metrics = {"loss/opd": main.detach()}
     else:
-        main, metrics = opd_loss(new, old, adv, w, clip_eps=s.clip_eps)
+        pg_adv = reward_to_go(adv, mask, gamma=s.reward_to_go) if s.reward_to_go > 0 else adv  # (B, T)
+        main, metrics = opd_loss(new, old, pg_adv, w, clip_eps=s.clip_eps)
     total = main
     if use_kl:
         kl_loss, kl_metrics = ref_kl_loss(to_rows(kl_flat, packed.lengths)[0], w, total=kl_sum)

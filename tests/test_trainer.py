@@ -19,6 +19,7 @@ What is checked, and against what:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -434,7 +435,7 @@ def acc_settings(objective: str, aggregation: str, vocab: int) -> LossSettings:
         aggregation=aggregation,
         ref_kl_coef=0.5,
         gold_coef=0.3,
-        jsd_beta=0.5,
+        jsd_beta=0.3,  # asymmetric: the beta convention is checked too
         chunk_size=16,
         vocab_size=vocab,
     )
@@ -505,13 +506,15 @@ def naive_loss(m, rollouts, golds, s: LossSettings) -> torch.Tensor:
         if s.objective == "jsd":
             with torch.no_grad():
                 lt = logp(m.teacher, q.prompt, q.target)
-            mix = torch.logsumexp(torch.stack([ls + math.log(s.jsd_beta), lt + math.log(1 - s.jsd_beta)]), 0)
-            jsd = s.jsd_beta * (ls.exp() * (ls - mix)).sum(-1) + (1 - s.jsd_beta) * (
-                lt.exp() * (lt - mix)
-            ).sum(-1)
+            b = s.jsd_beta  # TRL's convention: m = (1 - b) p_s + b p_t
+            mix = torch.logsumexp(torch.stack([ls + math.log(1 - b), lt + math.log(b)]), 0)
+            jsd = b * (lt.exp() * (lt - mix)).sum(-1) + (1 - b) * (ls.exp() * (ls - mix)).sum(-1)
             total = total + w * jsd.sum()
         else:
             adv = torch.tensor(q.teacher_lp) - new.detach()
+            if s.reward_to_go > 0:  # A_t = sum_{k>=t} gamma^(k-t) d_k, written as a loop
+                adv = torch.stack([sum(s.reward_to_go ** (k - t) * adv[k] for k in range(t, len(adv)))
+                                   for t in range(len(adv))])
             total = total - w * (adv * torch.exp(new - new.detach())).sum()  # value -A, gradient -A grad(new)
         if s.objective != "opd":
             with torch.no_grad():
@@ -538,6 +541,27 @@ def test_accumulated_gradient_equals_a_naive_full_logits_loss(acc_models, object
     want = grads_of(acc_models.student)
     assert_grads_close(got, want, rtol=1e-4)
     assert metrics["loss/total"] == pytest.approx(loss.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0])
+def test_reward_to_go_gradient_equals_a_naive_full_logits_loss(acc_models, gamma):
+    rollouts, golds = acc_batch(acc_models.vocab, acc_models.teacher)
+    settings = dataclasses.replace(acc_settings("stableopd", "seq_mean", acc_models.vocab), reward_to_go=gamma)
+    got, metrics = run_accumulate(acc_models, rollouts, golds, settings, micro_batch=2)
+    per_token, _ = run_accumulate(acc_models, rollouts, golds, acc_settings("stableopd", "seq_mean",
+                                                                            acc_models.vocab), micro_batch=2)
+    acc_models.student.zero_grad(set_to_none=True)
+    loss = naive_loss(acc_models, rollouts, golds, settings)
+    loss.backward()
+    want = grads_of(acc_models.student)
+    assert_grads_close(got, want, rtol=1e-4)
+    assert metrics["loss/total"] == pytest.approx(loss.item(), rel=1e-4)
+    assert any(not torch.allclose(per_token[k], want[k]) for k in want)  # the option changes the update
+
+
+def test_reward_to_go_is_refused_with_the_jsd_objective():
+    with pytest.raises(UserError, match="loss.reward_to_go"):
+        load_config(None, ["loss.objective=jsd", "loss.reward_to_go=1"])
 
 
 # ------------------------------------------------------------------------------------------------
