@@ -220,9 +220,21 @@ class LoggingConfig(Section):
     tensorboard: bool = False
 
 
+class TeacherSpec(ModelSpec):
+    """The teacher: a ModelSpec plus how it reads the student's tokens (stableopd/pairing.py)."""
+
+    name: str = "tiny-teacher"
+    # the token the teacher is scored on where the student stops; None: its chat template's end of turn
+    # (data.chat_template) or its EOS
+    end_token: str | None = None
+    # added-token ids that name different tokens in the two tokenizers: "error" refuses the pair, "suppress"
+    # keeps the student's sampler from producing them
+    mismatched_tokens: Literal["error", "suppress"] = "error"
+
+
 class Config(Section):
     student: ModelSpec = Field(default_factory=ModelSpec)
-    teacher: ModelSpec = Field(default_factory=lambda: ModelSpec(name="tiny-teacher"))
+    teacher: TeacherSpec = Field(default_factory=TeacherSpec)
     data: DataConfig = Field(default_factory=DataConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     loss: LossConfig = Field(default_factory=LossConfig)

@@ -117,10 +117,11 @@ def _maybe_compile(kernel: Kernel, compile: bool) -> Kernel:
 
 def _sweep(spec: tuple, h: Tensor, w: Tensor, other: tuple, g: Tensor | None,
            want: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Run spec = (kernel, n_scratch, chunk, inv_t) over row chunks of h (N, d) against w (V, d). `other`
-    is (targets (N,),) or the other side's (h_t (N, d_t), w_t (V, d_t)). want = (outputs, grad h, grad w);
-    the grads are fp32 grads of sum(g * out), computed only when g (N, k) is given."""
-    kernel, n_scratch, chunk, inv_t = spec
+    """Run spec = (kernel, n_scratch, chunk, inv_t, swaps) over row chunks of h (N, d) against w (V, d).
+    `other` is (targets (N,),) or the other side's (h_t (N, d_t), w_t (V, d_t)), whose log-prob columns a, b
+    are exchanged for each (a, b) in swaps. want = (outputs, grad h, grad w); the grads are fp32 grads of
+    sum(g * out), computed only when g (N, k) is given."""
+    kernel, n_scratch, chunk, inv_t, swaps = spec
     n, v = h.shape[0], w.shape[0]
     w32 = w.float()  # (V, d) no copy when already fp32
     w_t32 = other[1].float() if len(other) == 2 else None  # (V, d_t)
@@ -135,6 +136,8 @@ def _sweep(spec: tuple, h: Tensor, w: Tensor, other: tuple, g: Tensor | None,
         if w_t32 is not None:
             lt = bufs[2, : rows.stop - start]  # (C, V)
             torch.log_softmax(torch.mm(other[0][rows].float() * inv_t, w_t32.T, out=z), -1, out=lt)
+            for a, b in swaps:
+                lt[:, [a, b]] = lt[:, [b, a]]
         hc = h[rows].float() * inv_t  # (C, d) temperature folded into the small side
         torch.log_softmax(torch.mm(hc, w32.T, out=z), -1, out=ls)
         aux = other[0][rows] if w_t32 is None else lt
@@ -254,7 +257,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, mask: Te
     the entropy term when the entropy gets no gradient). Call under `torch.no_grad()` for teacher scoring.
     """
     lead, n, idx, args = _logprobs_args(hidden, weight, targets, mask, chunk_size, temperature, vocab_size)
-    spec = (_maybe_compile(_logprobs_loss, compile), 1, chunk_size, 1.0 / temperature)
+    spec = (_maybe_compile(_logprobs_loss, compile), 1, chunk_size, 1.0 / temperature, ())
     lp, ent = _ChunkedLoss.apply(*args, spec)  # (M,) each
     return _put(lp, idx, n).reshape(lead), _put(ent, idx, n).reshape(lead)
 
@@ -272,23 +275,26 @@ def linear_logprobs_sum(hidden: Tensor, weight: Tensor, targets: Tensor, token_w
     """
     lead, n, idx, args = _logprobs_args(hidden, weight, targets, mask, chunk_size, temperature, vocab_size)
     tw = _take(token_weights.reshape(-1), idx)[:, None]  # (M, 1): the entropy is not part of the sum
-    spec = (_maybe_compile(_logprobs_loss, compile), 1, chunk_size, 1.0 / temperature)
+    spec = (_maybe_compile(_logprobs_loss, compile), 1, chunk_size, 1.0 / temperature, ())
     total, out = _ChunkedSum.apply(*args, tw, spec)
     out = _put(out, idx, n)  # (N, 2)
     return total, out[:, 0].reshape(lead), out[:, 1].reshape(lead)
 
 
 def _divergence(kernel, n_scratch, s_h, s_w, t_h, t_w, mask, token_weights, chunk_size, temperature, vocab_size,
-                compile):
+                compile, swaps=()):
     lead, h, idx = _prepare(s_h, mask, chunk_size, temperature)
     h_t = t_h.reshape(-1, t_h.shape[-1])  # (N, d_t)
     if h.shape[0] != h_t.shape[0] or h.shape[1] != s_w.shape[1] or h_t.shape[1] != t_w.shape[1]:
         raise ValueError(f"shapes do not match: student {tuple(s_h.shape)} x {tuple(s_w.shape)}, "
                          f"other {tuple(t_h.shape)} x {tuple(t_w.shape)}")
     v = _vocab(vocab_size, s_w, t_w)
+    swaps = tuple((int(a), int(b)) for a, b in swaps if a != b)
+    if any(not (0 <= i < v) for pair in swaps for i in pair):
+        raise ValueError(f"swap_other ids {swaps} must be in [0, {v})")
     # The other side is detached: no gradient ever reaches the teacher / reference tensors.
     args = (_take(h, idx), s_w[:v], _take(h_t.detach(), idx), t_w.detach()[:v])
-    spec = (_maybe_compile(kernel, compile), n_scratch, chunk_size, 1.0 / temperature)
+    spec = (_maybe_compile(kernel, compile), n_scratch, chunk_size, 1.0 / temperature, swaps)
     if token_weights is None:
         (out,) = _ChunkedLoss.apply(*args, spec)  # (M,)
         return _put(out, idx, h.shape[0]).reshape(lead)
@@ -313,23 +319,26 @@ def _jsd_kernel(beta: float) -> tuple[Kernel, int]:
 
 def linear_kl(student_hidden: Tensor, student_weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor,
               mask: Tensor | None, *, chunk_size: int = DEFAULT_CHUNK_SIZE, direction: str = "reverse",
-              temperature: float = 1.0, vocab_size: int | None = None, compile: bool = False) -> Tensor:
+              temperature: float = 1.0, vocab_size: int | None = None, compile: bool = False,
+              swap_other: Iterable[tuple[int, int]] = ()) -> Tensor:
     """Per-token full-vocabulary KL between the student's and the reference's next-token distributions.
 
     student_hidden (..., d_s) with student_weight (V_s, d_s); ref_hidden (..., d_r) with ref_weight
     (V_r, d_r); mask (...) or None. Both weights are cut to vocab_size (default min(V_s, V_r)).
     direction "reverse": KL(student || ref) = sum_v p_s (log p_s - log p_r); "forward": KL(ref || student).
     Returns fp32 (...), 0 at masked positions. Differentiable in the student side only (any upstream
-    gradient; the backward recomputes both sides' logits per chunk).
+    gradient; the backward recomputes both sides' logits per chunk). `swap_other` lists (a, b) id pairs whose
+    columns are exchanged in the other side's distribution (a teacher's own end token read at the
+    student's: stableopd/pairing.py).
     """
     return _divergence(*_kl_kernel(direction), student_hidden, student_weight, ref_hidden, ref_weight, mask,
-                       None, chunk_size, temperature, vocab_size, compile)
+                       None, chunk_size, temperature, vocab_size, compile, swap_other)
 
 
 def linear_jsd(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
                mask: Tensor | None, *, beta: float = 0.5, temperature: float = 1.0,
                chunk_size: int = DEFAULT_CHUNK_SIZE, vocab_size: int | None = None,
-               compile: bool = False) -> Tensor:
+               compile: bool = False, swap_other: Iterable[tuple[int, int]] = ()) -> Tensor:
     """Per-token generalized Jensen-Shannon divergence over the full vocabulary.
 
     Convention (TRL's `generalized_jsd_loss` and Liger-Kernel's), with p_s the student and p_t the teacher
@@ -340,10 +349,10 @@ def linear_jsd(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: T
       beta == 1:     KL(p_s || p_t)  (reverse KL)
     The endpoints are definitions, not limits: JSD_beta itself tends to 0 at both ends (near beta = 0 it is
     about beta * KL(p_t || p_s)), so the family jumps there. Endpoints run the KL kernels, never log(0);
-    log m is formed with logaddexp. Shapes, masking, vocab_size and gradients as in `linear_kl`.
+    log m is formed with logaddexp. Shapes, masking, vocab_size, swap_other and gradients as in `linear_kl`.
     """
     return _divergence(*_jsd_kernel(beta), student_hidden, student_weight, teacher_hidden, teacher_weight,
-                       mask, None, chunk_size, temperature, vocab_size, compile)
+                       mask, None, chunk_size, temperature, vocab_size, compile, swap_other)
 
 
 def _ones_like_tokens(hidden: Tensor, token_weights: Tensor | None) -> Tensor:
@@ -353,7 +362,8 @@ def _ones_like_tokens(hidden: Tensor, token_weights: Tensor | None) -> Tensor:
 def linear_kl_sum(student_hidden: Tensor, student_weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor,
                   mask: Tensor | None, token_weights: Tensor | None = None, *,
                   chunk_size: int = DEFAULT_CHUNK_SIZE, direction: str = "reverse", temperature: float = 1.0,
-                  vocab_size: int | None = None, compile: bool = False) -> tuple[Tensor, Tensor]:
+                  vocab_size: int | None = None, compile: bool = False,
+                  swap_other: Iterable[tuple[int, int]] = ()) -> tuple[Tensor, Tensor]:
     """`(sum(token_weights * kl), kl)`: `linear_kl` reduced inside the forward sweep (nothing recomputed).
 
     token_weights (...) defaults to 1, a plain masked sum (divide by the global count yourself; a
@@ -361,17 +371,18 @@ def linear_kl_sum(student_hidden: Tensor, student_weight: Tensor, ref_hidden: Te
     """
     g = _ones_like_tokens(student_hidden, token_weights)
     return _divergence(*_kl_kernel(direction), student_hidden, student_weight, ref_hidden, ref_weight, mask,
-                       g, chunk_size, temperature, vocab_size, compile)
+                       g, chunk_size, temperature, vocab_size, compile, swap_other)
 
 
 def linear_jsd_sum(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
                    teacher_weight: Tensor, mask: Tensor | None, token_weights: Tensor | None = None, *,
                    beta: float = 0.5, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                   vocab_size: int | None = None, compile: bool = False) -> tuple[Tensor, Tensor]:
+                   vocab_size: int | None = None, compile: bool = False,
+                   swap_other: Iterable[tuple[int, int]] = ()) -> tuple[Tensor, Tensor]:
     """`(sum(token_weights * jsd), jsd)`: `linear_jsd` reduced inside the forward sweep, as `linear_kl_sum`."""
     g = _ones_like_tokens(student_hidden, token_weights)
     return _divergence(*_jsd_kernel(beta), student_hidden, student_weight, teacher_hidden, teacher_weight,
-                       mask, g, chunk_size, temperature, vocab_size, compile)
+                       mask, g, chunk_size, temperature, vocab_size, compile, swap_other)
 
 
 def make_adamw(params: Iterable, lr: float, **kwargs) -> torch.optim.AdamW:

@@ -8,8 +8,9 @@ a hub id is tried from the local cache first, then from the hub, and with neithe
 one line. Built-ins are created once and cached under `cache_dir()` (`$STABLEOPD_CACHE`, else
 `~/.cache/stableopd`).
 
-`check_compatible` runs wherever two models meet (student, teacher, reference) before any compute: the
-same tokenizer vocabulary, end-of-sequence and padding ids, and a chat template when one is used.
+`check_compatible` runs where the student meets its reference before any compute: the same tokenizer
+vocabulary, end-of-sequence and padding ids, and a chat template when one is used. A teacher is paired by
+stableopd/pairing.py (its own template and end token) from the tokenizers alone, before weights load.
 Embedding matrices padded to different row counts are fine: only the tokenizer's real vocabulary is used.
 
     stableopd rollout --model smollm2-135m --data examples/prompts.jsonl
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from stableopd.errors import UserError
+from stableopd.pairing import stop_ids
 from stableopd.tiny import TINY_FAMILY, build_tiny_model
 from stableopd.toy import TOY_FAMILY, build_toy_model, recipe_key
 
@@ -248,16 +250,29 @@ def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code:
     return tok
 
 
+def load_generation_config(name: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """The model's generation_config.json (its stop ids), or None when it has none; no weights are read."""
+    from transformers import GenerationConfig
+
+    path = resolve_model_path(name)
+    if Path(path).exists() and not (Path(path) / "generation_config.json").is_file():
+        return None
+    try:
+        return _from_pretrained(GenerationConfig, path, revision=revision, trust_remote_code=trust_remote_code)
+    except UserError:
+        return None  # a hub model without the file: its tokenizer's EOS is the stop
+
+
 def load_model(name: str, *, dtype: str = "auto", device: str = "auto", revision: str | None = None,
-               trust_remote_code: bool = False) -> Loaded:
-    """Load model and tokenizer; the model is in eval mode on `device` with `dtype`."""
+               trust_remote_code: bool = False, tokenizer: Any = None) -> Loaded:
+    """Load model and tokenizer (or take the one given); the model is in eval mode on `device` with `dtype`."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     device = resolve_device(device)
     path = resolve_model_path(name)
-    tok = load_tokenizer(name, revision=revision, trust_remote_code=trust_remote_code)
+    tok = tokenizer or load_tokenizer(name, revision=revision, trust_remote_code=trust_remote_code)
     model = _from_pretrained(AutoModelForCausalLM, path, revision=revision, trust_remote_code=trust_remote_code,
                              dtype=resolve_dtype(dtype, device))
     model.to(device).eval()
@@ -265,23 +280,16 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", revision
 
 
 def stop_token_ids(tokenizer, model=None) -> list[int]:
-    """Every id that ends a response: the tokenizer's EOS plus the generation config's eos ids."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    gen = getattr(model, "generation_config", None)
-    extra = getattr(gen, "eos_token_id", None)
-    if isinstance(extra, int):
-        ids.add(extra)
-    elif extra:
-        ids.update(extra)
-    return sorted(ids)
+    """Every id that ends a response: the tokenizer's EOS plus the model's generation config's eos ids."""
+    return stop_ids(tokenizer, getattr(model, "generation_config", None))
 
 
 def check_compatible(a: Loaded, b: Loaded, *, chat_template: bool, role_a: str = "student",
-                     role_b: str = "teacher") -> int:
-    """Fail before any compute if two models cannot be compared token by token; return the shared vocab size."""
+                     role_b: str = "reference") -> int:
+    """Fail before any compute unless `b` reads `a`'s token ids exactly as `a` does (the reference is the
+    student's own initial weights); return the shared vocab size. A teacher, which may write its prompts
+    and its end token differently, is paired by stableopd/pairing.py instead."""
     ta, tb = a.tokenizer, b.tokenizer
-    # The base (non-added) vocabulary must match exactly; added special tokens may differ between
-    # members of one family (Qwen2.5-Math vs R1-Distill-Qwen) as long as the ids both use agree.
     base = min(ta.vocab_size, tb.vocab_size)
     va = {t: i for t, i in ta.get_vocab().items() if i < base}
     vb = {t: i for t, i in tb.get_vocab().items() if i < base}
@@ -295,14 +303,18 @@ def check_compatible(a: Loaded, b: Loaded, *, chat_template: bool, role_a: str =
                         f"({ta.eos_token!r} vs {tb.eos_token!r}); lengths would inflate")
     if ta.pad_token_id != tb.pad_token_id:
         raise UserError(f"{role_a} and {role_b} use different padding ids ({ta.pad_token_id} vs {tb.pad_token_id})")
-    for role, t, m in ((role_a, ta, a), (role_b, tb, b)):
-        if chat_template and not getattr(t, "chat_template", None):
-            raise UserError(f"{role} '{m.name}' has no chat template; set data.chat_template=false to send raw prompts")
     vocab = min(len(ta), len(tb))
     for role, m in ((role_a, a), (role_b, b)):
-        if m.model is None:  # scored by another engine (vLLM): only its tokenizer is here
-            continue
-        rows = m.model.get_output_embeddings().weight.shape[0]
-        if rows < vocab:
-            raise UserError(f"{role} '{m.name}' has {rows} output rows for a {vocab}-token vocabulary")
+        check_scorer(m, role, vocab, chat_template=chat_template)
     return vocab
+
+
+def check_scorer(m: Loaded, role: str, vocab: int, *, chat_template: bool) -> None:
+    """A model that formats prompts with its chat template has one, and its head covers the shared vocabulary."""
+    if chat_template and not getattr(m.tokenizer, "chat_template", None):
+        raise UserError(f"{role} '{m.name}' has no chat template; set data.chat_template=false to send raw prompts")
+    if m.model is None:  # scored by another engine (vLLM): only its tokenizer is here
+        return
+    rows = m.model.get_output_embeddings().weight.shape[0]
+    if rows < vocab:
+        raise UserError(f"{role} '{m.name}' has {rows} output rows for a {vocab}-token vocabulary")

@@ -18,6 +18,7 @@ from typing import Any
 
 from stableopd.backends.base import Backend, Sample, SamplingParams, split_stop
 from stableopd.data import Example
+from stableopd.errors import UserError
 from stableopd.progress import progress_bar
 from stableopd.repetition import is_repetitive
 
@@ -49,11 +50,27 @@ def sample_records(backend: Backend, tokenizer, examples: list[Example], prompt_
         for start in range(0, len(examples), chunk):
             exs, pids = examples[start:start + chunk], prompt_ids[start:start + chunk]
             sub = SamplingParams(**{**params.__dict__, "seed": params.seed * 7919 + start})
-            for ex, pid, samples in zip(exs, pids, backend.generate(pids, sub)):
+            batch = backend.generate(pids, sub)
+            check_banned(backend, batch, params.banned_token_ids)
+            for ex, pid, samples in zip(exs, pids, batch):
                 records.extend(make_record(ex, pid, i, s, tokenizer, stop_ids, rep_tail_chars=rep_tail_chars,
                                            rep_ratio=rep_ratio) for i, s in enumerate(samples))
             advance(len(exs))
     return records
+
+
+def check_banned(backend: Backend, batch: list[list[Sample]], banned: tuple[int, ...]) -> None:
+    """A backend that ignores SamplingParams.banned_token_ids would hand the teacher tokens it reads differently."""
+    if not banned:
+        return
+    bad = set(banned)
+    for samples in batch:
+        for s in samples:
+            hit = next((t for t in s.token_ids if t in bad), None)
+            if hit is not None:
+                raise UserError(f"sampling backend '{getattr(backend, 'name', type(backend).__name__)}' produced "
+                                f"token id {hit}, which SamplingParams.banned_token_ids forbids (the teacher reads "
+                                "it as another token); the backend must honour banned_token_ids")
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, float]:

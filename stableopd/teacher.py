@@ -1,6 +1,7 @@
 """Scoring sampled tokens with a frozen model (the teacher, or the student before its update).
 
-For each sequence, the log-prob of every target token under the model at `temperature`, computed in
+For each sequence, the log-prob of every target token under the model at `temperature` (the teacher
+reads its own prompt and end token: stableopd/pairing.py), computed in
 micro-batches under `no_grad` through the chunked kernel, so scoring a 7B teacher over 8k-token
 responses never materialises the (tokens x vocabulary) logits. Only the shared vocabulary counts
 (`vocab_size`): embedding rows past it are padding.
@@ -41,25 +42,33 @@ def score_targets(model, prompts: list[list[int]], targets: list[list[int]], *, 
 
 @torch.no_grad()
 def reverse_kl_sums(student, teacher, prompts: list[list[int]], targets: list[list[int]], *, pad_id: int,
-                    micro_batch: int, chunk_size: int, vocab_size: int,
-                    n_batches: int | None = None) -> tuple[float, int]:
-    """(sum, count) over target tokens of KL(student || teacher). With `n_batches`, exactly that many
-    forwards run (a sharded model needs the same count on every rank): missing or empty micro-batches
-    run on a one-token placeholder that is not counted."""
+                    micro_batch: int, chunk_size: int, vocab_size: int, n_batches: int | None = None,
+                    teacher_prompts: list[list[int]] | None = None,
+                    swaps: tuple[tuple[int, int], ...] = ()) -> tuple[float, int]:
+    """(sum, count) over target tokens of KL(student || teacher). The teacher reads `teacher_prompts` (its
+    own template; default `prompts`) before the same targets, and its distribution has the `swaps` columns
+    exchanged (its end token where the student's is). With `n_batches`, exactly that many forwards run
+    (a sharded model needs the same count on every rank): missing or empty micro-batches run on a one-token
+    placeholder that is not counted."""
     device = next(student.parameters()).device
     total, count = 0.0, 0
     modes = (student.training, teacher.training)
     student.eval()
     teacher.eval()
+    t_prompts = prompts if teacher_prompts is None else teacher_prompts
     batches = -(-len(prompts) // micro_batch)
     for b in range(batches if n_batches is None else max(n_batches, batches)):
-        p, t = prompts[b * micro_batch:(b + 1) * micro_batch], targets[b * micro_batch:(b + 1) * micro_batch]
+        rows = slice(b * micro_batch, (b + 1) * micro_batch)
+        p, tp, t = prompts[rows], t_prompts[rows], targets[rows]
         real = sum(map(len, t)) > 0
         if not real and n_batches is None:
             continue
-        packed = pack(p, t, pad_id, device) if real else pack([[pad_id]], [[pad_id]], pad_id, device)
-        kl = linear_kl(target_hidden(student, packed), output_weight(student), target_hidden(teacher, packed),
-                       output_weight(teacher), None, chunk_size=chunk_size, vocab_size=vocab_size)  # (N,)
+        if not real:
+            p, tp, t = [[pad_id]], [[pad_id]], [[pad_id]]
+        packed, t_packed = pack(p, t, pad_id, device), pack(tp, t, pad_id, device)
+        kl = linear_kl(target_hidden(student, packed), output_weight(student), target_hidden(teacher, t_packed),
+                       output_weight(teacher), None, chunk_size=chunk_size, vocab_size=vocab_size,
+                       swap_other=swaps)  # (N,)
         if real:
             total += float(kl.sum())
             count += kl.numel()

@@ -50,10 +50,14 @@ from stableopd.models import (
     BUILTINS,
     Loaded,
     check_compatible,
+    check_scorer,
+    load_generation_config,
     load_model,
+    load_tokenizer,
     resolve_model_path,
     stop_token_ids,
 )
+from stableopd.pairing import TokenPair, pair_tokens, stop_ids
 from stableopd.progress import console, duration, note, run_summary
 from stableopd.repetition import repetitive_token_mask
 from stableopd.rollout import sample_records, summarize, write_jsonl_atomic
@@ -78,6 +82,9 @@ class Setup:
     val_ids: list[list[int]]
     teacher_scorer: Any = None  # backends.vllm.VLLMScorer when teacher.engine == "vllm"
     dist: Dist = SINGLE  # the process group (stableopd/distributed.py); SINGLE for one process
+    pair: TokenPair | None = None  # how the teacher reads the student's tokens (stableopd/pairing.py)
+    teacher_train_ids: list[list[int]] | None = None  # the prompts in the teacher's own chat template
+    teacher_val_ids: list[list[int]] | None = None
 
 
 @functools.lru_cache(maxsize=4)
@@ -96,9 +103,9 @@ def step_indices(n_examples: int, step: int, per_step: int, seed: int) -> list[i
     return out
 
 
-def _load(spec, *, device: str | None = None, name: str | None = None) -> Loaded:
+def _load(spec, *, device: str | None = None, name: str | None = None, tokenizer: Any = None) -> Loaded:
     return load_model(name or spec.name, dtype=spec.dtype, device=device or spec.device, revision=spec.revision,
-                      trust_remote_code=spec.trust_remote_code)
+                      trust_remote_code=spec.trust_remote_code, tokenizer=tokenizer)
 
 
 def _examples(cfg: Config, split: str, source: str, limit: int | None) -> list[Example]:
@@ -106,24 +113,33 @@ def _examples(cfg: Config, split: str, source: str, limit: int | None) -> list[E
 
 
 def prepare(cfg: Config, *, student_path: str | None, need_teacher: bool, need_ref: bool) -> Setup:
-    """Load models and data and run every pre-flight check before any compute."""
+    """Load models and data and run every pre-flight check before any compute; the student-teacher pairing
+    (stableopd/pairing.py) is checked from the tokenizers before any weights load."""
     d = cfg.data
     train = _examples(cfg, d.split, d.source, d.limit)
     val = _examples(cfg, d.val_split, d.val_source or d.source, d.val_limit) if cfg.train.eval_every else []
-    student = _load(cfg.student, name=student_path)
+    s_name, spec = student_path or cfg.student.name, cfg.student
+    s_tok = load_tokenizer(s_name, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    pair = _pair(cfg, s_name, s_tok) if need_teacher else None
+    student = _load(cfg.student, name=s_name, tokenizer=s_tok)
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(student)
     teacher, scorer = (_load_teacher(cfg) if need_teacher else (None, None))
     ref = _load(cfg.student) if need_ref else None
-    vocab = len(student.tokenizer)
-    for role, other in (("teacher", teacher), ("reference", ref)):
-        if other is not None:
-            vocab = min(vocab, check_compatible(student, other, chat_template=d.chat_template, role_b=role))
-            if other.model is not None:
-                other.model.requires_grad_(False)
+    vocab = len(student.tokenizer) if pair is None else pair.vocab_size
+    if ref is not None:
+        vocab = min(vocab, check_compatible(student, ref, chat_template=d.chat_template))
+    for m in (teacher, ref):
+        if m is not None and m.model is not None:
+            m.model.requires_grad_(False)
+    if teacher is not None:
+        check_scorer(student, "student", vocab, chat_template=d.chat_template)
+        check_scorer(teacher, "teacher", vocab, chat_template=d.chat_template)
     enc = dict(chat_template=d.chat_template, system_prompt=d.system_prompt, max_tokens=d.max_prompt_tokens)
     train_ids = encode_prompts(student.tokenizer, train, **enc)
     val_ids = encode_prompts(student.tokenizer, val, **enc)
+    t_ids = (encode_prompts(teacher.tokenizer, train, **enc), encode_prompts(teacher.tokenizer, val, **enc)) \
+        if teacher is not None else (None, None)
     limit = getattr(student.model.config, "max_position_embeddings", None)
     budgets = (("sampling.max_new_tokens", train_ids, cfg.sampling.max_new_tokens),  # validation samples with
                ("eval.max_new_tokens", val_ids, cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens))  # its own
@@ -132,8 +148,25 @@ def prepare(cfg: Config, *, student_path: str | None, need_teacher: bool, need_r
         if limit and ids and longest > limit:
             raise UserError(f"prompt + {key} reaches {longest} tokens, over the student's context of {limit}; "
                             f"shorten prompts (data.max_prompt_tokens) or lower {key}")
-    return Setup(student, teacher, ref, vocab, stop_token_ids(student.tokenizer, student.model), train, train_ids,
-                 val, val_ids, scorer)
+    stops = list(pair.student_stops) if pair else stop_token_ids(student.tokenizer, student.model)
+    return Setup(student, teacher, ref, vocab, stops, train, train_ids, val, val_ids, scorer, pair=pair,
+                 teacher_train_ids=t_ids[0], teacher_val_ids=t_ids[1])
+
+
+def _pair(cfg: Config, student_name: str, student_tok) -> TokenPair:
+    """How the teacher reads the student's tokens, from the tokenizers and generation configs alone."""
+    t, spec = cfg.teacher, cfg.student
+    t_tok = load_tokenizer(t.name, revision=t.revision, trust_remote_code=t.trust_remote_code)
+    gen = load_generation_config(student_name, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    pair = pair_tokens(student_tok, t_tok, student_stops=stop_ids(student_tok, gen),
+                       chat_template=cfg.data.chat_template, teacher_end=t.end_token,
+                       mismatched=t.mismatched_tokens, names=(spec.name, t.name))
+    if not pair.identity or pair.banned:
+        mapped = ", ".join(f"{student_tok.convert_ids_to_tokens(a)} -> {t_tok.convert_ids_to_tokens(b)}"
+                           for a, b in pair.stop_map.items() if a != b)
+        note(f"teacher '{t.name}' is scored on its own end token where the student stops ({mapped or 'same ids'})"
+             + (f"; {len(pair.banned)} token ids the two read differently are never sampled" if pair.banned else ""))
+    return pair
 
 
 def enable_checkpointing(loaded: Loaded) -> None:
@@ -165,7 +198,7 @@ def _load_teacher(cfg: Config) -> tuple[Loaded, Any]:
     return Loaded(name=spec.name, path=path, model=None, tokenizer=tok), VLLMScorer(path, spec.engine_options)
 
 
-def loss_settings(cfg: Config, vocab_size: int) -> LossSettings:
+def loss_settings(cfg: Config, vocab_size: int, pair: TokenPair | None = None) -> LossSettings:
     lo = cfg.loss
     return LossSettings(
         objective=lo.objective, advantage=lo.advantage, power_alpha=lo.power_alpha, adv_clip=lo.adv_clip,
@@ -173,7 +206,7 @@ def loss_settings(cfg: Config, vocab_size: int) -> LossSettings:
         ref_kl_coef=lo.ref_kl_coef if lo.objective != "opd" else 0.0,
         gold_coef=lo.gold_coef if lo.objective == "stableopd" else 0.0, jsd_beta=lo.jsd_beta,
         reward_to_go=lo.reward_to_go, teacher_temperature=lo.teacher_temperature, chunk_size=lo.chunk_size,
-        vocab_size=vocab_size)
+        vocab_size=vocab_size, teacher_swaps=pair.swaps if pair else ())
 
 
 def gold_targets(tokenizer, examples: list[Example], eos: int) -> list[list[int] | None]:
@@ -181,10 +214,11 @@ def gold_targets(tokenizer, examples: list[Example], eos: int) -> list[list[int]
             for ex in examples]
 
 
-def sampling_params(cfg: Config, step: int) -> SamplingParams:
+def sampling_params(cfg: Config, step: int, pair: TokenPair | None = None) -> SamplingParams:
     s = cfg.sampling
     return SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                          max_new_tokens=s.max_new_tokens, seed=s.seed * 1_000_003 + step)
+                          max_new_tokens=s.max_new_tokens, seed=s.seed * 1_000_003 + step,
+                          banned_token_ids=pair.banned if pair else ())
 
 
 def _start(cfg: Config, run_dir: Path, resume: bool):
@@ -297,30 +331,34 @@ def train_step(cfg: Config, setup: Setup, backend, optimizer, step: int, *, sett
     idx = dist.split(step_indices(len(setup.train), step, cfg.train.prompts_per_step, cfg.data.seed))
     exs, pids = [setup.train[i] for i in idx], [setup.train_ids[i] for i in idx]
     t0 = time.perf_counter()
-    records = sample_records(backend, tok, exs, pids, sampling_params(cfg, step), setup.stop_ids,
+    records = sample_records(backend, tok, exs, pids, sampling_params(cfg, step, setup.pair), setup.stop_ids,
                              rep_tail_chars=cfg.diagnose.rep_tail_chars, rep_ratio=cfg.diagnose.rep_ratio,
                              progress=False)
     t1 = time.perf_counter()
     targets = [r["response_token_ids"] + ([] if r["truncated"] else [r["stop_token_id"]]) for r in records]
     prompts = [r["prompt_token_ids"] for r in records]
+    t_prompts, t_targets = teacher_view(setup, idx, records, targets, cfg.sampling.n)
     if setup.teacher_scorer is not None:
-        teacher_lp = setup.teacher_scorer.score(prompts, targets, temperature=cfg.loss.teacher_temperature)
+        teacher_lp = setup.teacher_scorer.score(t_prompts, t_targets, temperature=cfg.loss.teacher_temperature)
     else:
         with dist.gathered_root(setup.teacher.model):
-            teacher_lp = score_targets(setup.teacher.model, prompts, targets, pad_id=_pad(tok),
+            teacher_lp = score_targets(setup.teacher.model, t_prompts, t_targets, pad_id=_pad(tok),
                                        micro_batch=cfg.train.micro_batch, chunk_size=cfg.loss.chunk_size,
                                        vocab_size=setup.vocab_size, temperature=cfg.loss.teacher_temperature)
     t2 = time.perf_counter()
     ngram = cfg.diagnose.rep_token_ngram
     rollouts = [RolloutSeq(prompt=p, target=t, teacher_lp=tl, repetitive=repetitive_token_mask(t, ngram),
-                           sampler_lp=r["sampler_logprobs"] + ([] if r["truncated"] else [r["stop_logprob"]]))
-                for p, t, tl, r in zip(prompts, targets, teacher_lp, records)]
+                           sampler_lp=r["sampler_logprobs"] + ([] if r["truncated"] else [r["stop_logprob"]]),
+                           teacher_prompt=tp, teacher_target=tt)
+                for p, t, tl, r, tp, tt in zip(prompts, targets, teacher_lp, records, t_prompts, t_targets)]
     golds = [GoldSeq(prompt=setup.train_ids[i], target=g) for i in idx if (g := golds_all[i]) is not None]
     set_lr(optimizer, train_lr(cfg, step))
     metrics = _update(cfg, setup, optimizer, rollouts, golds, settings, prompts, targets)
     t3 = time.perf_counter()
-    for r, tl in zip(records, teacher_lp):
+    for r, tl, tp, tt in zip(records, teacher_lp, t_prompts, t_targets):
         r["teacher_logprobs"] = tl[:r["n_tokens"]]
+        r["teacher_prompt_token_ids"] = tp
+        r["teacher_stop_token_id"] = None if r["truncated"] else tt[-1]
         r["step"] = step
     records = dist.concat(records)  # every rank gets the global batch's records, in single-process order
     summary = summarize(records)
@@ -334,6 +372,21 @@ def train_step(cfg: Config, setup: Setup, backend, optimizer, step: int, *, sett
     })
     model.train()
     return metrics, records
+
+
+def teacher_view(setup: Setup, idx: list[int], records: list[dict[str, Any]], targets: list[list[int]],
+                 n: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Each record's prompt in the teacher's own template and its target with the stop token mapped
+    (records come n per prompt, in the order of idx)."""
+    if setup.teacher_train_ids is None:
+        prompts = [r["prompt_token_ids"] for r in records]
+    else:
+        if len(records) != len(idx) * n:
+            raise RuntimeError(f"{len(records)} rollouts for {len(idx)} prompts x {n} samples")
+        prompts = [setup.teacher_train_ids[i] for i in idx for _ in range(n)]
+    pair = setup.pair
+    mapped = [pair.teacher_target(t, not r["truncated"]) if pair else t for t, r in zip(targets, records)]
+    return prompts, mapped
 
 
 def train_lr(cfg: Config, step: int) -> float:
@@ -429,7 +482,7 @@ def distill_loop(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start: 
         if "rollout/trunc_rate" in row:
             guard.update(row["step"], row)
     backend = dist.sampler(build_step_backend(cfg, setup), setup.student.model)
-    settings = loss_settings(cfg, setup.vocab_size)
+    settings = loss_settings(cfg, setup.vocab_size, setup.pair)
     golds = gold_targets(setup.student.tokenizer, setup.train, setup.stop_ids[0] if setup.stop_ids else
                          setup.student.tokenizer.eos_token_id)
     bad = int(restored_state.get("consecutive_bad", 0))

@@ -24,7 +24,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stableopd.batch import from_lists, head_forward, output_weight, pack, row_mask, target_hidden, to_rows
+from stableopd.batch import (
+    Packed,
+    from_lists,
+    head_forward,
+    output_weight,
+    pack,
+    row_mask,
+    target_hidden,
+    to_rows,
+)
 from stableopd.distributed import SINGLE, Dist
 from stableopd.kernels import linear_jsd_sum, linear_kl_sum, linear_logprobs, linear_logprobs_sum
 from stableopd.losses import opd_loss, ref_kl_loss, reward_to_go, sft_loss, shape_advantage, token_weights
@@ -38,6 +47,8 @@ class RolloutSeq:
     sampler_lp: list[float]  # (T,) the sampler's log-probs of the same tokens
     repetitive: list[bool]  # (T,)
     old_lp: list[float] | None = None  # (T,) pi_old when several passes are made over one batch
+    teacher_prompt: list[int] | None = None  # the prompt in the teacher's own template (None: `prompt`)
+    teacher_target: list[int] | None = None  # `target` with the stop mapped to the teacher's (None: `target`)
 
 
 @dataclass
@@ -59,6 +70,7 @@ class LossSettings:
     jsd_beta: float = 0.5
     reward_to_go: float = 0.0  # discount of the advantage's reward-to-go (losses.reward_to_go); 0 = per token
     teacher_temperature: float = 1.0
+    teacher_swaps: tuple[tuple[int, int], ...] = ()  # columns exchanged in the teacher's distribution (pairing.py)
     chunk_size: int = 1024
     vocab_size: int | None = None
 
@@ -92,7 +104,8 @@ def _rollout_chunk(student, ref, teacher, seqs: list[RolloutSeq], s: LossSetting
     packed = pack([q.prompt for q in seqs], [q.target for q in seqs], pad_id, device)
     use_kl = s.objective != "opd" and s.ref_kl_coef > 0
     with torch.no_grad():  # the frozen models' (hidden, output weight) the student's distribution is compared with
-        t_side = (target_hidden(teacher, packed), output_weight(teacher)) if s.objective == "jsd" else None
+        t_side = (target_hidden(teacher, _teacher_pack(seqs, packed, pad_id, device)), output_weight(teacher)) \
+            if s.objective == "jsd" else None
         r_side = (target_hidden(ref, packed), output_weight(ref)) if use_kl else None
     mask = row_mask(packed.lengths, device)  # (B, T)
     w = token_weights(mask, s.aggregation, total_seqs=totals[0], total_tokens=totals[1])  # (B, T)
@@ -106,7 +119,8 @@ def _rollout_chunk(student, ref, teacher, seqs: list[RolloutSeq], s: LossSetting
         jsd = kl = (None, None)
         if t_side is not None:
             jsd = linear_jsd_sum(h, hw, *t_side, None, w_flat, beta=s.jsd_beta, temperature=s.teacher_temperature,
-                                 chunk_size=s.chunk_size, vocab_size=s.vocab_size)  # (), (N,)
+                                 chunk_size=s.chunk_size, vocab_size=s.vocab_size,
+                                 swap_other=s.teacher_swaps)  # (), (N,)
         if r_side is not None:
             kl = linear_kl_sum(h, hw, *r_side, None, w_flat, chunk_size=s.chunk_size,
                                vocab_size=s.vocab_size)  # (), (N,)
@@ -147,6 +161,14 @@ def _rollout_chunk(student, ref, teacher, seqs: list[RolloutSeq], s: LossSetting
         sums.values["sample_train_absmax"] = max(sums.values.get("sample_train_absmax", 0.0),
                                                  float(((sampler_lp - new.detach()).abs() * m).max()))
     return metrics
+
+
+def _teacher_pack(seqs: list[RolloutSeq], packed: Packed, pad_id: int, device) -> Packed:
+    """The teacher's view of the micro-batch: its own prompts before the same response ids."""
+    if all(q.teacher_prompt is None and q.teacher_target is None for q in seqs):
+        return packed
+    return pack([q.prompt if q.teacher_prompt is None else q.teacher_prompt for q in seqs],
+                [q.target if q.teacher_target is None else q.teacher_target for q in seqs], pad_id, device)
 
 
 def _gold_chunk(student, seqs: list[GoldSeq], s: LossSettings, totals: tuple[int, int], pad_id: int,

@@ -179,7 +179,7 @@ def test_permuted_vocabulary_is_rejected(tiny, tiny_teacher):
     with pytest.raises(UserError) as exc:
         check_compatible(tiny, bad, chat_template=True)
     assert str(exc.value) == (
-        "student 'tiny' and teacher 'swapped' have different tokenizer vocabularies "
+        "student 'tiny' and reference 'swapped' have different tokenizer vocabularies "
         "(101 vs 101 base tokens, 4 entries differ); pick models of the same family"
     )
 
@@ -190,7 +190,7 @@ def test_eos_mismatch_is_rejected(tiny, tiny_teacher):
     with pytest.raises(UserError) as exc:
         check_compatible(tiny, with_tokenizer(tiny_teacher, tok), chat_template=True)
     assert str(exc.value) == (
-        "student and teacher end sequences with different tokens ('<|im_end|>' vs '<|im_start|>'); "
+        "student and reference end sequences with different tokens ('<|im_end|>' vs '<|im_start|>'); "
         "lengths would inflate"
     )
 
@@ -222,7 +222,7 @@ def test_too_few_output_rows_is_rejected(tiny):
         model=SimpleNamespace(get_output_embeddings=lambda: head),
         tokenizer=tiny.tokenizer,
     )
-    with pytest.raises(UserError, match="teacher 'small' has 50 output rows for a 101-token vocabulary"):
+    with pytest.raises(UserError, match="reference 'small' has 50 output rows for a 101-token vocabulary"):
         check_compatible(tiny, small, chat_template=True)
 
 

@@ -869,23 +869,21 @@ def incompatible_copy(student_dir: str, dest: Path, change: str) -> Path:
         vocab = tok["model"]["vocab"]
         vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
         path.write_text(json.dumps(tok))
-    else:  # a different end-of-sequence token
-        path = dest / "tokenizer_config.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), "eos_token": "<|im_start|>"}))
     return dest
 
 
 @pytest.mark.parametrize(
-    "change,message",
-    [("vocab", "different tokenizer vocabularies"), ("eos", "end sequences with different tokens")],
+    "change,extra,message",
+    [("vocab", {}, "different tokenizer vocabularies"),
+     ("same", {"teacher__end_token": "<|eot|>"}, "teacher.end_token='<|eot|>' is not a token of teacher")],
 )
 def test_incompatible_teacher_fails_before_any_compute(
-    tmp_path, data_file, built, no_compute, change, message
+    tmp_path, data_file, built, no_compute, change, extra, message
 ):
     teacher = incompatible_copy(built.student, tmp_path / "teacher", change)
     run = tmp_path / "run"
     result = distill_cli("--student", "tiny", "--teacher", str(teacher), "--data", str(data_file), "--out", str(run),
-                         *sets())  # fmt: skip
+                         *sets(**extra))  # fmt: skip
     assert result.exit_code == 2, result.output + repr(result.exception)
     assert message in error_line(result)
     assert not run.exists()

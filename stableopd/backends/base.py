@@ -64,6 +64,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     max_new_tokens: int = 128
     seed: int = 0
+    banned_token_ids: tuple[int, ...] = ()  # ids that must never be sampled (stableopd/pairing.py)
 
 
 @dataclass

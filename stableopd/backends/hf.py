@@ -4,7 +4,7 @@ It shares the trainer's model object, so there is no weight copy and `sync_weigh
 `logprobs` are taken from generate's processed scores: the log-softmax of the logits after temperature,
 top-k and top-p, i.e. the distribution each token was actually drawn from. Embedding rows past the
 tokenizer's vocabulary (padding, e.g. Qwen2.5's 151,936 rows for 151,665 tokens) are masked out, the
-same restriction the trainer's kernels apply. At temperature 1 with no
+same restriction the trainer's kernels apply, and so are `params.banned_token_ids`. At temperature 1 with no
 top-k/top-p they equal the teacher-forced log-probs of the same model (tests/test_backends.py checks
 this). With temperature 0 (greedy) no warper runs and they are the temperature-1 log-probs of the argmax.
 
@@ -24,15 +24,18 @@ from stableopd.backends.base import Sample, SamplingParams
 from stableopd.backends.hf_options import parse_options
 
 
-class _MaskPaddedRows:
-    """Logits processor: rows past the tokenizer's vocabulary (embedding padding) can never be sampled."""
+class _MaskTokens:
+    """Logits processor: rows past the tokenizer's vocabulary (embedding padding) and banned ids can never be
+    sampled."""
 
-    def __init__(self, vocab_size: int) -> None:
-        self.vocab_size = vocab_size
+    def __init__(self, vocab_size: int, banned: tuple[int, ...] = ()) -> None:
+        self.vocab_size, self.banned = vocab_size, list(banned)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if scores.shape[-1] > self.vocab_size:
             scores[:, self.vocab_size:] = float("-inf")
+        if self.banned:
+            scores[:, self.banned] = float("-inf")
         return scores
 
 
@@ -97,7 +100,8 @@ class HFBackend:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=self._gen_config(params),
-                                      logits_processor=LogitsProcessorList([_MaskPaddedRows(self.vocab_size)]))
+                                      logits_processor=LogitsProcessorList([_MaskTokens(self.vocab_size,
+                                                                                     params.banned_token_ids)]))
         if was_training:
             self.model.train()
         gen = out.sequences[:, ids.shape[1]:].cpu()  # (B*n, T)

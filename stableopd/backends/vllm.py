@@ -138,12 +138,13 @@ def push_weights(llm, model) -> None:
     llm.reset_prefix_cache()
 
 
-def _allowed_ids(tokenizer, model_path: str) -> list[int] | None:
-    from transformers import AutoConfig
-
-    rows = getattr(AutoConfig.from_pretrained(model_path), "vocab_size", None)
-    vocab = len(tokenizer)
-    return list(range(vocab)) if rows and rows > vocab else None
+def allowed_ids(vocab: int, rows: int | None, banned: tuple[int, ...]) -> list[int] | None:
+    """vLLM's allowed_token_ids: the tokenizer's ids without the banned ones, or None when nothing is
+    excluded (no embedding padding past the vocabulary, nothing banned)."""
+    if not banned and not (rows and rows > vocab):
+        return None
+    out = set(banned)
+    return [i for i in range(vocab) if i not in out]
 
 
 class VLLMBackend:
@@ -157,15 +158,19 @@ class VLLMBackend:
         self._vllm, self.stop_ids = vllm, list(stop_ids)
         self.llm = vllm.LLM(model=model_path, tokenizer=model_path, logprobs_mode="processed_logprobs",
                             **self.options.engine_kwargs())
-        self.allowed = _allowed_ids(tokenizer, model_path)
+        from transformers import AutoConfig
+
+        self.rows = getattr(AutoConfig.from_pretrained(model_path), "vocab_size", None)
+        self.vocab = len(tokenizer)
         self.asleep, self.updates = False, 0
 
     def generate(self, prompts_P: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
         if self.asleep:
             self.llm.wake_up()
             self.asleep = False
+        allowed = allowed_ids(self.vocab, self.rows, params.banned_token_ids)
         per_prompt = [self._vllm.SamplingParams(**sampling_kwargs(params, self.stop_ids, seed=params.seed * 100_003 + i,
-                                                                  allowed_token_ids=self.allowed))
+                                                                  allowed_token_ids=allowed))
                       for i in range(len(prompts_P))]
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts_P], per_prompt, use_tqdm=False)
         samples = [[parse_completion(c, self.stop_ids) for c in out.outputs] for out in outputs]
