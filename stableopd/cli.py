@@ -177,9 +177,13 @@ def eval_(targets: list[str] = typer.Argument(None, help="Models or run director
           debug: bool = DebugOpt) -> None:
     """Measure accuracy with real answer checking, on models or on existing responses."""
     def body() -> int:
-        from stableopd.evaluate import run_eval
+        from stableopd.evaluate import run_config_base, run_eval
 
-        cfg = _config(config, sets, {"data.source": data, "out": out and str(out)})
+        flags = {"data.source": data, "out": out and str(out)}
+        cfg = _config(config, sets, flags)
+        base = run_config_base(list(model) + list(targets or []), cfg.eval.preset) if responses is None else None
+        if base is not None:  # a run directory: its own settings under the preset and the command line
+            cfg = load_config(config, sets, flags, base=base)
         return run_eval(cfg, models=list(model) + list(targets or []), step=step, responses=responses,
                         out=Path(cfg.out) if cfg.out else None, as_json=as_json, console=console)
     _guard(debug, body)

@@ -334,13 +334,25 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return tree
 
 
+def merge_trees(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, section by section (a copy; neither is changed)."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_trees(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
     flags: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
 ) -> Config:
-    """Build the config: defaults < YAML file < `-s` overrides < flags (dotted keys, None = unset)."""
-    tree = read_yaml(path) if path else {}
+    """Build the config: defaults < `base` < YAML file < `-s` overrides < flags (dotted keys, None = unset)."""
+    tree = merge_trees(base or {}, read_yaml(path) if path else {})
     for text in overrides or []:
         _set_dotted(tree, *parse_override(text))
     for key, value in (flags or {}).items():

@@ -5,7 +5,8 @@ names, the samples per problem that its metric needs (avg@32 for AIME24, AIME25 
 MATH-500, Minerva and OlympiadBench), the answer checker, and the usual instruction to box the answer
 (as the system prompt). Anything the user set explicitly wins: `-s eval.n=4` makes an AIME run avg@4,
 `--data aime24.jsonl` reads a local copy (it must use the preset's field names unless those are renamed
-too). Temperature 0.6 is the eval default already.
+too). Temperature 0.6 is the eval default already; over a run directory's own config (`stableopd eval
+RUN_DIR`) the preset sets it too, and the budget stays the run's.
 
 Presets name hub datasets, so they need network (and `pip install 'stableopd[datasets]'`) or a local copy;
 offline, `load_preset_examples` says so in one line and names the file to pass instead.
@@ -27,6 +28,7 @@ from stableopd.config import Config
 from stableopd.data import Example, examples_for
 from stableopd.errors import UserError
 
+PAPER_TEMPERATURE = 0.6  # PAPER.md section 6
 BOX_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -75,22 +77,21 @@ def get_preset(name: str) -> Preset:
     return PRESETS[key]
 
 
+def preset_updates(p: Preset) -> dict[str, dict[str, object]]:
+    """What a preset sets, as config sections."""
+    data = {"source": p.source, "split": p.split, "prompt_field": p.prompt_field, "answer_field": p.answer_field,
+            "id_field": p.id_field, "solution_field": p.solution_field, "system_prompt": BOX_INSTRUCTION}
+    return {"data": data, "eval": {"n": p.n, "checker": p.checker, "temperature": PAPER_TEMPERATURE}}
+
+
 def apply_preset(cfg: Config) -> tuple[Config, Preset | None]:
     """A copy of `cfg` with the preset's settings wherever the user did not set the key explicitly."""
     if not cfg.eval.preset:
         return cfg, None
     p = get_preset(cfg.eval.preset)
     data, ev = cfg.data, cfg.eval
-    data_updates = {
-        "source": p.source,
-        "split": p.split,
-        "prompt_field": p.prompt_field,
-        "answer_field": p.answer_field,
-        "id_field": p.id_field,
-        "solution_field": p.solution_field,
-        "system_prompt": BOX_INSTRUCTION,
-    }
-    eval_updates = {"n": p.n, "checker": p.checker}
+    updates = preset_updates(p)
+    data_updates, eval_updates = updates["data"], updates["eval"]
     data = data.model_copy(update={k: v for k, v in data_updates.items() if k not in data.model_fields_set})
     ev = ev.model_copy(update={k: v for k, v in eval_updates.items() if k not in ev.model_fields_set})
     return cfg.model_copy(update={"data": data, "eval": ev}), p

@@ -5,6 +5,9 @@
 - `models`: model names (alias, hub id, local directory, `.gguf`) or run directories. A run directory
   (one with `checkpoints/`) is evaluated at its latest complete checkpoint (the highest `step_NNNNNN`
   holding a `COMPLETE` marker), or at `step`. Empty list and no `responses`: `cfg.student.name`.
+  `stableopd eval RUN_DIR` (one run directory) starts from the run's own config.yaml (`run_config_base`):
+  its model settings, template, system prompt, budgets and validation split, under `eval.preset` and the
+  command line.
   Each model samples `eval.n` responses per problem at `eval.temperature` (0.6), `eval.top_p`, top-k off,
   at most `eval.max_new_tokens` (else `sampling.max_new_tokens`) tokens, seed `sampling.seed`.
 - `responses`: a JSONL of existing generations (`prompt_id`, `response`, optional `sample_idx`, `n_tokens`,
@@ -49,7 +52,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from stableopd.answers import Checker, check, get_checker
-from stableopd.config import Config
+from stableopd.config import Config, merge_trees
 from stableopd.data import Example, examples_for, read_jsonl
 from stableopd.errors import UserError
 from stableopd.eval_presets import Preset, apply_preset, load_preset_examples
@@ -114,6 +117,31 @@ def resolve_target(name: str, step: int | None) -> tuple[str, str]:
             steps = ", ".join(str(_ckpt_step(c)) for c in ckpts)
             raise UserError(f"run directory '{p}' has no complete checkpoint at step {step}; it has: {steps}")
     return f"{p.name}@step{_ckpt_step(chosen)}", str(chosen)
+
+
+def run_config_base(targets: list[str], preset: str | None) -> dict[str, Any] | None:
+    """The config a single run directory was trained with, as the base of its evaluation: its model
+    settings, template, system prompt and budgets; its held-out split (data.val_source / val_split /
+    val_limit) as the problems, or the preset's benchmark (whose keys then win over the run's); never its
+    output path. None unless `targets` is exactly one run directory with a config.yaml."""
+    from stableopd.config import read_yaml
+    from stableopd.eval_presets import get_preset, preset_updates
+
+    if len(targets) != 1:
+        return None
+    run = Path(targets[0]).expanduser()
+    if not ((run / "checkpoints").is_dir() and (run / "config.yaml").is_file()):
+        return None
+    tree = read_yaml(run / "config.yaml")
+    tree.pop("out", None)
+    data = dict(tree.get("data") or {})
+    data.update(source=data.get("val_source") or data.get("source", "builtin:arith"),
+                split=data.get("val_split", "validation"), limit=data.get("val_limit"))
+    tree["data"] = data
+    if preset:
+        tree["data"]["limit"] = None
+        tree = merge_trees(tree, preset_updates(get_preset(preset)))
+    return tree
 
 
 # ---------------------------------------------------------------- responses file

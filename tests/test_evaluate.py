@@ -350,3 +350,56 @@ def test_smollm2_end_to_end(tmp_path, capsys):
     samples = [json.loads(x) for x in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     _check_against_samples(summary, samples, n=2, max_tokens=48)
     assert summary["chars_mean"] > 0  # a real instruct model writes text, unlike the random tiny one
+
+
+def _run_with_config(tmp_path: Path, *sets: str) -> Path:
+    """A run directory whose step-7 checkpoint is the tiny model, with the config.yaml it was trained with."""
+    from stableopd.config import dump_config
+    from stableopd.models import resolve_model_path
+
+    run = _fake_run(tmp_path, {7: False})
+    ckpt = run / "checkpoints" / "step_000007"
+    shutil.rmtree(ckpt)
+    shutil.copytree(resolve_model_path("tiny"), ckpt)
+    (ckpt / "COMPLETE").write_text("ok\n")
+    (run / "config.yaml").write_text(dump_config(load_config(overrides=list(sets), flags={"out": str(run)})))
+    return run
+
+
+def test_eval_of_a_run_directory_uses_its_config_under_the_preset(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from stableopd import evaluate
+    from stableopd.cli import app
+
+    val = _jsonl(tmp_path / "val.jsonl", MATH)
+    run = _run_with_config(tmp_path, "sampling.max_new_tokens=5", "data.chat_template=false", "eval.temperature=0",
+                           f"data.val_source={val}", "data.val_split=train", "data.val_limit=2", "data.limit=1")
+    local = _jsonl(tmp_path / "math500.jsonl",
+                   [{"unique_id": r["id"], "problem": r["prompt"], "answer": r["answer"]} for r in MATH])
+    seen, real = [], evaluate.generate_records
+    monkeypatch.setattr(evaluate, "generate_records", lambda cfg, ref, ex, **kw: seen.append((cfg, ref, ex)) or
+                        real(cfg, ref, ex, **kw))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["eval", str(run), "-s", "eval.preset=math500", "--data", str(local),
+                                      "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    cfg, ref, examples = seen[-1]
+    assert ref == str(run / "checkpoints" / "step_000007")
+    assert cfg.sampling.max_new_tokens == 5 and cfg.eval.max_new_tokens is None  # the run's budget
+    assert cfg.data.chat_template is False  # the run's template setting
+    assert cfg.data.source == str(local) and cfg.data.prompt_field == "problem"  # --data over the preset
+    assert cfg.eval.n == 1 and cfg.eval.temperature == 0.6 and cfg.data.limit is None  # the preset's protocol
+    assert cfg.out == str(out) and len(examples) == 3
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert max(r["n_tokens"] for r in samples) == 5 and all(r["n_tokens"] <= 5 for r in samples)
+
+    result = CliRunner().invoke(app, ["eval", str(run), "-s", "eval.preset=math500", "-s", "eval.n=2",
+                                      "--data", str(local), "--json"])
+    assert result.exit_code == 0, result.output
+    assert seen[-1][0].eval.n == 2 and seen[-1][0].out is None  # the command line wins; never the run's out
+
+    result = CliRunner().invoke(app, ["eval", str(run), "--json"])  # no preset: the run's held-out split
+    assert result.exit_code == 0, result.output
+    cfg, _, examples = seen[-1]
+    assert cfg.data.source == str(val) and cfg.eval.temperature == 0 and [e.id for e in examples] == ["m0", "m1"]
