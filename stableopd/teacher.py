@@ -56,6 +56,8 @@ def reverse_kl_sums(student, teacher, prompts: list[list[int]], targets: list[li
     student.eval()
     teacher.eval()
     t_prompts = prompts if teacher_prompts is None else teacher_prompts
+    if len(t_prompts) != len(prompts):
+        raise RuntimeError(f"{len(t_prompts)} teacher prompts for {len(prompts)} sequences")
     batches = -(-len(prompts) // micro_batch)
     for b in range(batches if n_batches is None else max(n_batches, batches)):
         rows = slice(b * micro_batch, (b + 1) * micro_batch)

@@ -352,17 +352,19 @@ def test_smollm2_end_to_end(tmp_path, capsys):
     assert summary["chars_mean"] > 0  # a real instruct model writes text, unlike the random tiny one
 
 
-def _run_with_config(tmp_path: Path, *sets: str) -> Path:
-    """A run directory whose step-7 checkpoint is the tiny model, with the config.yaml it was trained with."""
-    from stableopd.config import dump_config
-    from stableopd.models import resolve_model_path
+def _tiny_run(tmp_path: Path, *sets: str) -> Path:
+    """A one-step distill run of the tiny pair: checkpoints/step_000001 and the config.yaml it was trained with."""
+    from typer.testing import CliRunner
 
-    run = _fake_run(tmp_path, {7: False})
-    ckpt = run / "checkpoints" / "step_000007"
-    shutil.rmtree(ckpt)
-    shutil.copytree(resolve_model_path("tiny"), ckpt)
-    (ckpt / "COMPLETE").write_text("ok\n")
-    (run / "config.yaml").write_text(dump_config(load_config(overrides=list(sets), flags={"out": str(run)})))
+    from stableopd.cli import app
+
+    run, train = tmp_path / "run", _jsonl(tmp_path / "train.jsonl", MATH)
+    args = ["distill", "--student", "tiny", "--teacher", "tiny-teacher", "--data", str(train), "--out", str(run)]
+    for kv in ("train.steps=1", "train.save_every=1", "train.prompts_per_step=2", "sampling.n=1",
+               "train.eval_every=0", "logging.progress=false", *sets):
+        args += ["-s", kv]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
     return run
 
 
@@ -373,8 +375,8 @@ def test_eval_of_a_run_directory_uses_its_config_under_the_preset(tmp_path, monk
     from stableopd.cli import app
 
     val = _jsonl(tmp_path / "val.jsonl", MATH)
-    run = _run_with_config(tmp_path, "sampling.max_new_tokens=5", "data.chat_template=false", "eval.temperature=0",
-                           f"data.val_source={val}", "data.val_split=train", "data.val_limit=2", "data.limit=1")
+    run = _tiny_run(tmp_path, "sampling.max_new_tokens=5", "data.chat_template=false", "eval.temperature=0",
+                    f"data.val_source={val}", "data.val_split=train", "data.val_limit=2")
     local = _jsonl(tmp_path / "math500.jsonl",
                    [{"unique_id": r["id"], "problem": r["prompt"], "answer": r["answer"]} for r in MATH])
     seen, real = [], evaluate.generate_records
@@ -385,7 +387,7 @@ def test_eval_of_a_run_directory_uses_its_config_under_the_preset(tmp_path, monk
                                       "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     cfg, ref, examples = seen[-1]
-    assert ref == str(run / "checkpoints" / "step_000007")
+    assert ref == str(run / "checkpoints" / "step_000001")
     assert cfg.sampling.max_new_tokens == 5 and cfg.eval.max_new_tokens is None  # the run's budget
     assert cfg.data.chat_template is False  # the run's template setting
     assert cfg.data.source == str(local) and cfg.data.prompt_field == "problem"  # --data over the preset

@@ -25,6 +25,7 @@ from stableopd.pairing import end_of_turn_id, pair_tokens, stop_ids
 from stableopd.teacher import score_targets
 from stableopd.tiny import build_tokenizer
 from tests import qwen_family
+from tests.push import Push
 
 MATH_EOS, IM_START, IM_END = 151643, 151644, 151645
 
@@ -186,19 +187,6 @@ def test_a_step_scores_the_teacher_on_its_prompt_and_its_end_token(family_root, 
     assert math.isclose(got, direct, rel_tol=1e-5, abs_tol=1e-6)
 
 
-class Push(torch.nn.Module):
-    """An lm_head wrapper that adds 50 to one id's logit: that id wins every draw unless it is masked."""
-
-    def __init__(self, head, token: int):
-        super().__init__()
-        self.head, self.token = head, token
-
-    def forward(self, x):
-        out = self.head(x)
-        out[..., self.token] += 50.0
-        return out
-
-
 def test_banned_ids_are_never_sampled_and_a_backend_that_ignores_them_is_stopped(family_root, prompts_file):
     cfg, setup = paper_pair_setup(family_root, prompts_file, "r1_distill", "teacher.mismatched_tokens=suppress")
     backend = trainer.build_step_backend(cfg, setup)
@@ -229,3 +217,20 @@ def test_a_disagreeing_pair_is_refused_before_any_weights_load(tmp_path, prompts
     assert result.exit_code == 2, result.output
     assert "disagree on 6 token id(s) a response can hold: id 151644 is '<|im_start|>'" in result.output
     assert "no weights" not in result.output and not (tmp_path / "run").exists()
+
+
+def test_a_vllm_teacher_engine_gets_the_teachers_prompts_and_end_token(family_root, prompts_file, monkeypatch):
+    from tests.vllm_double import FakeVLLM
+
+    FakeVLLM().install(monkeypatch)
+    cfg, setup = paper_pair_setup(family_root, prompts_file, "qwen_instruct", "teacher.engine=vllm")
+    seen, real = [], setup.teacher_scorer.score
+    setup.teacher_scorer.score = lambda p, t, **kw: seen.append((p, t)) or real(p, t, **kw)
+    optimizer = trainer.make_adamw(setup.student.model.parameters(), lr=1e-3)
+    _, records = trainer.train_step(cfg, setup, StopsAt(MATH_EOS), optimizer, 1,
+                                    settings=trainer.loss_settings(cfg, setup.vocab_size, setup.pair),
+                                    golds_all=[None] * len(setup.train))
+    prompts, targets = seen[0]
+    assert prompts == [r["teacher_prompt_token_ids"] for r in records]
+    assert all(setup.teacher.tokenizer.decode(p).startswith("<|im_start|>system\nYou are Qwen") for p in prompts)
+    assert targets == [[17, 18, IM_END]] * len(records)

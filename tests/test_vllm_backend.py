@@ -15,6 +15,7 @@ from stableopd.backends import vllm as vb
 from stableopd.backends.base import SamplingParams, build_backend
 from stableopd.errors import UserError
 from stableopd.models import load_model, stop_token_ids
+from tests.push import Push
 from tests.vllm_double import CompletionOutput, FakeVLLM, Logprob
 
 
@@ -99,6 +100,23 @@ def test_generate_returns_processed_logprobs_that_match_a_teacher_forced_pass(fa
     assert [[s.token_ids for s in g] for g in again] == [[s.token_ids for s in g] for g in out]
     greedy = backend.generate(prompts[:1], SamplingParams(n=3, temperature=0.0, max_new_tokens=8))
     assert len(greedy[0]) == 3 and len({tuple(s.token_ids) for s in greedy[0]}) == 1
+
+
+def test_banned_ids_are_left_out_of_the_allowed_ids(fake_vllm, tiny_loaded):
+    assert vb.allowed_ids(10, 10, ()) is None  # nothing to exclude: vLLM samples from every row
+    assert vb.allowed_ids(10, 12, ()) == list(range(10))  # padded rows
+    assert vb.allowed_ids(10, 10, (3, 7)) == [0, 1, 2, 4, 5, 6, 8, 9]
+    backend = _backend(tiny_loaded)
+    engine = backend.llm.engine_model.hf_model
+    head, engine.lm_head = engine.lm_head, Push(engine.lm_head, 5)
+    try:
+        prompts = [tiny_loaded.tokenizer("What is 1+1?")["input_ids"], tiny_loaded.tokenizer("Hi")["input_ids"]]
+        pushed = backend.generate(prompts, SamplingParams(n=2, max_new_tokens=4, seed=1))
+        assert all(s.token_ids == [5, 5, 5, 5] for g in pushed for s in g)
+        banned = backend.generate(prompts, SamplingParams(n=2, max_new_tokens=4, seed=1, banned_token_ids=(5,)))
+        assert all(5 not in s.token_ids and s.token_ids for g in banned for s in g)
+    finally:
+        engine.lm_head = head
 
 
 def test_hf_weight_items_unwraps_names_and_skips_tied_head(tiny_loaded):
