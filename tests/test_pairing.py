@@ -234,3 +234,91 @@ def test_a_vllm_teacher_engine_gets_the_teachers_prompts_and_end_token(family_ro
     assert prompts == [r["teacher_prompt_token_ids"] for r in records]
     assert all(setup.teacher.tokenizer.decode(p).startswith("<|im_start|>system\nYou are Qwen") for p in prompts)
     assert targets == [[17, 18, IM_END]] * len(records)
+
+
+def _next_token_logprobs(model, prompt: list[int], target: list[int], vocab: int) -> torch.Tensor:
+    """(T, V) full log-softmax at the positions that predict `target` after `prompt`, one unpadded sequence."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + target])).logits[0]
+    return logits[len(prompt) - 1:len(prompt) + len(target) - 1, :vocab].double().log_softmax(-1)
+
+
+def _swapped(lt: torch.Tensor, swaps) -> torch.Tensor:
+    perm = list(range(lt.shape[-1]))
+    for a, b in swaps:
+        perm[a], perm[b] = perm[b], perm[a]
+    return lt[:, perm]
+
+
+def test_validation_kl_reads_the_teacher_prompt_and_its_end_column(family_root, prompts_file):
+    from stableopd.teacher import reverse_kl_sums
+
+    cfg, setup = paper_pair_setup(family_root, prompts_file, "qwen_instruct")
+    s, t, v, pair = setup.student.model, setup.teacher.model, setup.vocab_size, setup.pair
+    prompts, t_prompts = setup.train_ids[:2], setup.teacher_train_ids[:2]
+    assert prompts[0] != t_prompts[0]
+    targets = [[17, 18, MATH_EOS], [19]]
+    with torch.no_grad():  # give the teacher's end token real mass, so that reading its column matters
+        from stableopd.batch import pack, target_hidden
+
+        h = target_hidden(t, pack(t_prompts, targets, 0, "cpu")).mean(0)  # (d,)
+        t.get_output_embeddings().weight[IM_END] = 6.0 * h / h.norm() ** 2
+    total, count = reverse_kl_sums(s, t, prompts, targets, pad_id=0, micro_batch=1, chunk_size=64, vocab_size=v,
+                                   teacher_prompts=t_prompts, swaps=pair.swaps)
+    def naive(teacher_prompts, swaps) -> float:
+        out = 0.0
+        for p, tp, y in zip(prompts, teacher_prompts, targets):
+            ls = _next_token_logprobs(s, p, y, v)
+            lt = _swapped(_next_token_logprobs(t, tp, y, v), swaps)
+            out += float((ls.exp() * (ls - lt)).sum())
+        return out
+
+    want = naive(t_prompts, pair.swaps)
+    assert count == 4 and total == pytest.approx(want, rel=2e-4)  # fp32 kernels against fp64 logits
+    for wrong in (naive(prompts, pair.swaps), naive(t_prompts, ())):  # the student's prompt; no swap
+        assert abs(wrong - want) > 50 * abs(total - want)
+
+
+def sharpen(model) -> None:
+    """A random tiny model is nearly uniform over 151,665 ids whatever it reads; scaled logits make the
+    teacher's distribution depend on its prompt."""
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)
+
+
+def test_jsd_step_compares_with_the_teacher_on_its_own_prompt(family_root, prompts_file):
+    cfg, setup = paper_pair_setup(family_root, prompts_file, "qwen_instruct", "loss.objective=jsd",
+                                  "loss.jsd_beta=0.3", "loss.aggregation=token_mean", "loss.ref_kl_coef=0")
+    sharpen(setup.teacher.model)
+    seen = []
+    setup.teacher.model.get_decoder().register_forward_hook(lambda mod, args, kw, out: seen.append(kw["input_ids"]),
+                                                            with_kwargs=True)
+    optimizer = trainer.make_adamw(setup.student.model.parameters(), lr=1e-3)
+    metrics, records = trainer.train_step(cfg, setup, StopsAt(MATH_EOS), optimizer, 1,
+                                          settings=trainer.loss_settings(cfg, setup.vocab_size, setup.pair),
+                                          golds_all=[None] * len(setup.train))
+    v, b = setup.vocab_size, 0.3
+    assert all(r["teacher_stop_token_id"] == IM_END for r in records)
+    # the same JSD value from full logits, with a fresh copy of the student as it was before the update
+    _, fresh = paper_pair_setup(family_root, prompts_file, "qwen_instruct", "loss.objective=jsd",
+                                   "loss.jsd_beta=0.3", "loss.aggregation=token_mean", "loss.ref_kl_coef=0")
+    sharpen(fresh.teacher.model)
+    def naive(teacher_prompt_key: str) -> float:
+        total, n = 0.0, 0
+        for r in records:
+            y = [17, 18, MATH_EOS]
+            ls = _next_token_logprobs(fresh.student.model, r["prompt_token_ids"], y, v)
+            lt = _swapped(_next_token_logprobs(fresh.teacher.model, r[teacher_prompt_key], y, v), fresh.pair.swaps)
+            m = ((1 - b) * ls.exp() + b * lt.exp()).log()
+            total += float((b * (lt.exp() * (lt - m)).sum(-1) + (1 - b) * (ls.exp() * (ls - m)).sum(-1)).sum())
+            n += len(y)
+        return total / n
+
+    want = naive("teacher_prompt_token_ids")
+    assert metrics["loss/opd"] == pytest.approx(want, rel=5e-4)  # fp32 kernels against fp64 logits
+    # every teacher forward of the step (scoring, then the JSD inside the update) read the teacher's prompts
+    rows = [row for ids in seen for row in ids.tolist()]
+    t_prompts = {tuple(r["teacher_prompt_token_ids"]) for r in records}
+    assert len(rows) == 2 * len(records)
+    assert all(any(tuple(row[:len(tp)]) == tp and row[len(tp):len(tp) + 3] == [17, 18, IM_END]
+                   for tp in t_prompts) for row in rows)
