@@ -77,10 +77,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def args(data: Path, run: Path, student: str = "tiny", **over) -> list[str]:
+def args(data: Path, run: Path, student: str = "tiny", teacher: str = "tiny-teacher", **over) -> list[str]:
     merged = {**COMMON, **{k.replace("__", "."): v for k, v in over.items()}}
     sets = [a for k, v in merged.items() for a in ("-s", f"{k}={v}")]
-    return ["distill", "--student", student, "--teacher", "tiny-teacher", "--data", str(data), "--out", str(run), *sets]
+    return ["distill", "--student", student, "--teacher", teacher, "--data", str(data), "--out", str(run), *sets]
 
 
 def launch(cli: list[str], nproc: int = 1, env: dict | None = None, timeout: float = 300):
@@ -306,3 +306,23 @@ def test_first_use_of_built_in_models_under_several_processes(data, tmp_path):
     built = sorted(p.name for p in (cache / "models").iterdir() if (p / "COMPLETE").exists())
     assert built == ["tiny-teacher-v1", "tiny-v1"]
     assert not [p for p in (cache / "models").iterdir() if "." in p.name and not p.name.endswith(".lock")]
+
+
+def test_a_pair_with_its_own_templates_and_end_tokens_matches_one_process(data, tmp_path_factory):
+    """Qwen2.5-Math student, Qwen2.5-Instruct-like teacher (tests/qwen_family.py): the teacher reads its own
+    prompts (split over the ranks with the student's) in scoring, in the JSD update and in validation."""
+    from tests import qwen_family
+
+    root = str(tmp_path_factory.mktemp("family"))
+    student, teacher = qwen_family.model_dir("qwen_math", root), qwen_family.model_dir("qwen_instruct", root)
+    one, two = tmp_path_factory.mktemp("pair") / "one", tmp_path_factory.mktemp("pair") / "two"
+    extra = {"loss__objective": "jsd", "loss__jsd_beta": 0.3}
+    for run, nproc in ((one, 1), (two, 2)):
+        proc = launch(args(data, run, student=str(student), teacher=str(teacher), **extra), nproc=nproc)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(one, two)
+    for run in (one, two):
+        recs = [json.loads(x) for x in (run / "rollouts/step_000001.jsonl").read_text().splitlines()]
+        assert all(r["teacher_prompt_token_ids"] != r["prompt_token_ids"] for r in recs)
+    rows = read_rows(two / "metrics.jsonl")
+    assert rows[-1]["val/reverse_kl"] > 0
