@@ -140,14 +140,18 @@ def prepare(cfg: Config, *, student_path: str | None, need_teacher: bool, need_r
     val_ids = encode_prompts(student.tokenizer, val, **enc)
     t_ids = (encode_prompts(teacher.tokenizer, train, **enc), encode_prompts(teacher.tokenizer, val, **enc)) \
         if teacher is not None else (None, None)
-    limit = getattr(student.model.config, "max_position_embeddings", None)
-    budgets = (("sampling.max_new_tokens", train_ids, cfg.sampling.max_new_tokens),  # validation samples with
-               ("eval.max_new_tokens", val_ids, cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens))  # its own
-    for key, ids, budget in budgets:
-        longest = max((len(p) for p in ids), default=0) + budget
-        if limit and ids and longest > limit:
-            raise UserError(f"prompt + {key} reaches {longest} tokens, over the student's context of {limit}; "
-                            f"shorten prompts (data.max_prompt_tokens) or lower {key}")
+    sides = [("student", student, train_ids, val_ids)]
+    if teacher is not None and teacher.model is not None:  # it reads its own (possibly longer) prompts
+        sides.append(("teacher", teacher, *t_ids))
+    for role, m, tr_ids, v_ids in sides:
+        limit = getattr(m.model.config, "max_position_embeddings", None)
+        budgets = (("sampling.max_new_tokens", tr_ids, cfg.sampling.max_new_tokens),  # validation samples
+                   ("eval.max_new_tokens", v_ids, cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens))
+        for key, ids, budget in budgets:
+            longest = max((len(p) for p in ids), default=0) + budget
+            if limit and ids and longest > limit:
+                raise UserError(f"prompt + {key} reaches {longest} tokens, over the {role}'s context of {limit}; "
+                                f"shorten prompts (data.max_prompt_tokens) or lower {key}")
     stops = list(pair.student_stops) if pair else stop_token_ids(student.tokenizer, student.model)
     return Setup(student, teacher, ref, vocab, stops, train, train_ids, val, val_ids, scorer, pair=pair,
                  teacher_train_ids=t_ids[0], teacher_val_ids=t_ids[1])

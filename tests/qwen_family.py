@@ -98,18 +98,18 @@ def build(kind: str):
 
 
 @cache
-def model_dir(kind: str, root: str, weights: bool = True) -> Path:
+def model_dir(kind: str, root: str, weights: bool = True, context: int = 512) -> Path:
     """A Hugging Face directory with `kind`'s tokenizer and generation config and a tiny random Llama
-    (151,936 rows, hidden 16); without `weights`, only the files a pairing check reads."""
+    (151,936 rows, hidden 16, `context` positions); without `weights`, only the files a pairing check reads."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    out = Path(root) / f"{kind}{'' if weights else '-noweights'}"
+    out = Path(root) / f"{kind}{'' if weights else '-noweights'}-{context}"
     tok = build(kind)
     tok.save_pretrained(out)
     spec = SPECS[kind]
     config = LlamaConfig(vocab_size=ROWS, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=context,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
     GenerationConfig(eos_token_id=spec["gen_eos"], pad_token_id=tok.pad_token_id).save_pretrained(out)
     if weights:

@@ -322,3 +322,12 @@ def test_jsd_step_compares_with_the_teacher_on_its_own_prompt(family_root, promp
     assert len(rows) == 2 * len(records)
     assert all(any(tuple(row[:len(tp)]) == tp and row[len(tp):len(tp) + 3] == [17, 18, IM_END]
                    for tp in t_prompts) for row in rows)
+
+
+def test_the_teacher_context_must_hold_its_own_prompt_and_the_budget(family_root, prompts_file):
+    student = qwen_family.model_dir("qwen_math", family_root)  # 512 positions
+    teacher = qwen_family.model_dir("qwen_instruct", family_root, context=200)
+    cfg = load_config(None, ["sampling.max_new_tokens=100", "train.eval_every=0"],
+                      {"data.source": str(prompts_file), "student.name": str(student), "teacher.name": str(teacher)})
+    with pytest.raises(UserError, match="prompt \\+ sampling.max_new_tokens reaches .* over the teacher's context of 200"):
+        trainer.prepare(cfg, student_path=None, need_teacher=True, need_ref=False)
