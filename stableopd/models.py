@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from stableopd.errors import UserError
-from stableopd.pairing import stop_ids
+from stableopd.pairing import check_base_vocab, stop_ids
 from stableopd.tiny import TINY_FAMILY, build_tiny_model
 from stableopd.toy import TOY_FAMILY, build_toy_model, recipe_key
 
@@ -290,14 +290,7 @@ def check_compatible(a: Loaded, b: Loaded, *, chat_template: bool, role_a: str =
     student's own initial weights); return the shared vocab size. A teacher, which may write its prompts
     and its end token differently, is paired by stableopd/pairing.py instead."""
     ta, tb = a.tokenizer, b.tokenizer
-    base = min(ta.vocab_size, tb.vocab_size)
-    va = {t: i for t, i in ta.get_vocab().items() if i < base}
-    vb = {t: i for t, i in tb.get_vocab().items() if i < base}
-    if ta.vocab_size != tb.vocab_size or va != vb:
-        diff = len(set(va.items()) ^ set(vb.items()))
-        raise UserError(f"{role_a} '{a.name}' and {role_b} '{b.name}' have different tokenizer vocabularies "
-                        f"({ta.vocab_size} vs {tb.vocab_size} base tokens, {diff} entries differ); "
-                        "pick models of the same family")
+    check_base_vocab(ta, tb, f"{role_a} '{a.name}'", f"{role_b} '{b.name}'")
     if ta.eos_token_id != tb.eos_token_id:
         raise UserError(f"{role_a} and {role_b} end sequences with different tokens "
                         f"({ta.eos_token!r} vs {tb.eos_token!r}); lengths would inflate")

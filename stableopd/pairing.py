@@ -12,7 +12,9 @@ score those same ids. Two models of one family can still differ where it matters
 - added tokens. Ids past the shared base vocabulary can name different tokens (151644 is `<|im_start|>` in
   Qwen2.5 and `<｜User｜>` in R1-Distill). Every id a response can hold must mean the same to both: a pair
   that disagrees is refused, naming the first such id, unless `teacher.mismatched_tokens: suppress`,
-  which keeps the student's sampler from ever producing those ids (`TokenPair.banned`).
+  which keeps the student's sampler from ever producing those ids (`TokenPair.banned`). The trainer's
+  student log-probs still spread over the full vocabulary, banned ids included; for a trained model their
+  mass is far below the sampler-trainer sync tolerance (`sampling.max_sync_mismatch`).
 Everything here reads tokenizers and generation configs only, so a bad pair fails before any weights load.
 
     stableopd distill -c examples/paper-qwen-math-1.5b.yaml --dry-run
@@ -76,6 +78,18 @@ def end_of_turn_id(tokenizer, *, chat_template: bool) -> int | None:
     return tokenizer.eos_token_id
 
 
+def check_base_vocab(ta, tb, who_a: str, who_b: str) -> int:
+    """The base (non-added) vocabularies must be identical; return their size."""
+    base = min(ta.vocab_size, tb.vocab_size)
+    va = {t: i for t, i in ta.get_vocab().items() if i < base}
+    vb = {t: i for t, i in tb.get_vocab().items() if i < base}
+    if ta.vocab_size != tb.vocab_size or va != vb:
+        diff = len(set(va.items()) ^ set(vb.items()))
+        raise UserError(f"{who_a} and {who_b} have different tokenizer vocabularies ({ta.vocab_size} vs "
+                        f"{tb.vocab_size} base tokens, {diff} entries differ); pick models of the same family")
+    return base
+
+
 def token_name(tokenizer, i: int) -> str | None:
     return tokenizer.convert_ids_to_tokens(i) if i < len(tokenizer) else None
 
@@ -84,14 +98,7 @@ def pair_tokens(student, teacher, *, student_stops: list[int], chat_template: bo
                 mismatched: str = "error", names: tuple[str, str] = ("student", "teacher")) -> TokenPair:
     """Check that `teacher` can score what `student` samples, token by token; say how (TokenPair)."""
     a, b = names
-    base = min(student.vocab_size, teacher.vocab_size)
-    va = {t: i for t, i in student.get_vocab().items() if i < base}
-    vb = {t: i for t, i in teacher.get_vocab().items() if i < base}
-    if student.vocab_size != teacher.vocab_size or va != vb:
-        diff = len(set(va.items()) ^ set(vb.items()))
-        raise UserError(f"student '{a}' and teacher '{b}' have different tokenizer vocabularies "
-                        f"({student.vocab_size} vs {teacher.vocab_size} base tokens, {diff} entries differ); "
-                        "pick models of the same family")
+    base = check_base_vocab(student, teacher, f"student '{a}'", f"teacher '{b}'")
     if not student_stops:
         raise UserError(f"student '{a}' has no end-of-sequence token: its responses could never stop")
     if teacher_end is not None:

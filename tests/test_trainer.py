@@ -528,34 +528,33 @@ def naive_loss(m, rollouts, golds, s: LossSettings) -> torch.Tensor:
     return total
 
 
+def check_against_naive(m, rollouts, golds, settings, micro_batch: int) -> dict:
+    """accumulate's gradients and loss/total equal those of `naive_loss`; returns the naive gradients."""
+    got, metrics = run_accumulate(m, rollouts, golds, settings, micro_batch=micro_batch)
+    m.student.zero_grad(set_to_none=True)
+    loss = naive_loss(m, rollouts, golds, settings)
+    loss.backward()
+    want = grads_of(m.student)
+    assert_grads_close(got, want, rtol=1e-4)
+    assert metrics["loss/total"] == pytest.approx(loss.item(), rel=1e-4)
+    return want
+
+
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_accumulated_gradient_equals_a_naive_full_logits_loss(acc_models, objective, aggregation):
     rollouts, golds = acc_batch(acc_models.vocab, acc_models.teacher)
     golds[1] = GoldSeq(prompt=golds[1].prompt, target=golds[1].target + [5, 6])
-    settings = acc_settings(objective, aggregation, acc_models.vocab)
-    got, metrics = run_accumulate(acc_models, rollouts, golds, settings, micro_batch=3)
-    acc_models.student.zero_grad(set_to_none=True)
-    loss = naive_loss(acc_models, rollouts, golds, settings)
-    loss.backward()
-    want = grads_of(acc_models.student)
-    assert_grads_close(got, want, rtol=1e-4)
-    assert metrics["loss/total"] == pytest.approx(loss.item(), rel=1e-4)
+    check_against_naive(acc_models, rollouts, golds, acc_settings(objective, aggregation, acc_models.vocab), 3)
 
 
 @pytest.mark.parametrize("gamma", [0.5, 1.0])
 def test_reward_to_go_gradient_equals_a_naive_full_logits_loss(acc_models, gamma):
     rollouts, golds = acc_batch(acc_models.vocab, acc_models.teacher)
-    settings = dataclasses.replace(acc_settings("stableopd", "seq_mean", acc_models.vocab), reward_to_go=gamma)
-    got, metrics = run_accumulate(acc_models, rollouts, golds, settings, micro_batch=2)
-    per_token, _ = run_accumulate(acc_models, rollouts, golds, acc_settings("stableopd", "seq_mean",
-                                                                            acc_models.vocab), micro_batch=2)
-    acc_models.student.zero_grad(set_to_none=True)
-    loss = naive_loss(acc_models, rollouts, golds, settings)
-    loss.backward()
-    want = grads_of(acc_models.student)
-    assert_grads_close(got, want, rtol=1e-4)
-    assert metrics["loss/total"] == pytest.approx(loss.item(), rel=1e-4)
+    per_token_settings = acc_settings("stableopd", "seq_mean", acc_models.vocab)
+    per_token, _ = run_accumulate(acc_models, rollouts, golds, per_token_settings, micro_batch=2)
+    settings = dataclasses.replace(per_token_settings, reward_to_go=gamma)
+    want = check_against_naive(acc_models, rollouts, golds, settings, 2)
     assert any(not torch.allclose(per_token[k], want[k]) for k in want)  # the option changes the update
 
 
