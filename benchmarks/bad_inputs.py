@@ -168,7 +168,8 @@ def cases() -> list[Case]:
                "diagnose.inflation_window=1", "sampling.options={batch_size: -1}",
                "sampling.options={batch_size: 1e40}", "sampling.options={beams: 4}", "sampling.backend=sglang",
                "student.dtype=float8", "student.device=cuda", "student.device=banana", "out=", "sampling.n",
-               "sampling..n=2", "sampling=3", "train.warmup_steps=500", "train.min_lr_ratio=0.5"]:
+               "sampling..n=2", "sampling=3", "train.warmup_steps=500", "train.min_lr_ratio=0.5",
+               "loss.reward_to_go=2", "teacher.mismatched_tokens=ignore"]:
         add(Case("config value", kv, [*r, "-s", kv], DATA))
     # ---- data
     for name, setup, src in [
@@ -218,6 +219,9 @@ def cases() -> list[Case]:
                  both(DATA, setup)))
     add(Case("model", "incompatible teacher (smollm2)", distill("--teacher", "smollm2-135m"), DATA))
     add(Case("model", "teacher dir without weights", distill("--teacher", "m"), both(DATA, tiny_copy("no weights"))))
+    add(Case("model", "teacher end token it does not have", distill("-s", "teacher.end_token=<|nope|>"), DATA))
+    add(Case("model", "reward-to-go with the jsd objective", distill("-s", "loss.objective=jsd", "-s",
+                                                                     "loss.reward_to_go=1"), DATA))
     # ---- output paths
     add(Case("paths", "rollout --out is a directory", [*r, "--out", "o"], both(DATA, mkdir("o"))))
     add(Case("paths", "rollout --out read-only", [*r, "--out", f"{RO}/o.jsonl"], DATA))
