@@ -85,10 +85,11 @@ def _guard(debug: bool, body: Callable[[], int | None]) -> None:
             code = 1
     if code:
         record_exit_code(code)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "torch.distributed" in sys.modules:
-        # A rank of a multi-process run, its process group already destroyed: leave without the
-        # interpreter's teardown, where gloo worker threads still holding finished work can abort the
-        # process ("terminate called without an active exception", pytorch/pytorch#190489) after a clean run.
+    if code == 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1 and "torch.distributed" in sys.modules:
+        # A rank of a multi-process run that finished, its process group already destroyed: leave without
+        # the interpreter's teardown, where gloo worker threads still holding finished work can abort the
+        # process ("terminate called without an active exception", pytorch/pytorch#190489). A failing rank
+        # exits as usual, which leaves the others time to print their own error before torchrun stops them.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
