@@ -17,7 +17,7 @@ score those same ids. Two models of one family can still differ where it matters
   mass is far below the sampler-trainer sync tolerance (`sampling.max_sync_mismatch`).
 Everything here reads tokenizers and generation configs only, so a bad pair fails before any weights load.
 
-    stableopd distill -c examples/paper-qwen-math-1.5b.yaml --dry-run
+    stableopd distill -c examples/paper-qwen-math-1.5b.yaml --teacher r1-distill-7b -s teacher.mismatched_tokens=suppress
 """
 
 from __future__ import annotations
