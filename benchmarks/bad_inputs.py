@@ -169,7 +169,7 @@ def cases() -> list[Case]:
                "sampling.options={batch_size: 1e40}", "sampling.options={beams: 4}", "sampling.backend=sglang",
                "student.dtype=float8", "student.device=cuda", "student.device=banana", "out=", "sampling.n",
                "sampling..n=2", "sampling=3", "train.warmup_steps=500", "train.min_lr_ratio=0.5",
-               "loss.reward_to_go=2", "teacher.mismatched_tokens=ignore"]:
+               "loss.reward_to_go=2", "teacher.mismatched_tokens=ignore", "student.engine=vllm"]:
         add(Case("config value", kv, [*r, "-s", kv], DATA))
     # ---- data
     for name, setup, src in [

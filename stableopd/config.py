@@ -47,8 +47,6 @@ class ModelSpec(Section):
     device: str = "auto"  # auto, cpu, mps, cuda, cuda:N (or xpu / npu, :N)
     revision: str | None = None
     trust_remote_code: bool = False
-    engine: Literal["hf", "vllm"] = "hf"  # teacher only: "vllm" scores with vLLM prompt_logprobs
-    engine_options: dict[str, Any] = Field(default_factory=dict)  # vLLM engine options when engine=vllm
 
     @field_validator("device")
     @classmethod
@@ -224,6 +222,8 @@ class TeacherSpec(ModelSpec):
     """The teacher: a ModelSpec plus how it reads the student's tokens (stableopd/pairing.py)."""
 
     name: str = "tiny-teacher"
+    engine: Literal["hf", "vllm"] = "hf"  # "vllm" scores with vLLM prompt_logprobs
+    engine_options: dict[str, Any] = Field(default_factory=dict)  # vLLM engine options when engine=vllm
     # the token the teacher is scored on where the student stops; None: its chat template's end of turn
     # (data.chat_template) or its EOS
     end_token: str | None = None
@@ -294,11 +294,22 @@ def _is_text_field(dotted: str) -> bool:
     return ann is str or (get_origin(ann) in (Union, UnionType) and set(get_args(ann)) == {str, type(None)})
 
 
+# keys a user may reasonably write that live elsewhere: where to put them instead
+MOVED_KEYS = {
+    "student.engine": "the student samples through sampling.backend (hf, vllm or a plugin); "
+                      "teacher.engine chooses how the teacher scores",
+    "student.engine_options": "vLLM sampling options go in sampling.options; teacher.engine_options configures "
+                              "the teacher's vLLM engine",
+}
+
+
 def _format_validation_error(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and loc in MOVED_KEYS:
+            parts.append(f"config key '{loc}' does not exist: {MOVED_KEYS[loc]}")
+        elif e["type"] == "extra_forbidden":
             parts.append(f"unknown config key '{loc}'{_valid_keys_hint(e['loc'])}")
         elif e["type"] == "value_error" and isinstance(e.get("input"), dict):  # a rule over a section's keys
             parts.append(e["msg"].removeprefix("Value error, "))

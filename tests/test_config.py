@@ -128,6 +128,16 @@ def test_unknown_nested_key_names_it_and_lists_the_section_keys():
     assert str(exc.value) == f"unknown config key 'sampling.temprature'; valid keys here: {valid}"
 
 
+@pytest.mark.parametrize("override", ["student.engine=vllm", "student.engine_options={max_model_len: 4096}"])
+def test_teacher_only_engine_keys_on_the_student_say_where_they_go(override):
+    with pytest.raises(UserError) as exc:
+        load_config(overrides=[override])
+    key = override.split("=")[0]
+    assert str(exc.value).startswith(f"config key '{key}' does not exist: ")
+    assert "sampling." in str(exc.value) and "teacher.engine" in str(exc.value)
+    assert load_config(overrides=[override.replace("student.", "teacher.")]).teacher  # where it belongs
+
+
 @pytest.mark.parametrize(
     ("override", "fragment"),
     [
