@@ -32,9 +32,9 @@ from the student s, and the loss L = -sum_t A_t log s(y_t|h_t) with A detached (
   KL(s || t) but not the same gradient: it drops  -E[ sum_t grad log s(y_t|h_t) * sum_{k>t} d_k ],
   the effect of a token on the later tokens' log-ratios.
 - Reward-to-go A_t = sum_{k>=t} d_k (`reward_to_go(adv, mask, gamma=1.0)`; config `loss.reward_to_go: 1`)
-  makes the expected gradient exactly grad KL(s || t) over whole sequences (EOS and truncation included). Both statements hold
-  for token-sum weights (a constant weight per token); tests/test_losses.py checks both by exact
-  enumeration. `seq_mean` weights 1/|y| depend on the sampled length, and `token_mean` divides by a
+  makes the expected gradient exactly grad KL(s || t) over whole sequences (EOS and truncation included).
+  Both statements hold for token-sum weights (a constant weight per token); tests/test_losses.py checks
+  both by exact enumeration. `seq_mean` weights 1/|y| depend on the sampled length, and `token_mean` divides by a
   random count, so with them the same estimators are exact only up to that (length) reweighting.
 
 Deviations from the paper (it gives no code, clip eps or aggregation):

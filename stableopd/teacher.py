@@ -67,7 +67,8 @@ def reverse_kl_sums(student, teacher, prompts: list[list[int]], targets: list[li
             continue
         if not real:
             p, tp, t = [[pad_id]], [[pad_id]], [[pad_id]]
-        packed, t_packed = pack(p, t, pad_id, device), pack(tp, t, pad_id, device)
+        packed = pack(p, t, pad_id, device)
+        t_packed = packed if tp == p else pack(tp, t, pad_id, device)
         kl = linear_kl(target_hidden(student, packed), output_weight(student), target_hidden(teacher, t_packed),
                        output_weight(teacher), None, chunk_size=chunk_size, vocab_size=vocab_size,
                        swap_other=swaps)  # (N,)

@@ -120,11 +120,11 @@ def prepare(cfg: Config, *, student_path: str | None, need_teacher: bool, need_r
     val = _examples(cfg, d.val_split, d.val_source or d.source, d.val_limit) if cfg.train.eval_every else []
     s_name, spec = student_path or cfg.student.name, cfg.student
     s_tok = load_tokenizer(s_name, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-    pair = _pair(cfg, s_name, s_tok) if need_teacher else None
+    pair, t_tok = _pair(cfg, s_name, s_tok) if need_teacher else (None, None)
     student = _load(cfg.student, name=s_name, tokenizer=s_tok)
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(student)
-    teacher, scorer = (_load_teacher(cfg) if need_teacher else (None, None))
+    teacher, scorer = (_load_teacher(cfg, t_tok) if need_teacher else (None, None))
     ref = _load(cfg.student) if need_ref else None
     vocab = len(student.tokenizer) if pair is None else pair.vocab_size
     if ref is not None:
@@ -153,12 +153,15 @@ def prepare(cfg: Config, *, student_path: str | None, need_teacher: bool, need_r
                 raise UserError(f"prompt + {key} reaches {longest} tokens, over the {role}'s context of {limit}; "
                                 f"shorten prompts (data.max_prompt_tokens) or lower {key}")
     stops = list(pair.student_stops) if pair else stop_token_ids(student.tokenizer, student.model)
+    if t_ids == (train_ids, val_ids):  # the same template: the teacher reads the student's own prompt ids
+        t_ids = (None, None)
     return Setup(student, teacher, ref, vocab, stops, train, train_ids, val, val_ids, scorer, pair=pair,
                  teacher_train_ids=t_ids[0], teacher_val_ids=t_ids[1])
 
 
-def _pair(cfg: Config, student_name: str, student_tok) -> TokenPair:
-    """How the teacher reads the student's tokens, from the tokenizers and generation configs alone."""
+def _pair(cfg: Config, student_name: str, student_tok) -> tuple[TokenPair, Any]:
+    """How the teacher reads the student's tokens, from the tokenizers and generation configs alone; and the
+    teacher's tokenizer."""
     t, spec = cfg.teacher, cfg.student
     t_tok = load_tokenizer(t.name, revision=t.revision, trust_remote_code=t.trust_remote_code)
     gen = load_generation_config(student_name, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
@@ -170,7 +173,7 @@ def _pair(cfg: Config, student_name: str, student_tok) -> TokenPair:
                            for a, b in pair.stop_map.items() if a != b)
         note(f"teacher '{t.name}' is scored on its own end token where the student stops ({mapped or 'same ids'})"
              + (f"; {len(pair.banned)} token ids the two read differently are never sampled" if pair.banned else ""))
-    return pair
+    return pair, t_tok
 
 
 def enable_checkpointing(loaded: Loaded) -> None:
@@ -186,20 +189,18 @@ def enable_checkpointing(loaded: Loaded) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def _load_teacher(cfg: Config) -> tuple[Loaded, Any]:
+def _load_teacher(cfg: Config, tokenizer) -> tuple[Loaded, Any]:
     """The HF teacher, or (tokenizer-only Loaded, VLLMScorer) when teacher.engine is vllm."""
     spec = cfg.teacher
     if spec.engine == "hf":
-        return _load(spec), None
+        return _load(spec, tokenizer=tokenizer), None
     from stableopd.backends.vllm import VLLMScorer, check_scoring_temperature
-    from stableopd.models import load_tokenizer, resolve_model_path
 
     if cfg.loss.objective == "jsd":
         raise UserError("loss.objective=jsd needs the teacher's full distribution: use teacher.engine=hf")
     check_scoring_temperature(cfg.loss.teacher_temperature)
     path = resolve_model_path(spec.name)
-    tok = load_tokenizer(spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-    return Loaded(name=spec.name, path=path, model=None, tokenizer=tok), VLLMScorer(path, spec.engine_options)
+    return Loaded(name=spec.name, path=path, model=None, tokenizer=tokenizer), VLLMScorer(path, spec.engine_options)
 
 
 def loss_settings(cfg: Config, vocab_size: int, pair: TokenPair | None = None) -> LossSettings:
@@ -353,7 +354,7 @@ def train_step(cfg: Config, setup: Setup, backend, optimizer, step: int, *, sett
     ngram = cfg.diagnose.rep_token_ngram
     rollouts = [RolloutSeq(prompt=p, target=t, teacher_lp=tl, repetitive=repetitive_token_mask(t, ngram),
                            sampler_lp=r["sampler_logprobs"] + ([] if r["truncated"] else [r["stop_logprob"]]),
-                           teacher_prompt=tp, teacher_target=tt)
+                           teacher_prompt=None if tp == p else tp, teacher_target=None if tt == t else tt)
                 for p, t, tl, r, tp, tt in zip(prompts, targets, teacher_lp, records, t_prompts, t_targets)]
     golds = [GoldSeq(prompt=setup.train_ids[i], target=g) for i in idx if (g := golds_all[i]) is not None]
     set_lr(optimizer, train_lr(cfg, step))

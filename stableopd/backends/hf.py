@@ -97,11 +97,11 @@ class HFBackend:
         was_training = self.model.training
         self.model.eval()
         devices = [ids.device] if ids.device.type == "cuda" else []
+        masks = LogitsProcessorList([_MaskTokens(self.vocab_size, params.banned_token_ids)])
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=self._gen_config(params),
-                                      logits_processor=LogitsProcessorList([_MaskTokens(self.vocab_size,
-                                                                                     params.banned_token_ids)]))
+                                      logits_processor=masks)
         if was_training:
             self.model.train()
         gen = out.sequences[:, ids.shape[1]:].cpu()  # (B*n, T)
