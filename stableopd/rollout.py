@@ -43,8 +43,15 @@ def make_record(ex: Example, prompt_ids: list[int], idx: int, sample: Sample, to
 
 def sample_records(backend: Backend, tokenizer, examples: list[Example], prompt_ids: list[list[int]],
                    params: SamplingParams, stop_ids: list[int], *, rep_tail_chars: int, rep_ratio: float,
-                   chunk: int = 8, progress: bool = True, label: str = "sampling") -> list[dict[str, Any]]:
-    """Sample params.n responses for every prompt; records come back in (prompt, sample) order."""
+                   chunk: int | None = None, progress: bool = True, label: str = "sampling"
+                   ) -> list[dict[str, Any]]:
+    """Sample params.n responses for every prompt; records come back in (prompt, sample) order.
+
+    Without a progress bar every prompt goes to the backend in one call, which batches them as its options
+    say (the hf backend's `batch_size`); with one, `chunk` prompts per call (default: the backend's
+    `prompts_per_call`, else 8) so the bar moves."""
+    if chunk is None:
+        chunk = (getattr(backend, "prompts_per_call", None) or 8) if progress else max(1, len(examples))
     records: list[dict[str, Any]] = []
     with progress_bar(label, total=len(examples), enabled=progress) as advance:
         for start in range(0, len(examples), chunk):

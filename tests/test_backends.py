@@ -407,3 +407,41 @@ def test_generation_config_is_valid_for_transformers(tiny, temperature):
     # transformers warns on every generate() of an invalid config (greedy with a sampling knob set)
     params = SamplingParams(n=1, temperature=temperature, top_k=5, max_new_tokens=4, seed=0)
     hf_backend(tiny)._gen_config(params).validate(strict=True)
+
+
+class SizedBackend:
+    """Answers every prompt with one stopped one-token sample, recording the prompts per call."""
+
+    name = "sized"
+
+    def __init__(self, per_call: int | None = None) -> None:
+        self.calls: list[int] = []
+        if per_call is not None:
+            self.prompts_per_call = per_call
+
+    def generate(self, prompts_P, params):
+        self.calls.append(len(prompts_P))
+        return [[Sample([2], [0.0], "stop")] * params.n for _ in prompts_P]
+
+    def sync_weights(self, model) -> None:
+        pass
+
+
+@pytest.mark.parametrize("per_call, progress, calls", [
+    (None, False, [19]),  # no bar: one call, the backend batches
+    (None, True, [8, 8, 3]),  # a bar and no preference: 8 prompts per call
+    (5, True, [5, 5, 5, 4]),  # the backend's prompts_per_call
+    (5, False, [19]),
+])  # fmt: skip
+def test_sample_records_hands_the_backend_its_batch(tiny, per_call, progress, calls):
+    backend = SizedBackend(per_call)
+    exs = [Example(id=f"q{i}", prompt=f"{i}+1=") for i in range(19)]
+    params = SamplingParams(n=2, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=4, seed=0)
+    records = sample_records(backend, tiny.tokenizer, exs, [[5, 6]] * 19, params, [2], rep_tail_chars=48,
+                             rep_ratio=1.5, progress=progress)
+    assert backend.calls == calls
+    assert [(r["prompt_id"], r["sample_idx"]) for r in records] == [(f"q{i}", j) for i in range(19) for j in (0, 1)]
+
+
+def test_hf_backend_prompts_per_call_is_its_batch_size(tiny):
+    assert hf_backend(tiny, batch_size=3).prompts_per_call == 3

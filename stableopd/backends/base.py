@@ -13,7 +13,9 @@ Built-ins and plugins are found the same way: through the entry-point group `sta
     mine = "my_pkg.backend:MyBackend"
 
 where `MyBackend(model=..., tokenizer=..., model_path=..., stop_ids=..., options=dict)` implements the
-`Backend` protocol. See examples/plugin_backend/ for a complete one.
+`Backend` protocol. See examples/plugin_backend/ for a complete one. A training step hands the backend all
+of its prompts in one `generate` call, so a backend batches them as it can; an optional `prompts_per_call`
+attribute sets how many prompts go in each call where a progress bar is shown (`rollout`, `eval`).
 """
 
 from __future__ import annotations

@@ -49,6 +49,7 @@ class HFBackend:
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.stop_ids[0]
         self.vocab_size = len(tokenizer)
+        self.prompts_per_call = self.options.batch_size
 
     def sync_weights(self, model: Any) -> None:
         self.model = model  # same object as the trainer's: nothing to copy

@@ -149,6 +149,7 @@ def allowed_ids(vocab: int, rows: int | None, banned: tuple[int, ...]) -> list[i
 
 class VLLMBackend:
     name = "vllm"
+    prompts_per_call = 256  # with a progress bar; the engine schedules each call's sequences itself
 
     def __init__(self, *, model: Any, tokenizer: Any, model_path: str, stop_ids: list[int],
                  options: dict[str, Any]) -> None:
