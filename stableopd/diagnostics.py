@@ -35,7 +35,7 @@ import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,6 +53,7 @@ from stableopd.detector import (  # noqa: F401 (CollapseGuard, detect and Verdic
 )
 from stableopd.errors import UserError
 from stableopd.files import check_input, check_output_dir
+from stableopd.profile import step_profile
 from stableopd.stepstats import (  # noqa: F401 (Example, read_jsonl and response_metrics are re-exported)
     MAX_LINE_WARNINGS,
     Example,
@@ -102,6 +103,7 @@ class Diagnosis:
             "final": self.final(),
             "length_unit": self.length_unit,
             "warnings": self.warnings,
+            "profile": [asdict(row) for row in step_profile(self.series)],
         }
 
 

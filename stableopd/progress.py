@@ -44,7 +44,8 @@ def step_display(total: int, start: int, *, enabled: bool = True) -> Iterator[Ca
     state = {"verdict": "healthy"}
 
     def line(step: int, m: dict, verdict) -> str:
-        t = sum(m.get(k, 0.0) or 0.0 for k in ("time/rollout_s", "time/teacher_s", "time/train_s"))
+        t = m.get("time/step_s") or sum(m.get(k, 0.0) or 0.0 for k in ("time/rollout_s", "time/teacher_s",
+                                                                        "time/train_s"))
         val = f" val_acc {_fmt(m.get('val/accuracy'))}" if "val/accuracy" in m else ""
         return (f"step {step:>5} loss {_fmt(m.get('loss/total'), '+.4f')} len {_fmt(m.get('rollout/length_mean'), '.1f')}"
                 f" trunc {_fmt(m.get('rollout/trunc_rate'), '.2f')} rep {_fmt(m.get('rollout/rep_rate'), '.2f')}"

@@ -30,6 +30,7 @@ from rich.table import Table
 from rich.text import Text
 
 from stableopd.diagnostics import Diagnosis, Example
+from stableopd.profile import step_profile
 from stableopd.repetition import repeating_span
 
 Line = tuple[dict[int, float], dict[str, Any]]  # (step -> value, matplotlib plot style)
@@ -154,6 +155,27 @@ def _steps_table(diag: Diagnosis) -> Table:
     return table
 
 
+def _profile_table(diag: Diagnosis) -> Table | None:
+    rows = step_profile(diag.series)
+    if not rows:
+        return None
+    table = Table(title="Time per step (seconds)", title_justify="left", box=None, pad_edge=False)
+    for col in ("part", "median", "mean", "share"):
+        table.add_column(col, justify="left" if col == "part" else "right")
+    for r in rows:
+        table.add_row(r.part, f"{r.median_s:.3f}", f"{r.mean_s:.3f}", f"{100 * r.share:.0f}%",
+                      style="bold" if r.part == "step" else "")
+    return table
+
+
+def markdown_profile(diag: Diagnosis) -> list[str]:
+    rows = step_profile(diag.series)
+    if not rows:
+        return []
+    return ["## Time per step", "", "| part | median s | mean s | share |", "|---|---|---|---|",
+            *(f"| {r.part} | {r.median_s:.3f} | {r.mean_s:.3f} | {100 * r.share:.0f}% |" for r in rows), ""]
+
+
 def print_report(diag: Diagnosis, console: Console | None, written: list[Path] | None = None) -> None:
     """The terminal report (on a new stdout console when None); `written`: files from `write_report`."""
     console = console or Console()
@@ -172,6 +194,8 @@ def print_report(diag: Diagnosis, console: Console | None, written: list[Path] |
     console.print(Panel(body, title="verdict", title_align="left"))
     console.print(_series_table(diag))
     console.print(_steps_table(diag))
+    if (profile := _profile_table(diag)) is not None:
+        console.print(profile)
     console.print(f"length unit: {diag.length_unit}")
     if diag.examples:
         console.print(
@@ -300,7 +324,7 @@ def write_markdown(diag: Diagnosis, out_dir: Path, pngs: list[Path]) -> Path:
         f"mean length {fmt(final['length_mean'])} {diag.length_unit}",
         "",
     ]
-    lines += markdown_images(pngs) + markdown_warnings(diag.warnings)
+    lines += markdown_images(pngs) + markdown_profile(diag) + markdown_warnings(diag.warnings)
     path = out_dir / "report.md"
     write_atomic(path, "\n".join(lines))
     return path

@@ -58,6 +58,7 @@ from stableopd.models import (
     stop_token_ids,
 )
 from stableopd.pairing import TokenPair, pair_tokens, stop_ids
+from stableopd.profile import StepClock
 from stableopd.progress import console, duration, note, run_summary
 from stableopd.repetition import repetitive_token_mask
 from stableopd.rollout import sample_records, summarize, write_jsonl_atomic
@@ -343,7 +344,9 @@ def train_step(cfg: Config, setup: Setup, backend, optimizer, step: int, *, sett
     targets = [r["response_token_ids"] + ([] if r["truncated"] else [r["stop_token_id"]]) for r in records]
     prompts = [r["prompt_token_ids"] for r in records]
     t_prompts, t_targets = teacher_view(setup, idx, records, targets, cfg.sampling.n)
-    if setup.teacher_scorer is not None:
+    if settings.objective == "jsd":  # the update runs the teacher for the JSD and reads its log-probs there
+        teacher_lp = [None] * len(records)
+    elif setup.teacher_scorer is not None:
         teacher_lp = setup.teacher_scorer.score(t_prompts, t_targets, temperature=cfg.loss.teacher_temperature)
     else:
         with dist.gathered_root(setup.teacher.model):
@@ -360,15 +363,16 @@ def train_step(cfg: Config, setup: Setup, backend, optimizer, step: int, *, sett
     set_lr(optimizer, train_lr(cfg, step))
     metrics = _update(cfg, setup, optimizer, rollouts, golds, settings, prompts, targets)
     t3 = time.perf_counter()
-    for r, tl, tp, tt in zip(records, teacher_lp, t_prompts, t_targets):
-        r["teacher_logprobs"] = tl[:r["n_tokens"]]
+    for r, q, tp, tt in zip(records, rollouts, t_prompts, t_targets):
+        r["teacher_logprobs"] = q.teacher_lp[:r["n_tokens"]]
         r["teacher_prompt_token_ids"] = tp
         r["teacher_stop_token_id"] = None if r["truncated"] else tt[-1]
         r["step"] = step
     records = dist.concat(records)  # every rank gets the global batch's records, in single-process order
     summary = summarize(records)
     n_gold, n_idx = dist.all_sum([len(golds), len(idx)])
-    times = dist.all_max([t1 - t0, t2 - t1, t3 - t2])
+    in_update = metrics.pop("time/teacher_s")  # the teacher's forwards inside the update (JSD)
+    times = dist.all_max([t1 - t0, t2 - t1 + in_update, t3 - t2 - in_update])
     metrics.update({
         "rollout/length_mean": summary["length_mean"], "rollout/length_max": summary["length_max"],
         "rollout/trunc_rate": summary["trunc_rate"], "rollout/rep_rate": summary["rep_rate"],
@@ -419,11 +423,13 @@ def _update(cfg: Config, setup: Setup, optimizer, rollouts, golds, settings: Los
     metrics: dict[str, Any] = {}
     teacher_model = setup.teacher.model if setup.teacher else None
     ref_model = setup.ref.model if setup.ref else None
+    teacher_s = 0.0
     for _ in range(tcfg.epochs_per_batch):
         optimizer.zero_grad(set_to_none=True)
         with setup.dist.gathered_root(ref_model), setup.dist.gathered_root(teacher_model):
             metrics = accumulate(model, ref_model, teacher_model, rollouts, golds, settings,
                                  pad_id=_pad(setup.student.tokenizer), micro_batch=tcfg.micro_batch, dist=setup.dist)
+        teacher_s += metrics.pop("time/teacher_s", 0.0)
         params = [p for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
         finite = math.isfinite(float(norm)) and math.isfinite(metrics.get("loss/total", 0.0))
@@ -434,6 +440,7 @@ def _update(cfg: Config, setup: Setup, optimizer, rollouts, golds, settings: Los
             break
         optimizer.step()
     metrics["optim/lr"] = optimizer.param_groups[0]["lr"]
+    metrics["time/teacher_s"] = teacher_s
     return metrics
 
 
@@ -511,10 +518,13 @@ def distill_loop(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start: 
                             keep_last=tcfg.keep_last, model_state=model_state, optimizer_state=optim_state)
 
     t_loop = time.perf_counter()
+    clock = StepClock()
     with step_display(tcfg.steps, start, enabled=cfg.logging.progress and dist.is_main) as show:
         for step in range(start + 1, tcfg.steps + 1):
             metrics, records = train_step(cfg, setup, backend, optimizer, step, settings=settings, golds_all=golds)
+            t_sync = time.perf_counter()
             backend.sync_weights(setup.student.model)
+            metrics["time/sync_s"] = float(dist.all_max([time.perf_counter() - t_sync])[0])
             bad = bad + 1 if metrics["optim/skipped"] else 0
             skipped += metrics["optim/skipped"]
             metrics["optim/skipped_total"] = skipped
@@ -525,6 +535,7 @@ def distill_loop(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start: 
             metrics["guard/onset_step"] = verdict.onset_step
             if tcfg.rollouts_every and step % tcfg.rollouts_every == 0 and dist.is_main:
                 write_jsonl_atomic(run_dir / "rollouts" / f"step_{step:06d}.jsonl", records)
+            clock.close(metrics)
             log.write({"step": step, **metrics})
             if dist.is_main:
                 show(step, metrics, verdict)
@@ -534,7 +545,9 @@ def distill_loop(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start: 
             collapse = verdict.verdict == "collapse" and tcfg.stop_on_collapse
             signum = agreed_signal(stop, dist) if step < tcfg.steps else None
             if step % tcfg.save_every == 0 or step == tcfg.steps or collapse or signum:
+                t_save = time.perf_counter()
                 save(step)
+                clock.add_save(time.perf_counter() - t_save)
             if collapse:
                 raise stop_for_collapse(run_dir, verdict)
             if signum:

@@ -20,6 +20,7 @@ token ids of the same response.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -43,7 +44,7 @@ from stableopd.losses import opd_loss, ref_kl_loss, reward_to_go, sft_loss, shap
 class RolloutSeq:
     prompt: list[int]
     target: list[int]  # response ids, plus the stop token when the response stopped
-    teacher_lp: list[float]  # (T,) log pi_T of each target token
+    teacher_lp: list[float] | None  # (T,) log pi_T of each target token; None: the JSD update scores it
     sampler_lp: list[float]  # (T,) the sampler's log-probs of the same tokens
     repetitive: list[bool]  # (T,)
     old_lp: list[float] | None = None  # (T,) pi_old when several passes are made over one batch
@@ -104,8 +105,14 @@ def _rollout_chunk(student, ref, teacher, seqs: list[RolloutSeq], s: LossSetting
     packed = pack([q.prompt for q in seqs], [q.target for q in seqs], pad_id, device)
     use_kl = s.objective != "opd" and s.ref_kl_coef > 0
     with torch.no_grad():  # the frozen models' (hidden, output weight) the student's distribution is compared with
-        t_side = (target_hidden(teacher, _teacher_pack(seqs, packed, pad_id, device)), output_weight(teacher)) \
-            if s.objective == "jsd" else None
+        t_side = None
+        if s.objective == "jsd":
+            t0 = time.perf_counter()
+            t_packed = _teacher_pack(seqs, packed, pad_id, device)
+            t_side = (target_hidden(teacher, t_packed), output_weight(teacher))
+            if seqs[0].teacher_lp is None:  # the step's only teacher forward: its log-probs come from it too
+                _fill_teacher_lp(seqs, t_side, t_packed, s)
+            sums.add("teacher_s", time.perf_counter() - t0)
         r_side = (target_hidden(ref, packed), output_weight(ref)) if use_kl else None
     mask = row_mask(packed.lengths, device)  # (B, T)
     w = token_weights(mask, s.aggregation, total_seqs=totals[0], total_tokens=totals[1])  # (B, T)
@@ -163,6 +170,18 @@ def _rollout_chunk(student, ref, teacher, seqs: list[RolloutSeq], s: LossSetting
     return metrics
 
 
+def _fill_teacher_lp(seqs: list[RolloutSeq], t_side: tuple[torch.Tensor, torch.Tensor], t_packed: Packed,
+                     s: LossSettings) -> None:
+    """Each rollout's teacher log-probs from the hidden states the JSD term already has (what
+    teacher.score_targets would compute from a forward of its own)."""
+    lp, _ = linear_logprobs(*t_side, t_packed.targets, chunk_size=s.chunk_size, temperature=s.teacher_temperature,
+                            vocab_size=s.vocab_size)  # (N,)
+    flat, pos = lp.float().cpu().tolist(), 0
+    for q, n in zip(seqs, t_packed.lengths):
+        q.teacher_lp = flat[pos:pos + n]
+        pos += n
+
+
 def _teacher_pack(seqs: list[RolloutSeq], packed: Packed, pad_id: int, device) -> Packed:
     """The teacher's view of the micro-batch: its own prompts before the same response ids."""
     if all(q.teacher_prompt is None and q.teacher_target is None for q in seqs):
@@ -208,7 +227,7 @@ def accumulate(student, ref, teacher, rollouts: list[RolloutSeq], golds: list[Go
             for k, v in metrics.items():
                 acc[k] = acc.get(k, 0.0) + float(v)
     acc = dist.reduce_dict(acc)
-    sums.values = dist.reduce_dict(sums.values, max_keys=("sample_train_absmax",))
+    sums.values = dist.reduce_dict(sums.values, max_keys=("sample_train_absmax", "teacher_s"))
     total = acc.get("loss/opd", 0.0) + s.gold_coef * acc.get("loss/gold_sft", 0.0) * (s.objective == "stableopd")
     total += s.ref_kl_coef * acc.get("loss/ref_kl", 0.0)
     out = {k: v for k, v in acc.items() if not k.endswith("weight_sum")}
@@ -227,4 +246,6 @@ def accumulate(student, ref, teacher, rollouts: list[RolloutSeq], golds: list[Go
         "diag/kl_sample_train": sums.ratio("sample_minus_train", "tokens"),
         "diag/logprob_diff_max": sums.values.get("sample_train_absmax"),
     })
+    if "teacher_s" in sums.values:  # the teacher's forwards inside the update (JSD), slowest rank
+        out["time/teacher_s"] = sums.values["teacher_s"]
     return out

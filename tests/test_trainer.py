@@ -54,6 +54,7 @@ STEP_METRICS = [
     "rollout/rep_token_frac", "teacher/logprob_mean", "student/logprob_mean", "adv/mean",
     "adv/repetitive_mean", "adv/regular_mean", "loss/total", "loss/opd", "loss/gold_sft", "loss/ref_kl",
     "optim/grad_norm", "optim/lr", "diag/kl_sample_train", "time/rollout_s", "time/teacher_s", "time/train_s",
+    "time/sync_s", "time/val_s", "time/save_s", "time/other_s", "time/step_s",
 ]  # fmt: skip
 VAL_METRICS = ["val/accuracy", "val/length_mean", "val/trunc_rate", "val/rep_rate"]
 RECORD_FIELDS = [
@@ -270,6 +271,34 @@ def test_smoke_checkpoint_loads_with_transformers(smoke, built):
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 4
 
 
+def test_smoke_time_parts_add_up_to_each_step(smoke):
+    """time/*: the parts of the interval between rows; validation and checkpoints land where they ran."""
+    rows = read_rows(smoke.run / "metrics.jsonl")[1:]
+    parts = ["time/rollout_s", "time/teacher_s", "time/train_s", "time/sync_s", "time/val_s", "time/save_s",
+             "time/other_s"]  # fmt: skip
+    for r in rows:
+        assert all(r[k] >= 0 for k in parts), r
+        assert sum(r[k] for k in parts) == pytest.approx(r["time/step_s"], rel=1e-9)
+        assert r["time/step_s"] >= r["time/rollout_s"] + r["time/teacher_s"] + r["time/train_s"] > 0
+        assert (r["time/val_s"] > 0) == (r["step"] % 2 == 0)  # train.eval_every=2
+        assert (r["time/save_s"] > 0) == (r["step"] == 3)  # the checkpoint of step 2 (step 4's is the run's end)
+    assert sum(r["time/step_s"] for r in rows) < smoke.wall
+
+
+def test_diagnose_prints_the_step_profile(smoke):
+    result = CliRunner().invoke(app, ["diagnose", str(smoke.run), "--json"])
+    assert result.exit_code == 0, result.output
+    profile = {row["part"]: row for row in json.loads(result.stdout)["profile"]}
+    assert list(profile) == ["rollout", "teacher", "train", "sync", "val", "save", "other", "step"]
+    steps = read_rows(smoke.run / "metrics.jsonl")[1:]
+    whole = sorted(r["time/step_s"] for r in steps)
+    assert profile["step"]["median_s"] == pytest.approx((whole[1] + whole[2]) / 2)
+    assert profile["step"]["share"] == pytest.approx(1.0)
+    assert sum(profile[p]["share"] for p in profile if p != "step") == pytest.approx(1.0)
+    text = CliRunner().invoke(app, ["diagnose", str(smoke.run)]).output
+    assert "Time per step (seconds)" in text and "rollout" in text
+
+
 def test_sampler_and_trainer_logprobs_agree_with_the_hf_backend(smoke):
     """diag/kl_sample_train: mean of (sampler - trainer) log-prob of the sampled tokens, temperature 1."""
     for row in read_rows(smoke.run / "metrics.jsonl")[1:]:
@@ -350,6 +379,56 @@ def test_reference_kl_is_zero_at_step_zero_and_grows_after_an_update(data_file, 
     second, _ = one_step(cfg, setup, optimizer, step=2)
     assert second["loss/ref_kl"] > 1e-6  # pi_ref stayed at the initial student while the student moved
     assert second["ref_kl/negative_frac"] == 0.0
+
+
+class CountingBackend:
+    """Wraps the real HF backend and records how many prompts each `generate` call received."""
+
+    name = "counting"
+
+    def __init__(self, inner) -> None:
+        self.inner, self.calls = inner, []
+
+    def generate(self, prompts_P, params):
+        self.calls.append(len(prompts_P))
+        return self.inner.generate(prompts_P, params)
+
+    def sync_weights(self, model) -> None:
+        self.inner.sync_weights(model)
+
+
+def test_a_step_samples_all_its_prompts_in_one_backend_call(data_file, built):
+    """The backend batches the step's prompts itself (the hf backend by sampling.options.batch_size)."""
+    cfg, setup = step_setup(data_file, built.teacher, "train.prompts_per_step=11", "sampling.options={batch_size: 4}")
+    backend = CountingBackend(trainer.build_step_backend(cfg, setup))
+    batches = []
+    real = backend.inner._generate_batch
+    backend.inner._generate_batch = lambda prompts, params, seed: batches.append(len(prompts)) or real(
+        prompts, params, seed)
+    _, records = one_step(cfg, setup, GradCapture(setup.student.model), backend=backend)
+    assert backend.calls == [11] and batches == [4, 4, 3]
+    assert len(records) == 11 * 2
+
+
+def test_jsd_runs_the_teacher_once_per_micro_batch_and_records_its_logprobs(data_file, built):
+    """Under objective=jsd the update's teacher forward also gives the log-probs that teacher scoring would."""
+    cfg, setup = step_setup(data_file, built.teacher, "loss.objective=jsd", "train.micro_batch=2")
+    forwards = []
+    hook = setup.teacher.model.get_decoder().register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        metrics, records = one_step(cfg, setup, GradCapture(setup.student.model))
+    finally:
+        hook.remove()
+    assert len(forwards) == 3  # 6 rollouts in micro-batches of 2; no separate scoring pass
+    targets = [r["response_token_ids"] + ([] if r["truncated"] else [r["stop_token_id"]]) for r in records]
+    scored = score_targets(setup.teacher.model, [r["prompt_token_ids"] for r in records], targets,
+                           pad_id=setup.student.tokenizer.pad_token_id, micro_batch=2,
+                           chunk_size=cfg.loss.chunk_size, vocab_size=setup.vocab_size)  # fmt: skip
+    for r, lp in zip(records, scored):
+        assert r["teacher_logprobs"] == pytest.approx(lp[: r["n_tokens"]], abs=1e-5)
+    mean = sum(sum(lp) for lp in scored) / sum(len(lp) for lp in scored)
+    assert metrics["teacher/logprob_mean"] == pytest.approx(mean, abs=1e-5)
+    assert metrics["time/teacher_s"] > 0 and metrics["time/train_s"] > 0
 
 
 class ShiftedSampler:
