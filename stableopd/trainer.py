@@ -586,7 +586,10 @@ def print_summary(cfg: Config, rows: list[dict[str, Any]], *, first_step: int, w
 def _validate(cfg: Config, setup: Setup, backend, step: int, run_dir: Path) -> dict[str, Any]:
     # each rank samples its share of the validation set on the gathered student; rank 0 writes the records
     with setup.dist.unsharded(setup.student.model):
-        return validate(cfg, setup, backend, step, run_dir, write=setup.dist.is_main)
+        out = validate(cfg, setup, backend, step, run_dir, write=setup.dist.is_main)
+    if "time/val_s" in out:  # the slowest rank's, like the other parts of the step
+        out["time/val_s"] = float(setup.dist.all_max([out["time/val_s"]])[0])
+    return out
 
 
 def run_sft(cfg: Config, *, resume: bool = False) -> int:

@@ -9,7 +9,8 @@ Per rollout token t (the response's tokens, plus its stop token when it stopped)
     A_t   = shaped( log pi_T(y_t) - log pi_old(y_t) )                       detached
     L     = L_OPD(A) + gold_coef * L_SFT(golden) + ref_kl_coef * sum_t w_t KL_t(pi_theta || pi_ref)
 With `objective="jsd"` the OPD term is replaced by the full-vocabulary generalized JSD to the teacher
-at the same prefixes (TRL's GKD family), which needs the teacher's hidden states in the training pass.
+at the same prefixes (TRL's GKD family), which needs the teacher's hidden states in the training pass;
+that forward is the step's only teacher forward, and it also fills the rollouts' teacher log-probs.
 Truncated rollouts stay in the batch as they are, as in the paper: the point of StableOPD is to keep
 them from taking over, not to hide them from the loss.
 
