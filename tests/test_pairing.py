@@ -316,10 +316,11 @@ def test_jsd_step_compares_with_the_teacher_on_its_own_prompt(family_root, promp
 
     want = naive("teacher_prompt_token_ids")
     assert metrics["loss/opd"] == pytest.approx(want, rel=5e-4)  # fp32 kernels against fp64 logits
-    # every teacher forward of the step (scoring, then the JSD inside the update) read the teacher's prompts
+    # the step's only teacher forward (the JSD inside the update, which also gives the records' teacher
+    # log-probs) read the teacher's prompts
     rows = [row for ids in seen for row in ids.tolist()]
     t_prompts = {tuple(r["teacher_prompt_token_ids"]) for r in records}
-    assert len(rows) == 2 * len(records)
+    assert len(rows) == len(records)
     assert all(any(tuple(row[:len(tp)]) == tp and row[len(tp):len(tp) + 3] == [17, 18, IM_END]
                    for tp in t_prompts) for row in rows)
 
