@@ -342,3 +342,21 @@ def test_run_summary_after_a_resume_counts_only_the_steps_it_ran():
 
     lines = run_summary(summary_rows(), first_step=3, wall_s=3.0, checkpoints=[])
     assert lines[0] == "finished step 4: 2 steps in 3.0 s (1.50 s a step)"
+
+
+def test_step_profile_of_a_run_without_step_times():
+    """Runs written before time/step_s: the step is the sum of the parts it has; step 0 (validation before
+    training) is not a training step; a part missing on a step counts 0 there."""
+    from stableopd.profile import step_profile
+
+    series = {"time/rollout_s": {1: 1.0, 2: 3.0}, "time/teacher_s": {1: 1.0, 2: 1.0},
+              "time/train_s": {1: 2.0, 2: 2.0}, "time/val_s": {0: 5.0, 2: 2.0}}  # fmt: skip
+    rows = {r.part: r for r in step_profile(series)}
+    assert list(rows) == ["rollout", "teacher", "train", "val", "step"]
+    assert (rows["rollout"].median_s, rows["rollout"].share) == (2.0, pytest.approx(4 / 12))
+    assert (rows["val"].median_s, rows["val"].mean_s, rows["val"].share) == (1.0, 1.0, pytest.approx(2 / 12))
+    assert (rows["step"].median_s, rows["step"].share) == (6.0, 1.0)
+    series["time/step_s"] = {1: 5.0, 2: 10.0}  # the measured interval wins over the sum of the parts
+    rows = {r.part: r for r in step_profile(series)}
+    assert rows["step"].median_s == 7.5 and rows["rollout"].share == pytest.approx(4 / 15)
+    assert step_profile({"loss/total": {1: 0.5}}) == []
