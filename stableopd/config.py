@@ -214,8 +214,48 @@ class DiagnoseConfig(Section):
 
 
 class LoggingConfig(Section):
+    """Progress output, and experiment trackers fed the same rows as metrics.jsonl (stableopd/trackers.py)."""
+
     progress: bool = True
-    tensorboard: bool = False
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = Field(default_factory=list)
+    project: str = Field(default="stableopd", min_length=1)  # wandb/trackio project, MLflow experiment
+    run_name: str | None = None  # the tracker's run name; None: the run directory's name
+    table_rows: int = Field(default=8, ge=0, le=10_000)  # rollouts per tracker table (every train.rollouts_every)
+
+    @field_validator("report_to")
+    @classmethod
+    def _once_each(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("names a tracker twice")
+        return v
+
+
+class LoraSpec(Section):
+    """A LoRA adapter on the student (peft): only the adapter trains, and the reference for the KL term is the
+    same model with the adapter switched off (stableopd/lora.py)."""
+
+    r: int = Field(default=16, ge=1, le=1 << 16)
+    alpha: float = Field(default=32.0, gt=0.0, le=1e6)  # the update is scaled by alpha / r
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # module names (suffixes) to adapt, or "all-linear": every linear layer but the output head
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _not_head(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError('must name at least one module, or be "all-linear"')
+            if bad := [m for m in v if m in ("lm_head", "embed_tokens", "wte", "embed_out")]:
+                raise ValueError(f"{bad[0]} is the embedding or output head, which the fused loss kernels read "
+                                 "as a plain weight; adapt the decoder's linear layers")
+        return v
+
+
+class StudentSpec(ModelSpec):
+    """The student: a ModelSpec, optionally trained through a LoRA adapter."""
+
+    lora: LoraSpec | None = None  # None: full fine-tuning
 
 
 class TeacherSpec(ModelSpec):
@@ -233,7 +273,7 @@ class TeacherSpec(ModelSpec):
 
 
 class Config(Section):
-    student: ModelSpec = Field(default_factory=ModelSpec)
+    student: StudentSpec = Field(default_factory=StudentSpec)
     teacher: TeacherSpec = Field(default_factory=TeacherSpec)
     data: DataConfig = Field(default_factory=DataConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
@@ -300,6 +340,8 @@ MOVED_KEYS = {
                       "teacher.engine chooses how the teacher scores",
     "student.engine_options": "vLLM sampling options go in sampling.options; teacher.engine_options configures "
                               "the teacher's vLLM engine",
+    "logging.tensorboard": "trackers are listed in logging.report_to, e.g. logging.report_to=[tensorboard]",
+    "teacher.lora": "only the student trains; a LoRA adapter goes in student.lora",
 }
 
 

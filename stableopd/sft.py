@@ -25,6 +25,7 @@ from stableopd.kernels import make_adamw
 from stableopd.progress import console, duration, note, step_display
 from stableopd.runctl import GracefulStop, RunLock, Stopped
 from stableopd.schedule import set_lr
+from stableopd.trackers import Trackers, check_installed
 from stableopd.tracking import MetricsLog
 from stableopd.trainer import (
     _start,
@@ -34,6 +35,7 @@ from stableopd.trainer import (
     checkpoint_bytes,
     gold_targets,
     guard_from,
+    open_trackers,
     prepare,
     print_summary,
     step_indices,
@@ -68,6 +70,7 @@ def sft_step(model, optimizer, golds: list[GoldSeq], settings: LossSettings, *, 
 def run_sft(cfg: Config, *, resume: bool = False) -> int:
     run_dir = Path(cfg.out or "runs/sft")
     check_output_dir(run_dir, "run directory")
+    check_installed(cfg.logging.report_to)
     with RunLock(run_dir), GracefulStop(announce=announce) as stop:
         return _run_sft(cfg, resume, run_dir, stop)
 
@@ -104,10 +107,20 @@ def _run_sft(cfg: Config, resume: bool, run_dir: Path, stop: GracefulStop) -> in
     backend = build_step_backend(cfg, setup)
     stop.arm()  # from here a first signal lets the loop finish a step and save it
     log = MetricsLog.open(run_dir / "metrics.jsonl", keep_until=start if start else None)
+    with open_trackers(cfg, run_dir, start, enabled=True) as trackers:
+        return _sft_steps(cfg, setup, optimizer, backend, run_dir, start=start, stop=stop, log=log, trackers=trackers,
+                          keep=keep, golds_all=golds_all, settings=settings, pad=pad)
+
+
+def _sft_steps(cfg: Config, setup, optimizer, backend, run_dir: Path, *, start: int, stop: GracefulStop,
+               log: MetricsLog, trackers: Trackers, keep: list[int], golds_all, settings, pad: int) -> int:
     tcfg = cfg.train
+    model, tok = setup.student.model, setup.student.tokenizer
     if start == 0 and tcfg.eval_every and tcfg.eval_at_start:
         note(f"validating on {len(setup.val)} prompts before training ...", enabled=cfg.logging.progress)
-        log.write({"step": 0, **validate(cfg, setup, backend, 0, run_dir)})
+        first = {"step": 0, **validate(cfg, setup, backend, 0, run_dir)}
+        log.write(first)
+        trackers.log(first)
     guard = guard_from(cfg)
     t_loop = time.perf_counter()
     with step_display(tcfg.steps, start, enabled=cfg.logging.progress) as show:
@@ -120,6 +133,7 @@ def _run_sft(cfg: Config, resume: bool, run_dir: Path, stop: GracefulStop) -> in
             if tcfg.eval_every and step % tcfg.eval_every == 0:
                 metrics.update(validate(cfg, setup, backend, step, run_dir))
             log.write({"step": step, **metrics})
+            trackers.log({"step": step, **metrics})
             show(step, metrics, guard.verdict)
             signum = agreed_signal(stop, None) if step < tcfg.steps else None
             if step % tcfg.save_every == 0 or step == tcfg.steps or signum:

@@ -65,6 +65,7 @@ from stableopd.rollout import sample_records, summarize, write_jsonl_atomic
 from stableopd.runctl import GracefulStop, RunLock, Stopped
 from stableopd.schedule import lr_at_step, set_lr
 from stableopd.teacher import score_targets
+from stableopd.trackers import Trackers, check_installed
 from stableopd.tracking import MetricsLog
 from stableopd.update import GoldSeq, LossSettings, RolloutSeq, accumulate
 from stableopd.validation import validate
@@ -278,6 +279,7 @@ def run_distill(cfg: Config, *, resume: bool = False) -> int:
 def _run_distill(cfg: Config, resume: bool, dist: Dist) -> int:
     run_dir = Path(cfg.out or "runs/distill")
     check_launch(dist.world, cfg)
+    check_installed(cfg.logging.report_to)
     if dist.is_main:
         check_output_dir(run_dir, "run directory")
     with RunLock(run_dir) if dist.is_main else nullcontext(), \
@@ -482,9 +484,6 @@ def build_step_backend(cfg: Config, setup: Setup):
 def distill_loop(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start: int,
                  restored_state: dict[str, Any], stop: GracefulStop) -> int:
     """Steps start+1 .. train.steps; returns the exit code (0), or raises a stop."""
-    from stableopd.progress import step_display
-
-    tcfg = cfg.train
     dist = setup.dist
     stop.arm()  # from here a first signal lets the loop finish a step and save it
     log = (MetricsLog.open(run_dir / "metrics.jsonl", keep_until=start if start else None) if dist.is_main
@@ -493,6 +492,27 @@ def distill_loop(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start: 
     for row in log.rows:
         if "rollout/trunc_rate" in row:
             guard.update(row["step"], row)
+    with open_trackers(cfg, run_dir, start, enabled=dist.is_main) as trackers:
+        return _distill_steps(cfg, setup, optimizer, run_dir, start=start, restored_state=restored_state, stop=stop,
+                              log=log, guard=guard, trackers=trackers)
+
+
+def open_trackers(cfg: Config, run_dir: Path, start: int, *, enabled: bool) -> Trackers:
+    """The experiment trackers of logging.report_to (stableopd/trackers.py), on the writing rank only."""
+    lg = cfg.logging
+    if not (enabled and lg.report_to):
+        return Trackers.none()
+    return Trackers.open(lg.report_to, run_dir=run_dir, config=cfg.model_dump(mode="json"), project=lg.project,
+                         run_name=lg.run_name, start=start, table_limit=lg.table_rows)
+
+
+def _distill_steps(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start: int,
+                   restored_state: dict[str, Any], stop: GracefulStop, log: MetricsLog, guard: CollapseGuard,
+                   trackers: Trackers) -> int:
+    from stableopd.progress import step_display
+
+    tcfg = cfg.train
+    dist = setup.dist
     backend = dist.sampler(build_step_backend(cfg, setup), setup.student.model)
     settings = loss_settings(cfg, setup.vocab_size, setup.pair)
     golds = gold_targets(setup.student.tokenizer, setup.train, setup.stop_ids[0] if setup.stop_ids else
@@ -504,6 +524,7 @@ def distill_loop(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start: 
         note(f"validating on {len(setup.val)} prompts before training ...", enabled=chatty and bool(setup.val))
         first = _validate(cfg, setup, backend, 0, run_dir)
         log.write({"step": 0, **first})
+        trackers.log({"step": 0, **first})
         if first and dist.is_main and cfg.logging.progress:
             acc = first.get("val/accuracy")
             console.print(f"step     0 before training: val_acc {'-' if acc is None else f'{acc:.3g}'} "
@@ -535,8 +556,10 @@ def distill_loop(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start: 
             metrics["guard/onset_step"] = verdict.onset_step
             if tcfg.rollouts_every and step % tcfg.rollouts_every == 0 and dist.is_main:
                 write_jsonl_atomic(run_dir / "rollouts" / f"step_{step:06d}.jsonl", records)
+                trackers.table(step, records)
             clock.close(metrics)
             log.write({"step": step, **metrics})
+            trackers.log({"step": step, **metrics})
             if dist.is_main:
                 show(step, metrics, verdict)
             check_sync(cfg, metrics)

@@ -53,7 +53,7 @@ def test_empty_yaml_file_is_the_defaults(tmp_path):
         ("sampling.temperature=0.25", lambda c: c.sampling.temperature, 0.25),
         ("train.lr=1e-5", lambda c: c.train.lr, 1e-5),
         ("data.shuffle=false", lambda c: c.data.shuffle, False),
-        ("logging.tensorboard=true", lambda c: c.logging.tensorboard, True),
+        ("logging.report_to=[tensorboard,mlflow]", lambda c: c.logging.report_to, ["tensorboard", "mlflow"]),
         ("eval.pass_k=[1, 4, 8]", lambda c: c.eval.pass_k, [1, 4, 8]),
         ("data.limit=null", lambda c: c.data.limit, None),
         ("data.val_limit=null", lambda c: c.data.val_limit, None),
