@@ -169,7 +169,10 @@ def cases() -> list[Case]:
                "sampling.options={batch_size: 1e40}", "sampling.options={beams: 4}", "sampling.backend=sglang",
                "student.dtype=float8", "student.device=cuda", "student.device=banana", "out=", "sampling.n",
                "sampling..n=2", "sampling=3", "train.warmup_steps=500", "train.min_lr_ratio=0.5",
-               "loss.reward_to_go=2", "teacher.mismatched_tokens=ignore", "student.engine=vllm"]:
+               "loss.reward_to_go=2", "teacher.mismatched_tokens=ignore", "student.engine=vllm",
+               "logging.tensorboard=true", "logging.report_to=[neptune]", "logging.report_to=[wandb,wandb]",
+               "student.lora.r=0", "student.lora.target_modules=[lm_head]", "student.lora.target_modules=[]",
+               "teacher.lora.r=4", "student.lora=5"]:
         add(Case("config value", kv, [*r, "-s", kv], DATA))
     # ---- data
     for name, setup, src in [
@@ -222,6 +225,11 @@ def cases() -> list[Case]:
     add(Case("model", "teacher end token it does not have", distill("-s", "teacher.end_token=<|nope|>"), DATA))
     add(Case("model", "reward-to-go with the jsd objective", distill("-s", "loss.objective=jsd", "-s",
                                                                      "loss.reward_to_go=1"), DATA))
+    add(Case("model", "LoRA target module the model does not have",
+             distill("-s", "student.lora.target_modules=[nope_proj]"), DATA))
+    add(Case("model", "export of a folder that is not a run", ["export", "d.jsonl"], DATA))
+    add(Case("model", "export of a run with no checkpoint", ["export", "run", "--merge"],
+             both(DATA, lambda d: (d / "run" / "checkpoints").mkdir(parents=True))))
     # ---- output paths
     add(Case("paths", "rollout --out is a directory", [*r, "--out", "o"], both(DATA, mkdir("o"))))
     add(Case("paths", "rollout --out read-only", [*r, "--out", f"{RO}/o.jsonl"], DATA))

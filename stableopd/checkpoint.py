@@ -2,6 +2,7 @@
 
     RUN_DIR/checkpoints/step_000040/
         config.json, model.safetensors, tokenizer files   loadable by AutoModelForCausalLM and vLLM
+          (a LoRA student: adapter_config.json, adapter_model.safetensors; see stableopd/lora.py)
         trainer_state.json                                step, data position, counters
         optimizer.pt, rng.pt                              tensors only: loaded with weights_only=True
         COMPLETE                                          written last: the SHA-256 of every file above
@@ -65,9 +66,13 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, st
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True, **({} if model_state is None
-                                                                 else {"state_dict": model_state}))
+        kw = {"state_dict": model_state} if model_state is not None else {}
+        if hasattr(model, "peft_config"):  # a LoRA adapter: its embeddings are the base model's, never saved
+            kw["save_embedding_layers"] = False
+        model.save_pretrained(tmp, safe_serialization=True, **kw)
         tokenizer.save_pretrained(tmp)
+        if hasattr(model, "peft_config") and getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)  # a LoRA adapter: keep the base's stop ids beside it
         torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
         rng = rng_state()
         torch.save({"torch": rng["torch"], "python": _py_rng_to_tensorable(rng["python"])}, tmp / "rng.pt")
@@ -139,7 +144,7 @@ def read_checkpoint(path: Path) -> Restored:
     state = json.loads((path / "trainer_state.json").read_text())
     optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
-    shards = sorted(path.glob("model*.safetensors"))
+    shards = sorted(path.glob("model*.safetensors")) + sorted(path.glob("adapter_model.safetensors"))
     if not shards:
         raise FileNotFoundError(f"no model weights in {path}")
     from safetensors import safe_open

@@ -231,6 +231,22 @@ def diagnose(paths: list[Path] = typer.Argument(..., metavar="PATH", help="Run d
 
 
 @app.command()
+def export(run: Path = typer.Argument(..., metavar="RUN_DIR", help="A distill or sft run directory."),
+           step: int = typer.Option(None, "--step", help="Checkpoint step (default: the latest)."),
+           out: Path = typer.Option(None, "--out", help="Folder to write (default: RUN_DIR/export/step_N)."),
+           merge: bool = typer.Option(False, "--merge", metavar="", help="Fold a LoRA adapter into its base "
+                                      "model and write a full model."),
+           debug: bool = DebugOpt) -> None:
+    """Write a run's checkpoint as a Hugging Face model directory (a LoRA run: its adapter, or --merge)."""
+    def body() -> int:
+        from stableopd.export import run_export
+
+        run_export(run, step=step, out=out, merge=merge, console=console)
+        return 0
+    _guard(debug, body)
+
+
+@app.command()
 def models() -> None:
     """List the built-in models and aliases."""
     from stableopd.models import describe_models

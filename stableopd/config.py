@@ -356,7 +356,7 @@ def _format_validation_error(err: ValidationError) -> str:
         elif e["type"] == "value_error" and isinstance(e.get("input"), dict):  # a rule over a section's keys
             parts.append(e["msg"].removeprefix("Value error, "))
         else:
-            parts.append(f"config key '{loc}': {e['msg']} (got {e.get('input')!r})")
+            parts.append(f"config key '{loc}': {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
     return "; ".join(parts)
 
 

@@ -308,7 +308,7 @@ def from_env(timeout_s: float) -> Dist:
 
 def check_launch(world: int, cfg) -> None:
     """Refuse, before any model loads, what K > 1 processes cannot run: a global batch K does not divide,
-    and vLLM engines (one engine per rank on a shared device is not supported)."""
+    vLLM engines (one engine per rank on a shared device is not supported), and LoRA students."""
     if world <= 1:
         return
     if cfg.train.prompts_per_step % world:
@@ -321,6 +321,9 @@ def check_launch(world: int, cfg) -> None:
     if cfg.teacher.engine != "hf":
         raise UserError(f"multi-process distill scores with an hf teacher only (got teacher.engine="
                         f"{cfg.teacher.engine}); set -s teacher.engine=hf or run one process")
+    if cfg.student.lora is not None:
+        raise UserError("a LoRA student (student.lora) trains in one process; run one process, or drop "
+                        "student.lora to shard full weights over the processes")
 
 
 def maybe_delay(rank: int) -> None:

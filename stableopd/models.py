@@ -135,9 +135,22 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     except Exception as exc:  # the gguf reader raises struct.error, ValueError, KeyError... on a bad file
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"cannot convert GGUF file '{gguf}' ({msg}); is it a complete llama.cpp model file?") from None
-    model.hf_quantizer = None  # the weights are dequantised; save them as plain safetensors
+    drop_gguf_quantizer(model)
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
+
+
+def drop_gguf_quantizer(model) -> None:
+    """A model read from GGUF holds dequantised weights but still names the GGUF quantizer, which refuses to
+    save: forget it, so the weights are written (and read back) as plain safetensors."""
+    q = getattr(model.config, "quantization_config", None)
+    method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+    if getattr(model, "hf_quantizer", None) is not None or q is not None:
+        if q is not None and str(method).lower().removeprefix("quantizationmethod.") != "gguf":
+            return  # a real quantization (bitsandbytes, ...) is not ours to drop
+        model.hf_quantizer = None
+        if q is not None:
+            del model.config.quantization_config
 
 
 def resolve_model_path(name: str) -> str:
@@ -164,7 +177,7 @@ def resolve_model_path(name: str) -> str:
         key = f"gguf-{p.stem}-{p.stat().st_size}"
         return str(_atomic_build(cache_dir() / "models" / key, lambda d: convert_gguf(p.resolve(), d)))
     if p.exists():
-        if not (p / "config.json").is_file():
+        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
             raise UserError(f"'{p}' exists but is not a Hugging Face model directory (no config.json)")
         return str(p)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
@@ -273,6 +286,13 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", revision
     device = resolve_device(device)
     path = resolve_model_path(name)
     tok = tokenizer or load_tokenizer(name, revision=revision, trust_remote_code=trust_remote_code)
+    from stableopd.lora import adapter_base, is_adapter_dir, load_adapter_model
+
+    if is_adapter_dir(path):  # a LoRA run's checkpoint: its base model with the adapter merged in
+        base = load_model(adapter_base(path), dtype=dtype, device=device, revision=revision,
+                          trust_remote_code=trust_remote_code, tokenizer=tok)
+        return Loaded(name=name, path=path, model=load_adapter_model(path, base.model).to(device).eval(),
+                      tokenizer=tok)
     model = _from_pretrained(AutoModelForCausalLM, path, revision=revision, trust_remote_code=trust_remote_code,
                              dtype=resolve_dtype(dtype, device))
     model.to(device).eval()

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from stableopd import lora
 from stableopd.backends.base import SamplingParams, build_backend
 from stableopd.checkpoint import list_checkpoints, load_latest, save_checkpoint, set_rng_state
 from stableopd.config import Config, dump_config
@@ -120,20 +121,28 @@ def prepare(cfg: Config, *, student_path: str | None, need_teacher: bool, need_r
     d = cfg.data
     train = _examples(cfg, d.split, d.source, d.limit)
     val = _examples(cfg, d.val_split, d.val_source or d.source, d.val_limit) if cfg.train.eval_every else []
-    s_name, spec = student_path or cfg.student.name, cfg.student
+    spec = cfg.student
+    # a LoRA run resumes from its base model plus the checkpoint's adapter; a full run from the checkpoint
+    s_name = cfg.student.name if spec.lora else student_path or cfg.student.name
     s_tok = load_tokenizer(s_name, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     pair, t_tok = _pair(cfg, s_name, s_tok) if need_teacher else (None, None)
     student = _load(cfg.student, name=s_name, tokenizer=s_tok)
+    if spec.lora:
+        student.model = lora.attach(student.model, spec.lora, base_name=spec.name, adapter_dir=student_path,
+                                    seed=cfg.train.seed)
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(student)
     teacher, scorer = (_load_teacher(cfg, t_tok) if need_teacher else (None, None))
-    ref = _load(cfg.student) if need_ref else None
+    ref = _load(cfg.student) if need_ref and not spec.lora else None
     vocab = len(student.tokenizer) if pair is None else pair.vocab_size
     if ref is not None:
         vocab = min(vocab, check_compatible(student, ref, chat_template=d.chat_template))
     for m in (teacher, ref):
         if m is not None and m.model is not None:
             m.model.requires_grad_(False)
+    if need_ref and spec.lora:  # the initial student is the student with its adapter off: no second copy
+        ref = Loaded(name=spec.name, path=student.path, model=lora.AdapterOff(student.model),
+                     tokenizer=student.tokenizer)
     if teacher is not None:
         check_scorer(student, "student", vocab, chat_template=d.chat_template)
         check_scorer(teacher, "teacher", vocab, chat_template=d.chat_template)
@@ -294,12 +303,18 @@ def _run_distill_locked(cfg: Config, resume: bool, dist: Dist, run_dir: Path, st
     maybe_delay(dist.rank)
     chatty = cfg.logging.progress and dist.is_main
     t0 = time.perf_counter()
+    ref_note = ("the reference is the student with its LoRA adapter off" if cfg.student.lora
+                else "and the reference (a frozen copy of the student)")
     note(f"loading student '{cfg.student.name}', teacher '{cfg.teacher.name}'"
-         f"{' and the reference (a frozen copy of the student)' if need_ref else ''} ...", enabled=chatty)
+         f"{f' {ref_note}' if need_ref else ''} ...", enabled=chatty)
     setup = prepare(cfg, student_path=str(restored.path) if restored else None, need_teacher=True,
                     need_ref=need_ref)
     note(f"loaded in {duration(time.perf_counter() - t0)}: {len(setup.train)} training prompts, "
          f"{len(setup.val)} validation prompts", enabled=chatty)
+    if cfg.student.lora:
+        trainable, total = lora.trainable_count(setup.student.model)
+        note(f"LoRA adapter (r={cfg.student.lora.r}): {trainable:,} trainable parameters of {total:,} "
+             f"({100 * trainable / total:.2f}%)", enabled=chatty)
     setup.dist = dist
     if dist.active:
         frozen = [m.model for m in (setup.teacher, setup.ref) if m is not None and m.model is not None]

@@ -109,9 +109,12 @@ def parse_completion(completion: Any, stop_ids: list[int]) -> Sample:
 
 
 def hf_weight_items(model) -> Iterator[tuple[str, Any]]:
-    """(Hugging Face name, full tensor) for every weight, unwrapping compile/DDP/FSDP prefixes and DTensors."""
+    """(Hugging Face name, full tensor) for every weight, unwrapping compile/DDP/FSDP prefixes and DTensors; a
+    LoRA student's weights are merged with its adapter (stableopd/lora.py)."""
+    from stableopd.lora import is_peft, merged_weights
+
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (merged_weights(model) if is_peft(model) else model.state_dict()).items():
         for prefix in _NAME_PREFIXES:
             name = name.replace(prefix, "")
         if tied and name == "lm_head.weight":
@@ -154,6 +157,11 @@ class VLLMBackend:
     def __init__(self, *, model: Any, tokenizer: Any, model_path: str, stop_ids: list[int],
                  options: dict[str, Any]) -> None:
         self.options = parse_options(options)
+        from stableopd.lora import is_adapter_dir, is_peft
+
+        if is_adapter_dir(model_path):
+            raise UserError(f"'{model_path}' is a LoRA adapter, which the vllm backend does not load: write a merged "
+                            "model with `stableopd export RUN_DIR --merge --out DIR` and sample DIR")
         vllm = import_vllm()
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights pushed without IPC
         self._vllm, self.stop_ids = vllm, list(stop_ids)
@@ -164,6 +172,8 @@ class VLLMBackend:
         self.rows = getattr(AutoConfig.from_pretrained(model_path), "vocab_size", None)
         self.vocab = len(tokenizer)
         self.asleep, self.updates = False, 0
+        if is_peft(model):  # the engine loaded the base model: give it the adapter's (possibly resumed) weights
+            push_weights(self.llm, model)
 
     def generate(self, prompts_P: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
         if self.asleep:
