@@ -186,6 +186,15 @@ def _adapter_dir(model, monkeypatch) -> Path:
     return folder
 
 
+def test_lora_trains_in_one_process_only():
+    from stableopd.distributed import check_launch
+
+    cfg = load_config(overrides=["student.lora.r=4", "train.prompts_per_step=4"])
+    check_launch(1, cfg)
+    with pytest.raises(UserError, match="LoRA student .* trains in one process"):
+        check_launch(2, cfg)
+
+
 def test_lora_config_errors():
     with pytest.raises(UserError, match="lm_head is the embedding or output head"):
         load_config(overrides=["student.lora.target_modules=[q_proj,lm_head]"])
