@@ -303,10 +303,10 @@ def _run_distill_locked(cfg: Config, resume: bool, dist: Dist, run_dir: Path, st
     maybe_delay(dist.rank)
     chatty = cfg.logging.progress and dist.is_main
     t0 = time.perf_counter()
-    ref_note = ("the reference is the student with its LoRA adapter off" if cfg.student.lora
-                else "and the reference (a frozen copy of the student)")
-    note(f"loading student '{cfg.student.name}', teacher '{cfg.teacher.name}'"
-         f"{f' {ref_note}' if need_ref else ''} ...", enabled=chatty)
+    ref_note = (" (the reference: the student with its LoRA adapter off)" if cfg.student.lora
+                else " and the reference (a frozen copy of the student)")
+    note(f"loading student '{cfg.student.name}', teacher '{cfg.teacher.name}'{ref_note if need_ref else ''} ...",
+         enabled=chatty)
     setup = prepare(cfg, student_path=str(restored.path) if restored else None, need_teacher=True,
                     need_ref=need_ref)
     note(f"loaded in {duration(time.perf_counter() - t0)}: {len(setup.train)} training prompts, "
