@@ -70,7 +70,7 @@ def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # test file -> the one-thread toy builds it needs that take minutes, started in the background
-BUILD_FIRST = {"test_collapse.py": ["collapse-teacher", "collapse-student"], "test_quickstart.py": ["arith-teacher"]}
+BUILD_FIRST = {"test_collapse.py": ["collapse-teacher"], "test_quickstart.py": ["arith-teacher"]}
 
 
 def pytest_collection_modifyitems(session, config, items):
