@@ -100,9 +100,9 @@ def by_step(rows: list[dict], key: str) -> dict[int, float]:
 def tracked(tmp_path_factory, tiny, tiny_teacher):
     """A 2-step run with all four trackers, then resumed to 4 steps; (run dir, env)."""
     root = tmp_path_factory.mktemp("trackers")
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TRACKIO_DIR": str(root / "trackio"),
-           "HOME": str(root), "MLFLOW_TRACKING_URI": "", "OMP_NUM_THREADS": "1"}
-    env.pop("MLFLOW_TRACKING_URI")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # MLflow's default: RUN_DIR
+    env |= {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "TRACKIO_DIR": str(root / "trackio"),
+            "HOME": str(root), "OMP_NUM_THREADS": "1"}
     run = root / "run"
     base = [sys.executable, "-m", "stableopd", "distill", "--student", "tiny", "--teacher", "tiny-teacher",
             "--out", str(run)]
