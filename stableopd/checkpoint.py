@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from stableopd.errors import UserError
+from stableopd.lora import is_peft
 
 MARKER = "COMPLETE"
 
@@ -67,12 +68,13 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, st
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         kw = {"state_dict": model_state} if model_state is not None else {}
-        if hasattr(model, "peft_config"):  # a LoRA adapter: its embeddings are the base model's, never saved
+        adapter = is_peft(model)
+        if adapter:  # a LoRA adapter: its embeddings are the base model's, never saved
             kw["save_embedding_layers"] = False
         model.save_pretrained(tmp, safe_serialization=True, **kw)
         tokenizer.save_pretrained(tmp)
-        if hasattr(model, "peft_config") and getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)  # a LoRA adapter: keep the base's stop ids beside it
+        if adapter and getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)  # keep the base's stop ids beside the adapter
         torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
         rng = rng_state()
         torch.save({"torch": rng["torch"], "python": _py_rng_to_tensorable(rng["python"])}, tmp / "rng.pt")

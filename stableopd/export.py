@@ -17,13 +17,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from stableopd.checkpoint import MARKER
 from stableopd.config import load_config
 from stableopd.errors import UserError
 from stableopd.evaluate import resolve_target
 from stableopd.files import check_output_dir
 from stableopd.lora import is_adapter_dir
 
-TRAINER_FILES = {"optimizer.pt", "rng.pt", "trainer_state.json", "COMPLETE"}
+TRAINER_FILES = {"optimizer.pt", "rng.pt", "trainer_state.json", MARKER}
 
 
 def run_export(run: Path, *, step: int | None, out: Path | None, merge: bool, console) -> Path:

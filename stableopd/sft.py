@@ -25,7 +25,7 @@ from stableopd.kernels import make_adamw
 from stableopd.progress import console, duration, note, step_display
 from stableopd.runctl import GracefulStop, RunLock, Stopped
 from stableopd.schedule import set_lr
-from stableopd.trackers import Trackers, check_installed
+from stableopd.trackers import check_installed
 from stableopd.tracking import MetricsLog
 from stableopd.trainer import (
     _start,
@@ -108,19 +108,18 @@ def _run_sft(cfg: Config, resume: bool, run_dir: Path, stop: GracefulStop) -> in
     stop.arm()  # from here a first signal lets the loop finish a step and save it
     log = MetricsLog.open(run_dir / "metrics.jsonl", keep_until=start if start else None)
     with open_trackers(cfg, run_dir, start, enabled=True) as trackers:
-        return _sft_steps(cfg, setup, optimizer, backend, run_dir, start=start, stop=stop, log=log, trackers=trackers,
-                          keep=keep, golds_all=golds_all, settings=settings, pad=pad)
+        log.mirrors.append(trackers.log)
+        return _sft_steps(cfg, setup, optimizer, backend, run_dir, start=start, stop=stop, log=log, keep=keep,
+                          golds_all=golds_all, settings=settings, pad=pad)
 
 
 def _sft_steps(cfg: Config, setup, optimizer, backend, run_dir: Path, *, start: int, stop: GracefulStop,
-               log: MetricsLog, trackers: Trackers, keep: list[int], golds_all, settings, pad: int) -> int:
+               log: MetricsLog, keep: list[int], golds_all, settings, pad: int) -> int:
     tcfg = cfg.train
     model, tok = setup.student.model, setup.student.tokenizer
     if start == 0 and tcfg.eval_every and tcfg.eval_at_start:
         note(f"validating on {len(setup.val)} prompts before training ...", enabled=cfg.logging.progress)
-        first = {"step": 0, **validate(cfg, setup, backend, 0, run_dir)}
-        log.write(first)
-        trackers.log(first)
+        log.write({"step": 0, **validate(cfg, setup, backend, 0, run_dir)})
     guard = guard_from(cfg)
     t_loop = time.perf_counter()
     with step_display(tcfg.steps, start, enabled=cfg.logging.progress) as show:
@@ -133,7 +132,6 @@ def _sft_steps(cfg: Config, setup, optimizer, backend, run_dir: Path, *, start: 
             if tcfg.eval_every and step % tcfg.eval_every == 0:
                 metrics.update(validate(cfg, setup, backend, step, run_dir))
             log.write({"step": step, **metrics})
-            trackers.log({"step": step, **metrics})
             show(step, metrics, guard.verdict)
             signum = agreed_signal(stop, None) if step < tcfg.steps else None
             if step % tcfg.save_every == 0 or step == tcfg.steps or signum:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -140,8 +141,6 @@ class Trackio:
 class MLflow:
     def __init__(self, run_dir: Path, config: dict[str, Any], name: str, project: str, state: dict[str, Any],
                  start: int) -> None:
-        import os
-
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ class MetricsLog:
         self.path = path
         self.rows: list[dict[str, Any]] = []
         self.read_only = False
+        self.mirrors: list[Callable[[dict[str, Any]], None]] = []  # each written row also goes here (trackers)
 
     @classmethod
     def open(cls, path: Path, *, keep_until: int | None) -> MetricsLog:
@@ -65,6 +67,8 @@ class MetricsLog:
     def write(self, row: dict[str, Any]) -> None:
         row = {k: _clean(v) for k, v in row.items()}
         self.rows.append(row)
+        for mirror in self.mirrors:
+            mirror(row)
         if self.read_only:
             return
         with self.path.open("a", encoding="utf-8") as fh:

@@ -122,6 +122,8 @@ def prepare(cfg: Config, *, student_path: str | None, need_teacher: bool, need_r
     train = _examples(cfg, d.split, d.source, d.limit)
     val = _examples(cfg, d.val_split, d.val_source or d.source, d.val_limit) if cfg.train.eval_every else []
     spec = cfg.student
+    if spec.lora:
+        lora.import_peft()  # a missing peft is found before any model loads
     # a LoRA run resumes from its base model plus the checkpoint's adapter; a full run from the checkpoint
     s_name = cfg.student.name if spec.lora else student_path or cfg.student.name
     s_tok = load_tokenizer(s_name, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
@@ -508,6 +510,7 @@ def distill_loop(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start: 
         if "rollout/trunc_rate" in row:
             guard.update(row["step"], row)
     with open_trackers(cfg, run_dir, start, enabled=dist.is_main) as trackers:
+        log.mirrors.append(trackers.log)
         return _distill_steps(cfg, setup, optimizer, run_dir, start=start, restored_state=restored_state, stop=stop,
                               log=log, guard=guard, trackers=trackers)
 
@@ -539,7 +542,6 @@ def _distill_steps(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start
         note(f"validating on {len(setup.val)} prompts before training ...", enabled=chatty and bool(setup.val))
         first = _validate(cfg, setup, backend, 0, run_dir)
         log.write({"step": 0, **first})
-        trackers.log({"step": 0, **first})
         if first and dist.is_main and cfg.logging.progress:
             acc = first.get("val/accuracy")
             console.print(f"step     0 before training: val_acc {'-' if acc is None else f'{acc:.3g}'} "
@@ -574,7 +576,6 @@ def _distill_steps(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start
                 trackers.table(step, records)
             clock.close(metrics)
             log.write({"step": step, **metrics})
-            trackers.log({"step": step, **metrics})
             if dist.is_main:
                 show(step, metrics, verdict)
             check_sync(cfg, metrics)
