@@ -66,8 +66,14 @@ class DataConfig(Section):
     id_field: str = "id"
     prompt_field: str = "prompt"
     answer_field: str = "answer"
-    solution_field: str = "solution"
-    limit: int | None = Field(default=None, ge=1, le=MAX_INT)
+    solution_field: str = "solution"  # a list field gives its first non-empty string (or see the next key)
+    # a list of booleans parallel to a list solution_field: the golden solution is the first item flagged
+    # true; training examples with none are dropped (the paper trains only on problems with a verified trace)
+    solution_correct_field: str | None = None
+    # drop training examples whose golden solution is over this many tokens (the student's tokenizer, the
+    # stop token the gold target ends with not counted); validation examples are never dropped
+    max_solution_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+    limit: int | None = Field(default=None, ge=1, le=MAX_INT)  # applied before the two rules above drop any
     val_limit: int | None = Field(default=64, ge=1, le=MAX_INT)
     shuffle: bool = True
     seed: int = Field(default=0, ge=0, le=MAX_SEED)

@@ -6,6 +6,13 @@ malformed JSONL line is an error that names the file and line: training on a sil
 is worse than stopping. Hugging Face datasets need the optional `datasets` package and network (or a
 local cache); offline the error says so.
 
+Golden solutions may come from a list field, as in OpenR1-Math-220k (`generations`, 2-4 R1 traces, with
+`correctness_math_verify` parallel to it): with `data.solution_correct_field` the solution is the first
+trace flagged true (a null flag, or a text solution, counts as unverified), without it the first non-empty
+string. A list in the id or prompt field, or an object in any, is an error, never its Python repr (a list
+answer keeps the repr `answers.normalize_gold` reads). `keep_for_training` then drops the training
+examples without a verified solution or over `data.max_solution_tokens`.
+
     stableopd rollout --model tiny --data examples/prompts.jsonl -s data.limit=8
 """
 
@@ -35,6 +42,7 @@ class Fields:
     prompt: str = "prompt"
     answer: str = "answer"
     solution: str = "solution"
+    solution_correct: str | None = None  # the list of booleans parallel to a list `solution`
 
 
 def _json(text: str, where: str, *, with_line: bool = False, advice: str = "") -> Any:
@@ -101,12 +109,58 @@ def _to_example(row: dict[str, Any], idx: int, fields: Fields, where: str) -> Ex
         raise UserError(f"{where}: row {idx} has no '{fields.prompt}' field (fields: {', '.join(row)}); "
                         f"set data.prompt_field")
 
-    def opt(key: str) -> str | None:
-        v = row.get(key)
-        return None if v is None or v == "" else str(v)
+    def plain(field: str, key: str, default: Any = None, *, lists: bool = False) -> Any:
+        v = row.get(field, default)
+        if isinstance(v, dict) or (isinstance(v, list) and not lists):  # never its Python repr
+            raise UserError(f"{where}: row {idx}: field '{field}' is a {type(v).__name__}, not text; "
+                            f"set {key} to a text field")
+        return v
 
-    return Example(id=str(row.get(fields.id, idx)), prompt=str(row[fields.prompt]),
-                   answer=opt(fields.answer), solution=opt(fields.solution))
+    prompt = plain(fields.prompt, "data.prompt_field")
+    # a list answer (OlympiadBench's final_answer) stays its repr, which answers.normalize_gold reads
+    answer = plain(fields.answer, "data.answer_field", lists=True)
+    return Example(id=str(plain(fields.id, "data.id_field", idx)), prompt=str(prompt),
+                   answer=None if answer is None or answer == "" else str(answer),
+                   solution=_solution(row, idx, fields, where))
+
+
+def _solution(row: dict[str, Any], idx: int, fields: Fields, where: str) -> str | None:
+    """The golden solution of one row: from a list, the first item flagged true in `fields.solution_correct`
+    or, without that field, the first non-empty string; text as is, or None with that field."""
+    field, flags_field = fields.solution, fields.solution_correct
+    v = row.get(field)
+    if v is None:  # no solution in this row (e.g. a validation set without the field)
+        return None
+    at = f"{where}: row {idx}"
+    if isinstance(v, dict):
+        raise UserError(f"{at}: field '{field}' is a dict, not text or a list of text; "
+                        "check data.solution_field")
+    if not isinstance(v, list):
+        # with flags, text is unverified: an eval preset's benchmark read with a run's data keys has no traces
+        return None if v == "" or flags_field is not None else str(v)
+    bad = next((i for i, s in enumerate(v) if not isinstance(s, str | None)), None)
+    if bad is not None:
+        raise UserError(f"{at}: item {bad} of field '{field}' is a {type(v[bad]).__name__}, not text; "
+                        "set data.solution_field to a list of strings")
+    if flags_field is None:
+        return next((s for s in v if s), None)
+    if flags_field not in row:
+        raise UserError(f"{at} has no '{flags_field}' field (fields: {', '.join(row)}); "
+                        "set data.solution_correct_field")
+    flags = row[flags_field]
+    if flags is None:  # no verdict at all: nothing verified
+        return None
+    if not isinstance(flags, list):
+        raise UserError(f"{at}: field '{flags_field}' is a {type(flags).__name__}, not a list of booleans; "
+                        "check data.solution_correct_field")
+    if len(flags) != len(v):
+        raise UserError(f"{at}: '{flags_field}' has {len(flags)} flags for {len(v)} items of '{field}'; "
+                        "data.solution_correct_field must name the list parallel to data.solution_field")
+    bad = next((i for i, f in enumerate(flags) if not isinstance(f, bool | None)), None)
+    if bad is not None:
+        raise UserError(f"{at}: flag {bad} of '{flags_field}' is a {type(flags[bad]).__name__}, "
+                        "not a boolean; check data.solution_correct_field")
+    return next((s for s, ok in zip(v, flags) if ok and s), None)
 
 
 def load_examples(source: str, *, split: str = "train", fields: Fields | None = None, limit: int | None = None,
@@ -142,10 +196,49 @@ def load_examples(source: str, *, split: str = "train", fields: Fields | None = 
 def examples_for(d, *, source: str | None = None, split: str | None = None, limit: int | None = None,
                  shuffle: bool | None = None) -> list[Example]:
     """`load_examples` with the field names, order and file limits of a `DataConfig` `d`."""
-    fields = Fields(id=d.id_field, prompt=d.prompt_field, answer=d.answer_field, solution=d.solution_field)
+    fields = Fields(id=d.id_field, prompt=d.prompt_field, answer=d.answer_field, solution=d.solution_field,
+                    solution_correct=d.solution_correct_field)
     return load_examples(source or d.source, split=split or d.split, fields=fields, limit=limit,
                          shuffle=d.shuffle if shuffle is None else shuffle, seed=d.seed,
                          max_file_mb=d.max_file_mb, max_line_mb=d.max_line_mb)
+
+
+@dataclass(frozen=True)
+class Kept:
+    """The training examples `keep_for_training` kept, in order, and how many each rule dropped."""
+
+    examples: list[Example]
+    total: int
+    unverified: int = 0  # no golden solution, with verified_only
+    too_long: int = 0  # a golden solution over max_tokens
+
+
+def keep_for_training(examples: list[Example], n_tokens: list[int | None] | None, *, verified_only: bool,
+                      max_tokens: int | None) -> Kept:
+    """Drop the examples with no golden solution when `verified_only` (data.solution_correct_field is set),
+    then those whose solution is over `max_tokens` tokens (data.max_solution_tokens); `n_tokens[i]` is the
+    token count of example i's solution (None without one), read only with `max_tokens`."""
+    kept, unverified, too_long = [], 0, 0
+    for i, ex in enumerate(examples):
+        if ex.solution is None and verified_only:
+            unverified += 1
+        elif max_tokens is not None and ex.solution is not None and n_tokens[i] > max_tokens:
+            too_long += 1
+        else:
+            kept.append(ex)
+    if not kept:
+        raise UserError(f"data: no training example kept of {len(examples):,} ({unverified:,} with no "
+                        f"verified solution, {too_long:,} with a solution over {max_tokens} tokens); check "
+                        "data.solution_correct_field or raise data.max_solution_tokens")
+    return Kept(kept, len(examples), unverified, too_long)
+
+
+def kept_note(kept: Kept, *, verified_only: bool, max_tokens: int | None) -> str:
+    """'data: kept 46,012 of 93,733 training examples (dropped 30,100 with no verified solution, 17,621 with
+    a solution over 8192 tokens)', naming only the rules that are on."""
+    why = ([f"{kept.unverified:,} with no verified solution"] if verified_only else []) + (
+        [f"{kept.too_long:,} with a solution over {max_tokens} tokens"] if max_tokens is not None else [])
+    return f"data: kept {len(kept.examples):,} of {kept.total:,} training examples (dropped {', '.join(why)})"
 
 
 def encode_prompt(tokenizer, text: str, *, chat_template: bool = True, system_prompt: str | None = None) -> list[int]:
