@@ -31,6 +31,8 @@ SetOpt = typer.Option([], "-s", "--set", metavar="KEY=VALUE",
                       help="Override a config key: -s loss.ref_kl_coef=0.02 (repeatable).")
 DebugOpt = typer.Option(False, "--debug", metavar="", help="Show tracebacks.")
 ResumeOpt = typer.Option(False, "--resume", metavar="", help="Continue from the latest complete checkpoint.")
+DryRunOpt = typer.Option(False, "--dry-run", metavar="",
+                         help="Check the config, models and data without loading weights; print the plan.")
 
 
 def _version(value: bool) -> None:
@@ -116,6 +118,13 @@ def _config(path: Path | None, sets: list[str], flags: dict[str, Any]) -> Config
     return load_config(path, sets, flags)
 
 
+def _plan(cfg: Config, command: str, nproc: int, resume: bool) -> int:
+    from stableopd.plan import run_plan
+
+    return run_plan(cfg, command=command, world=nproc, resume=resume,
+                    print_line=lambda line: console.print(line, highlight=False, soft_wrap=True, markup=False))
+
+
 @app.command()
 def rollout(config: Path = ConfigOpt, sets: list[str] = SetOpt,
             model: str = typer.Option(None, "--model", help="Model to sample from (sets student.name)."),
@@ -141,6 +150,7 @@ def distill(config: Path = ConfigOpt, sets: list[str] = SetOpt,
             out: Path = typer.Option(None, "--out", help="Run directory (sets out)."),
             resume: bool = ResumeOpt,
             nproc: int = typer.Option(1, "--nproc", min=1, help="Processes: re-runs this command under torchrun."),
+            dry_run: bool = DryRunOpt,
             debug: bool = DebugOpt) -> None:
     """Distill the teacher into the student with OPD or StableOPD."""
     def body() -> int:
@@ -148,6 +158,8 @@ def distill(config: Path = ConfigOpt, sets: list[str] = SetOpt,
 
         cfg = _config(config, sets, {"student.name": student, "teacher.name": teacher, "data.source": data,
                                      "out": out and str(out)})
+        if dry_run:
+            return _plan(cfg, "distill", nproc, resume)
         if nproc > 1:
             from stableopd.distributed import check_launch
 
@@ -163,12 +175,15 @@ def sft(config: Path = ConfigOpt, sets: list[str] = SetOpt,
         data: str = typer.Option(None, "--data", help="Examples with golden solutions (sets data.source)."),
         out: Path = typer.Option(None, "--out", help="Run directory (sets out)."),
         resume: bool = ResumeOpt,
+        dry_run: bool = DryRunOpt,
         debug: bool = DebugOpt) -> None:
     """Warm-start the student with supervised fine-tuning on golden solutions."""
     def body() -> int:
         from stableopd.trainer import run_sft
 
         cfg = _config(config, sets, {"student.name": student, "data.source": data, "out": out and str(out)})
+        if dry_run:
+            return _plan(cfg, "sft", 1, resume)
         return run_sft(cfg, resume=resume)
     _guard(debug, body)
 

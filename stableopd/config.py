@@ -47,6 +47,9 @@ class ModelSpec(Section):
     device: str = "auto"  # auto, cpu, mps, cuda, cuda:N (or xpu / npu, :N)
     revision: str | None = None
     trust_remote_code: bool = False
+    # set on the model's config before the weights load, saved with every checkpoint and given to vLLM
+    # engines, e.g. {rope_theta: 300000, max_position_embeddings: 32768} to extend a context
+    config_overrides: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("device")
     @classmethod
@@ -141,7 +144,6 @@ class TrainConfig(Section):
     epochs_per_batch: int = Field(default=1, ge=1, le=MAX_INT)
     grad_clip: float = Field(default=1.0, ge=0.0)  # 0 = off
     gradient_checkpointing: bool = False  # recompute decoder activations in backward: less memory, more time
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     save_every: int = Field(default=50, ge=1, le=MAX_INT)
     keep_last: int = Field(default=3, ge=1, le=MAX_INT)
     eval_every: int = Field(default=10, ge=0, le=MAX_INT)  # 0 = no validation
@@ -348,6 +350,7 @@ MOVED_KEYS = {
                               "the teacher's vLLM engine",
     "logging.tensorboard": "trackers are listed in logging.report_to, e.g. logging.report_to=[tensorboard]",
     "teacher.lora": "only the student trains; a LoRA adapter goes in student.lora",
+    "train.dtype": "precision is set per model: student.dtype and teacher.dtype (the reference is the student's)",
 }
 
 
@@ -421,10 +424,61 @@ def load_config(
         cfg = Config.model_validate(tree)
     except ValidationError as err:
         raise UserError(_format_validation_error(err)) from None
+    check_rules(cfg)
+    return cfg
+
+
+VLLM_MAX_TEMPERATURE = 2.0  # vLLM's SamplingParams refuses more
+VLLM_MEMORY_SHARE = 0.95  # two engines on one device: what their gpu_memory_utilization may add up to
+
+
+def check_rules(cfg: Config) -> None:
+    """Every rule that spans several keys, checked once when the config loads and before any model loads;
+    each error names the keys involved. Rules that also depend on the process count are in
+    `distributed.check_launch`."""
     from stableopd.backends.base import check_options
 
     check_options(cfg.sampling.backend, cfg.sampling.options)
-    return cfg
+    s, lo, t, d, ev = cfg.sampling, cfg.loss, cfg.teacher, cfg.data, cfg.eval
+    if t.engine == "vllm":
+        if lo.objective == "jsd":
+            raise UserError("loss.objective=jsd needs the teacher's full distribution, which teacher.engine=vllm "
+                            "does not give (only the sampled tokens' log-probs): use teacher.engine=hf")
+        if lo.teacher_temperature != 1.0:
+            raise UserError(f"loss.teacher_temperature={lo.teacher_temperature} with teacher.engine=vllm: vLLM's "
+                            "prompt log-probs ignore temperature, so they would be silently wrong; use 1.0 or "
+                            "teacher.engine=hf")
+    elif t.engine_options:
+        raise UserError("teacher.engine_options configure a vLLM teacher engine, and teacher.engine=hf: set "
+                        "teacher.engine=vllm or remove teacher.engine_options")
+    budget = d.max_prompt_tokens + max(s.max_new_tokens, ev.max_new_tokens or 0)
+    engines = []
+    if s.backend == "vllm":
+        from stableopd.backends.vllm import parse_options
+
+        for key, temp in (("sampling.temperature", s.temperature), ("eval.temperature", ev.temperature)):
+            if temp > VLLM_MAX_TEMPERATURE:
+                raise UserError(f"{key}={temp} with sampling.backend=vllm: vLLM accepts at most "
+                                f"{VLLM_MAX_TEMPERATURE}")
+        engines.append(("sampling.options", parse_options(s.options)))
+    if t.engine == "vllm":
+        from stableopd.backends.vllm import parse_options
+
+        engines.append(("teacher.engine_options", parse_options(t.engine_options, "teacher.engine_options")))
+    for key, opts in engines:
+        if opts.max_model_len is not None and opts.max_model_len < budget:
+            raise UserError(f"{key}.max_model_len={opts.max_model_len} is shorter than data.max_prompt_tokens + "
+                            f"the longest of sampling.max_new_tokens and eval.max_new_tokens ({budget})")
+    if len(engines) == 2 and (total := sum(o.gpu_memory_utilization for _, o in engines)) > VLLM_MEMORY_SHARE:
+        raise UserError(f"sampling.options.gpu_memory_utilization + teacher.engine_options.gpu_memory_utilization "
+                        f"= {total:g}: the two vLLM engines share the device; keep the sum at most "
+                        f"{VLLM_MEMORY_SHARE}")
+    for role, spec in (("student", cfg.student), ("teacher", t)):
+        ctx = spec.config_overrides.get("max_position_embeddings")
+        if ctx is not None and (not isinstance(ctx, int) or ctx < budget):
+            raise UserError(f"{role}.config_overrides.max_position_embeddings={ctx!r} must be a whole number of "
+                            f"at least data.max_prompt_tokens + the longest of sampling.max_new_tokens and "
+                            f"eval.max_new_tokens ({budget})")
 
 
 def dump_config(cfg: Config) -> str:

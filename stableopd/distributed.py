@@ -50,6 +50,20 @@ from torch import nn
 from stableopd.errors import EXIT_DIR_ENV, UserError
 
 
+def _init_root(model: nn.Module) -> None:
+    """One token through the whole model, so FSDP fixes `model` as the root of its units. Otherwise, when the
+    first forward to run is the decoder's alone (a scoring pass while vLLM samples), its first layer would
+    become a root of its own, and the model's next forward would fail. Collective: every rank runs it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
+    for m in model.modules():  # the root keeps its gathered weights after a forward: shard them again
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def _with_head_fn(model: nn.Module) -> None:
     """Give `model` a forward that also accepts `head_fn` (batch.head_forward): the decoder, then
     `head_fn(hidden (B, L, d), lm_head weight)`, in one call. FSDP's root hooks then cover the embeddings
@@ -155,6 +169,7 @@ class Dist:
                 # the loss is already normalised by global counts: sum gradients over ranks, don't average
                 m.set_gradient_divide_factor(1.0)
                 m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM; SUM is exact here anyway
+        _init_root(model)
         return model
 
     def wrap_frozen(self, model: nn.Module) -> nn.Module:
@@ -214,10 +229,11 @@ class Dist:
                 m.set_reshard_after_forward(True, recurse=False)
 
     def sampler(self, backend, model: nn.Module):
-        """`backend` whose generate runs on the gathered student (ranks may run different forward counts)."""
-        if not self.active:
+        """`backend` whose generate runs on the gathered student (ranks may run different forward counts);
+        a backend with its own copy of the weights (vLLM, synced after each update) runs as it is."""
+        if not self.active or getattr(backend, "own_weights", False):
             return backend
-        return _GatheredSampler(backend, self, model)  # check_launch admitted only the hf backend
+        return _GatheredSampler(backend, self, model)
 
     # ---- checkpoints
     def full_states(self, model: nn.Module, optimizer) -> tuple[dict | None, dict | None]:
@@ -307,20 +323,28 @@ def from_env(timeout_s: float) -> Dist:
 
 
 def check_launch(world: int, cfg) -> None:
-    """Refuse, before any model loads, what K > 1 processes cannot run: a global batch K does not divide,
-    vLLM engines (one engine per rank on a shared device is not supported), and LoRA students."""
+    """Refuse, before any model loads, what K > 1 processes cannot run: a global batch K does not divide, a
+    sampler other than hf or vllm, vLLM engines that would span ranks, two vLLM engines per rank, and LoRA
+    students."""
     if world <= 1:
         return
     if cfg.train.prompts_per_step % world:
         raise UserError(f"train.prompts_per_step={cfg.train.prompts_per_step} is the global batch and must be "
                         f"divisible by the {world} processes; set it to a multiple of {world} or change the "
                         "process count")
-    if cfg.sampling.backend != "hf":
-        raise UserError(f"multi-process distill samples with the hf backend only (got sampling.backend="
-                        f"{cfg.sampling.backend}); set -s sampling.backend=hf or run one process")
-    if cfg.teacher.engine != "hf":
-        raise UserError(f"multi-process distill scores with an hf teacher only (got teacher.engine="
-                        f"{cfg.teacher.engine}); set -s teacher.engine=hf or run one process")
+    backend, engine = cfg.sampling.backend, cfg.teacher.engine
+    if backend not in ("hf", "vllm"):
+        raise UserError(f"multi-process distill samples with the hf or vllm backend (got sampling.backend="
+                        f"{backend}); set -s sampling.backend=hf or run one process")
+    for key, options, used in (("sampling.options", cfg.sampling.options, backend == "vllm"),
+                               ("teacher.engine_options", cfg.teacher.engine_options, engine == "vllm")):
+        if used and int(options.get("tensor_parallel_size", 1)) != 1:
+            raise UserError(f"{key}.tensor_parallel_size={options['tensor_parallel_size']}: with {world} "
+                            "processes every rank hosts its own vLLM engine on its own device; set it to 1 "
+                            "(or run one process for a tensor-parallel engine)")
+    if backend == "vllm" and engine == "vllm":
+        raise UserError("multi-process distill hosts one vLLM engine per rank: sampling.backend=vllm with "
+                        "teacher.engine=vllm would need two; set -s teacher.engine=hf or run one process")
     if cfg.student.lora is not None:
         raise UserError("a LoRA student (student.lora) trains in one process; run one process, or drop "
                         "student.lora to shard full weights over the processes")
@@ -411,9 +435,11 @@ def memory_plan(student: nn.Module, others: list[nn.Module], *, world: int, micr
         ("AdamW state (sharded, fp32)", optim / world),
         (f"teacher + reference ({'sharded' if shard_frozen else 'replicated'})",
          frozen / world if shard_frozen else frozen),
-        ("activations (estimate)", act), ("student gathered for sampling", params),
+        ("activations (estimate)", act),
     ]
-    lines = [f"memory plan per rank ({world} processes):"]
+    if world > 1:
+        rows.append(("student gathered for sampling", params))
+    lines = [f"memory plan per rank ({world} processes):" if world > 1 else "memory plan (one process):"]
     lines += [f"  {name:34s} {human_bytes(b):>10s}" for name, b in rows]
     lines.append("  activations ~ 4 B * micro_batch * seq_len * layers * (12 d + 3 d_ff) + 4 B * 3 * chunk * V "
                  f"(micro_batch={micro_batch}, seq_len={seq_len}, layers={layers}, d={d}, d_ff={inter}, "

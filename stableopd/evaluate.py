@@ -292,6 +292,7 @@ def generate_records(
         device=spec.device,
         revision=spec.revision,
         trust_remote_code=spec.trust_remote_code,
+        config_overrides=spec.config_overrides,
     )
     prompt_ids = encode_prompts(
         loaded.tokenizer,

@@ -153,6 +153,21 @@ def drop_gguf_quantizer(model) -> None:
             del model.config.quantization_config
 
 
+def built_dir(name: str) -> Path:
+    """Where a built-in, or a converted GGUF file, is cached (it may not be built yet)."""
+    models = cache_dir() / "models"
+    if name in TINY_FAMILY or name == "smollm2-135m":
+        return models / f"{name}-{BUILTIN_VERSION}"
+    if name in TOY_FAMILY:
+        return models / f"{name}-{BUILTIN_VERSION}-{recipe_key(TOY_FAMILY[name])}"
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise UserError(f"GGUF file '{p}' does not exist")
+        return models / f"gguf-{p.stem}-{p.stat().st_size}"
+    raise ValueError(f"'{name}' is neither a built-in nor a GGUF file")
+
+
 def resolve_model_path(name: str) -> str:
     """A local directory for built-ins, local paths and GGUF files; the hub id for everything else."""
     if name in BUILTINS:
@@ -160,22 +175,16 @@ def resolve_model_path(name: str) -> str:
 
         hf_logging.disable_progress_bar()  # a build shows its own bar, not transformers' per-file ones
     if name in TINY_FAMILY:
-        return str(_atomic_build(cache_dir() / "models" / f"{name}-{BUILTIN_VERSION}",
-                                 lambda d: build_tiny_model(name, d)))
+        return str(_atomic_build(built_dir(name), lambda d: build_tiny_model(name, d)))
     if name in TOY_FAMILY:
-        key = f"{name}-{BUILTIN_VERSION}-{recipe_key(TOY_FAMILY[name])}"
-        return str(_atomic_build(cache_dir() / "models" / key, lambda d: build_toy_model(name, d)))
+        return str(_atomic_build(built_dir(name), lambda d: build_toy_model(name, d)))
     if name == "smollm2-135m":
         gguf = smollm2_gguf_path()
-        return str(_atomic_build(cache_dir() / "models" / f"smollm2-135m-{BUILTIN_VERSION}",
-                                 lambda d: convert_gguf(gguf, d)))
+        return str(_atomic_build(built_dir(name), lambda d: convert_gguf(gguf, d)))
     name = ALIASES.get(name, name)
     p = Path(name).expanduser()
     if p.suffix == ".gguf":
-        if not p.is_file():
-            raise UserError(f"GGUF file '{p}' does not exist")
-        key = f"gguf-{p.stem}-{p.stat().st_size}"
-        return str(_atomic_build(cache_dir() / "models" / key, lambda d: convert_gguf(p.resolve(), d)))
+        return str(_atomic_build(built_dir(name), lambda d: convert_gguf(p.resolve(), d)))
     if p.exists():
         if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
             raise UserError(f"'{p}' exists but is not a Hugging Face model directory (no config.json)")
@@ -277,8 +286,10 @@ def load_generation_config(name: str, *, revision: str | None = None, trust_remo
 
 
 def load_model(name: str, *, dtype: str = "auto", device: str = "auto", revision: str | None = None,
-               trust_remote_code: bool = False, tokenizer: Any = None) -> Loaded:
-    """Load model and tokenizer (or take the one given); the model is in eval mode on `device` with `dtype`."""
+               trust_remote_code: bool = False, tokenizer: Any = None,
+               config_overrides: dict[str, Any] | None = None) -> Loaded:
+    """Load model and tokenizer (or take the one given); the model is in eval mode on `device` with `dtype`.
+    `config_overrides` change the model's config before the weights load (`apply_overrides`)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -290,13 +301,61 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", revision
 
     if is_adapter_dir(path):  # a LoRA run's checkpoint: its base model with the adapter merged in
         base = load_model(adapter_base(path), dtype=dtype, device=device, revision=revision,
-                          trust_remote_code=trust_remote_code, tokenizer=tok)
+                          trust_remote_code=trust_remote_code, tokenizer=tok, config_overrides=config_overrides)
         return Loaded(name=name, path=path, model=load_adapter_model(path, base.model).to(device).eval(),
                       tokenizer=tok)
+    kw: dict[str, Any] = {}
+    if config_overrides:
+        kw["config"], resolved = overridden_config(path, config_overrides, revision=revision,
+                                                   trust_remote_code=trust_remote_code)
     model = _from_pretrained(AutoModelForCausalLM, path, revision=revision, trust_remote_code=trust_remote_code,
-                             dtype=resolve_dtype(dtype, device))
+                             dtype=resolve_dtype(dtype, device), **kw)
+    if config_overrides:
+        model._stableopd_overrides = resolved  # the vLLM engines build the same config (config_overrides_of)
     model.to(device).eval()
     return Loaded(name=name, path=path, model=model, tokenizer=tok)
+
+
+def overridden_config(path: str, overrides: dict[str, Any], *, revision: str | None = None,
+                      trust_remote_code: bool = False, key: str = "config_overrides") -> tuple[Any, dict[str, Any]]:
+    """The model's config with `overrides` applied, and the resolved top-level values they changed."""
+    from transformers import AutoConfig
+
+    config = _from_pretrained(AutoConfig, path, revision=revision, trust_remote_code=trust_remote_code)
+    return config, apply_overrides(config, overrides, key=key)
+
+
+def apply_overrides(config: Any, overrides: dict[str, Any], *, key: str = "config_overrides") -> dict[str, Any]:
+    """Set each override on a transformers config; return the resolved values of the top-level keys changed.
+
+    A mapping value is merged into a mapping attribute (`rope_parameters: {rope_theta: ...}` keeps the rope
+    type). `rope_theta` on a config that keeps it inside `rope_parameters` (transformers 5) goes there, so
+    the overrides written for older checkpoints still take effect. Any other key the config does not have is
+    an error: a typo would otherwise be saved and ignored."""
+    changed = {}
+    for name, value in overrides.items():
+        rope = getattr(config, "rope_parameters", None)
+        if name == "rope_theta" and isinstance(rope, dict) and "rope_theta" in rope:
+            name, value = "rope_parameters", {"rope_theta": value}
+        if not hasattr(config, name):
+            raise UserError(f"{key}.{name}: the model's config ({type(config).__name__}) has no '{name}'")
+        current = getattr(config, name)
+        if isinstance(value, dict):
+            if not isinstance(current, dict | None):
+                raise UserError(f"{key}.{name} is a mapping, but the model's '{name}' is {current!r}")
+            value = {**(current or {}), **value}
+        setattr(config, name, value)
+        changed[name] = value
+    return changed
+
+
+def config_overrides_of(model: Any) -> dict[str, Any]:
+    """The resolved config overrides `load_model` applied to `model` (empty when none)."""
+    for m in (model, getattr(model, "base_model", None), getattr(getattr(model, "base_model", None), "model", None)):
+        found = getattr(m, "_stableopd_overrides", None) if m is not None else None
+        if found:
+            return dict(found)
+    return {}
 
 
 def stop_token_ids(tokenizer, model=None) -> list[int]:

@@ -117,7 +117,8 @@ def run_rollout(cfg, *, out: Path) -> dict[str, float]:
     d = cfg.data
     examples = examples_for(d, limit=d.limit)
     loaded = load_model(cfg.student.name, dtype=cfg.student.dtype, device=cfg.student.device,
-                        revision=cfg.student.revision, trust_remote_code=cfg.student.trust_remote_code)
+                        revision=cfg.student.revision, trust_remote_code=cfg.student.trust_remote_code,
+                        config_overrides=cfg.student.config_overrides)
     prompt_ids = encode_prompts(loaded.tokenizer, examples, chat_template=d.chat_template,
                                 system_prompt=d.system_prompt, max_tokens=d.max_prompt_tokens)
     stop_ids = stop_token_ids(loaded.tokenizer, loaded.model)

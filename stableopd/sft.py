@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from stableopd.checkpoint import save_checkpoint, set_rng_state
-from stableopd.config import Config
+from stableopd.config import Config, check_rules
 from stableopd.errors import UserError
 from stableopd.files import check_free_space, check_output_dir
 from stableopd.kernels import make_adamw
@@ -69,6 +69,7 @@ def sft_step(model, optimizer, golds: list[GoldSeq], settings: LossSettings, *, 
 
 def run_sft(cfg: Config, *, resume: bool = False) -> int:
     run_dir = Path(cfg.out or "runs/sft")
+    check_rules(cfg)
     check_output_dir(run_dir, "run directory")
     check_installed(cfg.logging.report_to)
     with RunLock(run_dir), GracefulStop(announce=announce) as stop:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import random
 import time
 from contextlib import nullcontext
@@ -31,8 +32,8 @@ import torch
 from stableopd import lora
 from stableopd.backends.base import SamplingParams, build_backend
 from stableopd.checkpoint import list_checkpoints, load_latest, save_checkpoint, set_rng_state
-from stableopd.config import Config, dump_config
-from stableopd.data import Example, encode_prompts, examples_for
+from stableopd.config import Config, check_rules, dump_config
+from stableopd.data import Example, encode_prompts, examples_for, keep_for_training, kept_note
 from stableopd.detector import CollapseGuard
 from stableopd.distributed import (
     SINGLE,
@@ -55,6 +56,7 @@ from stableopd.models import (
     load_generation_config,
     load_model,
     load_tokenizer,
+    overridden_config,
     resolve_model_path,
     stop_token_ids,
 )
@@ -108,7 +110,8 @@ def step_indices(n_examples: int, step: int, per_step: int, seed: int) -> list[i
 
 def _load(spec, *, device: str | None = None, name: str | None = None, tokenizer: Any = None) -> Loaded:
     return load_model(name or spec.name, dtype=spec.dtype, device=device or spec.device, revision=spec.revision,
-                      trust_remote_code=spec.trust_remote_code, tokenizer=tokenizer)
+                      trust_remote_code=spec.trust_remote_code, tokenizer=tokenizer,
+                      config_overrides=spec.config_overrides)
 
 
 def _examples(cfg: Config, split: str, source: str, limit: int | None) -> list[Example]:
@@ -127,6 +130,7 @@ def prepare(cfg: Config, *, student_path: str | None, need_teacher: bool, need_r
     # a LoRA run resumes from its base model plus the checkpoint's adapter; a full run from the checkpoint
     s_name = cfg.student.name if spec.lora else student_path or cfg.student.name
     s_tok = load_tokenizer(s_name, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    train = keep_training(cfg, train, s_tok)  # before any prompt is indexed: steps sample kept examples only
     pair, t_tok = _pair(cfg, s_name, s_tok) if need_teacher else (None, None)
     student = _load(cfg.student, name=s_name, tokenizer=s_tok)
     if spec.lora:
@@ -207,13 +211,14 @@ def _load_teacher(cfg: Config, tokenizer) -> tuple[Loaded, Any]:
     spec = cfg.teacher
     if spec.engine == "hf":
         return _load(spec, tokenizer=tokenizer), None
-    from stableopd.backends.vllm import VLLMScorer, check_scoring_temperature
+    from stableopd.backends.vllm import VLLMScorer
 
-    if cfg.loss.objective == "jsd":
-        raise UserError("loss.objective=jsd needs the teacher's full distribution: use teacher.engine=hf")
-    check_scoring_temperature(cfg.loss.teacher_temperature)
     path = resolve_model_path(spec.name)
-    return Loaded(name=spec.name, path=path, model=None, tokenizer=tokenizer), VLLMScorer(path, spec.engine_options)
+    overrides = overridden_config(path, spec.config_overrides, revision=spec.revision,
+                                  trust_remote_code=spec.trust_remote_code,
+                                  key="teacher.config_overrides")[1] if spec.config_overrides else {}
+    return (Loaded(name=spec.name, path=path, model=None, tokenizer=tokenizer),
+            VLLMScorer(path, spec.engine_options, hf_overrides=overrides))
 
 
 def loss_settings(cfg: Config, vocab_size: int, pair: TokenPair | None = None) -> LossSettings:
@@ -227,9 +232,33 @@ def loss_settings(cfg: Config, vocab_size: int, pair: TokenPair | None = None) -
         vocab_size=vocab_size, teacher_swaps=pair.swaps if pair else ())
 
 
+def solution_ids(tokenizer, examples: list[Example], chunk: int = 1024) -> list[list[int] | None]:
+    """Each golden solution's token ids (the gold target without its stop token), None where there is none;
+    tokenised in batches, which a fast tokenizer spreads over threads."""
+    texts = [ex.solution for ex in examples if ex.solution is not None]
+    ids = [row for i in range(0, len(texts), chunk)
+           for row in tokenizer(texts[i:i + chunk], add_special_tokens=False)["input_ids"]]
+    rows = iter(ids)
+    return [None if ex.solution is None else list(next(rows)) for ex in examples]
+
+
 def gold_targets(tokenizer, examples: list[Example], eos: int) -> list[list[int] | None]:
-    return [None if ex.solution is None else tokenizer(ex.solution, add_special_tokens=False)["input_ids"] + [eos]
-            for ex in examples]
+    return [None if ids is None else ids + [eos] for ids in solution_ids(tokenizer, examples)]
+
+
+def keep_training(cfg: Config, train: list[Example], tokenizer) -> list[Example]:
+    """The training examples that data.solution_correct_field and data.max_solution_tokens keep, and one note
+    line; with both unset, `train` itself (nothing is tokenised)."""
+    d = cfg.data
+    verified_only, max_tokens = d.solution_correct_field is not None, d.max_solution_tokens
+    if not verified_only and max_tokens is None:
+        return train
+    n_tokens = None if max_tokens is None else [
+        None if ids is None else len(ids) for ids in solution_ids(tokenizer, train)]
+    kept = keep_for_training(train, n_tokens, verified_only=verified_only, max_tokens=max_tokens)
+    note(kept_note(kept, verified_only=verified_only, max_tokens=max_tokens),
+         enabled=cfg.logging.progress and os.environ.get("RANK", "0") == "0")  # one line, not one per rank
+    return kept.examples
 
 
 def sampling_params(cfg: Config, step: int, pair: TokenPair | None = None) -> SamplingParams:
@@ -289,6 +318,7 @@ def run_distill(cfg: Config, *, resume: bool = False) -> int:
 
 def _run_distill(cfg: Config, resume: bool, dist: Dist) -> int:
     run_dir = Path(cfg.out or "runs/distill")
+    check_rules(cfg)
     check_launch(dist.world, cfg)
     check_installed(cfg.logging.report_to)
     if dist.is_main:

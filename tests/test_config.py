@@ -135,7 +135,8 @@ def test_teacher_only_engine_keys_on_the_student_say_where_they_go(override):
     key = override.split("=")[0]
     assert str(exc.value).startswith(f"config key '{key}' does not exist: ")
     assert "sampling." in str(exc.value) and "teacher.engine" in str(exc.value)
-    assert load_config(overrides=[override.replace("student.", "teacher.")]).teacher  # where it belongs
+    moved = [override.replace("student.", "teacher.")] + ([] if "engine=" in override else ["teacher.engine=vllm"])
+    assert load_config(overrides=moved).teacher  # where it belongs
 
 
 @pytest.mark.parametrize(

@@ -234,6 +234,21 @@ def test_vllm_teacher_engine_scores_the_sampled_tokens(fake_vllm, tmp_path):
         torch.testing.assert_close(torch.tensor(r["teacher_logprobs"]), ref, atol=1e-4, rtol=0)
         hf_ref = _teacher_forced(teacher, r["prompt_token_ids"], r["response_token_ids"], 101)
         assert not torch.allclose(torch.tensor(r["teacher_logprobs"]), hf_ref, atol=1e-3)
-    bad = _distill_cfg(tmp_path, "vt2", **{"teacher.engine": "vllm", "loss.teacher_temperature": 0.5})
-    with pytest.raises(UserError, match="ignore temperature"):
-        run_distill(bad)
+    with pytest.raises(UserError, match="ignore temperature"):  # refused when the config loads
+        _distill_cfg(tmp_path, "vt2", **{"teacher.engine": "vllm", "loss.teacher_temperature": 0.5})
+
+
+def test_config_overrides_reach_the_engine_so_it_samples_from_the_trained_model(fake_vllm, tmp_path):
+    """The overrides change the student's distribution (rms_norm_eps=5 moves log-probs by ~1e-2 nats on the
+    tiny model); an engine built without them would sample from another model, and the sampler-trainer
+    log-prob difference would show it."""
+    import json
+
+    from stableopd.trainer import run_distill
+
+    over = {"train.steps": 1, "student.config_overrides": "{rope_theta: 300000.0, rms_norm_eps: 5.0}"}
+    assert run_distill(_distill_cfg(tmp_path, "over", **over)) == 0
+    engine = fake_vllm.LLM.instances[-1]
+    assert engine.init_kwargs["hf_overrides"]["rope_parameters"]["rope_theta"] == 300000.0
+    row = json.loads((tmp_path / "over" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert abs(row["diag/kl_sample_train"]) < 1e-4

@@ -112,6 +112,24 @@ def _processed_logprobs(logits: torch.Tensor, sp: SamplingParams) -> torch.Tenso
     return torch.log_softmax(logits, -1)
 
 
+def _check_launcher(kwargs: dict[str, Any]) -> None:
+    """vLLM inside a torchrun-launched process group: one engine per rank needs the external_launcher executor
+    with data_parallel_size equal to the group's size (vllm/config/parallel.py, and
+    examples/offline_inference/torchrun_dp_example.py); any other executor would start its own workers."""
+    import torch.distributed as td
+
+    world = td.get_world_size() if td.is_available() and td.is_initialized() else 1
+    backend = kwargs.get("distributed_executor_backend")
+    if backend == "external_launcher":
+        if world == 1:
+            raise RuntimeError("external_launcher needs torch.distributed initialised by the launcher")
+        if kwargs.get("data_parallel_size", 1) * kwargs.get("tensor_parallel_size", 1) != world:
+            raise RuntimeError(f"data_parallel_size x tensor_parallel_size must equal the world size {world}")
+    elif world > 1:
+        raise RuntimeError("vLLM engine in a torchrun process group without distributed_executor_backend="
+                           "'external_launcher'")
+
+
 class LLM:
     instances: list[LLM] = []
 
@@ -119,7 +137,14 @@ class LLM:
         from transformers import AutoModelForCausalLM
 
         self.init_kwargs = {"model": model, "tokenizer": tokenizer, **kwargs}
-        hf = AutoModelForCausalLM.from_pretrained(model, local_files_only=True, dtype=torch.float32).eval()
+        _check_launcher(kwargs)
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model, local_files_only=True)
+        for key, value in (kwargs.get("hf_overrides") or {}).items():  # a dict: set on the HF config
+            setattr(config, key, value)
+        hf = AutoModelForCausalLM.from_pretrained(model, config=config, local_files_only=True,
+                                                  dtype=torch.float32).eval()
         self.engine_model = _EngineModel(hf)
         worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(model=self.engine_model))
         self.llm_engine = types.SimpleNamespace(

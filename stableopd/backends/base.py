@@ -4,7 +4,8 @@ A backend turns prompt token ids into samples: for each prompt, `n` responses, e
 the log-prob of every sampled token under the distribution it was drawn from, and why it ended
 ("stop": a stop token was sampled, and it is the last id of `token_ids`; "length": the budget ran out).
 Backends that hold their own copy of the weights (vLLM) implement `sync_weights`; the trainer calls it
-after every optimizer step.
+after every optimizer step, and an `own_weights = True` attribute tells a multi-process run not to gather
+the sharded student for them.
 
 Built-ins and plugins are found the same way: through the entry-point group `stableopd.backends`
 (this package declares `hf` and `vllm` there). A plugin package adds, in its pyproject.toml,
@@ -27,8 +28,9 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from stableopd.errors import UserError
 
 
-def parse_options(model: type, backend: str, options: dict[str, Any]):
-    """`model(**options)` for a backend's pydantic options model; a UserError naming the key otherwise."""
+def parse_options(model: type, backend: str, options: dict[str, Any], key: str = "sampling.options"):
+    """`model(**options)` for a backend's pydantic options model; a UserError naming the key (under `key`)
+    otherwise."""
     from pydantic import ValidationError
 
     try:
@@ -37,9 +39,9 @@ def parse_options(model: type, backend: str, options: dict[str, Any]):
         e = err.errors()[0]
         loc = ".".join(map(str, e["loc"]))
         if e["type"] == "extra_forbidden":
-            raise UserError(f"unknown {backend} option 'sampling.options.{loc}'; valid: "
+            raise UserError(f"unknown {backend} option '{key}.{loc}'; valid: "
                             f"{', '.join(model.model_fields)}") from None
-        raise UserError(f"sampling.options.{loc}: {e['msg']} (got {e.get('input')!r})") from None
+        raise UserError(f"{key}.{loc}: {e['msg']} (got {e.get('input')!r})") from None
 
 
 def check_options(backend: str, options: dict[str, Any]) -> None:

@@ -59,8 +59,29 @@ class VLLMOptions(BaseModel):
         return {k: v for k, v in kw.items() if v is not None}
 
 
-def parse_options(options: dict[str, Any]) -> VLLMOptions:
-    return base.parse_options(VLLMOptions, "vllm", options)
+def parse_options(options: dict[str, Any], key: str = "sampling.options") -> VLLMOptions:
+    return base.parse_options(VLLMOptions, "vllm", options, key)
+
+
+def launched_ranks() -> int:
+    """The process count of the torch.distributed group this process belongs to (1 outside one)."""
+    import torch.distributed as tdist
+
+    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+
+
+def engine_kwargs(options: VLLMOptions, hf_overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """vllm.LLM keywords: the options, the model's config overrides, and under torchrun vLLM's
+    `external_launcher` executor with one data-parallel replica per rank (tensor_parallel_size 1, checked
+    by distributed.check_launch): every rank hosts its own engine on its own device inside the launcher's
+    process group and samples or scores its share of the batch. The engine seed is the same on every rank,
+    as vLLM asks; each request carries its own seed anyway."""
+    kw = options.engine_kwargs()
+    if hf_overrides:
+        kw["hf_overrides"] = dict(hf_overrides)
+    if (world := launched_ranks()) > 1:
+        kw.update(distributed_executor_backend="external_launcher", data_parallel_size=world, seed=0)
+    return kw
 
 
 def import_vllm():
@@ -135,7 +156,10 @@ def _engine_model(llm):
 def push_weights(llm, model) -> None:
     target = _engine_model(llm)
     if target is not None:
-        target.load_weights(weights=hf_weight_items(model))
+        items = hf_weight_items(model)
+        target.load_weights(weights=items)
+        for _ in items:  # under FSDP each item is a collective: every rank gathers every weight
+            pass
     else:  # multiprocess engine: reload through the workers
         llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(hf_weight_items(model))})
     llm.reset_prefix_cache()
@@ -152,6 +176,7 @@ def allowed_ids(vocab: int, rows: int | None, banned: tuple[int, ...]) -> list[i
 
 class VLLMBackend:
     name = "vllm"
+    own_weights = True  # the engine holds its own copy, pushed by sync_weights: nothing to gather to sample
     prompts_per_call = 256  # with a progress bar; the engine schedules each call's sequences itself
 
     def __init__(self, *, model: Any, tokenizer: Any, model_path: str, stop_ids: list[int],
@@ -162,11 +187,13 @@ class VLLMBackend:
         if is_adapter_dir(model_path):
             raise UserError(f"'{model_path}' is a LoRA adapter, which the vllm backend does not load: write a merged "
                             "model with `stableopd export RUN_DIR --merge --out DIR` and sample DIR")
+        from stableopd.models import config_overrides_of
+
         vllm = import_vllm()
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights pushed without IPC
         self._vllm, self.stop_ids = vllm, list(stop_ids)
         self.llm = vllm.LLM(model=model_path, tokenizer=model_path, logprobs_mode="processed_logprobs",
-                            **self.options.engine_kwargs())
+                            **engine_kwargs(self.options, config_overrides_of(model)))
         from transformers import AutoConfig
 
         self.rows = getattr(AutoConfig.from_pretrained(model_path), "vocab_size", None)
@@ -207,11 +234,13 @@ class VLLMBackend:
 class VLLMScorer:
     """Teacher log-probs of response tokens via vLLM `prompt_logprobs` (temperature 1 only)."""
 
-    def __init__(self, model_path: str, options: dict[str, Any]) -> None:
-        self.options = parse_options(options)
+    def __init__(self, model_path: str, options: dict[str, Any], *, hf_overrides: dict[str, Any] | None = None
+                 ) -> None:
+        self.options = parse_options(options, "teacher.engine_options")
         vllm = import_vllm()
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self._vllm = vllm
-        self.llm = vllm.LLM(model=model_path, tokenizer=model_path, **self.options.engine_kwargs())
+        self.llm = vllm.LLM(model=model_path, tokenizer=model_path, **engine_kwargs(self.options, hf_overrides))
 
     def score(self, prompts: list[list[int]], targets: list[list[int]], *, temperature: float = 1.0) -> list[list[float]]:
         check_scoring_temperature(temperature)
