@@ -19,6 +19,10 @@ alternate over `--rounds` rounds; each keeps its best times and its largest peak
 Deviations: none; the paper has no kernels.
 
 Command: python benchmarks/bench_kernels.py [--quick] [--rounds R] [--threads T] [--n N ...] [--chunks]
+         [--device cpu|cuda [--d D] [--v V] [--dtype DT]] [--json FILE]
+`--device` measures one table on that device only (no scaling, chunk sweep or second device); `--json`
+appends one JSON object per measured row (loss, impl, n, d, v, device, dtype, time, cpu, peak, error) to FILE
+as soon as it is measured (benchmarks/gpu_check.sh reads it).
 """
 
 from __future__ import annotations
@@ -175,6 +179,7 @@ def ratio(a: dict, b: dict, key: str) -> str:
 
 
 def table(title, rows_spec, d, v, args, device="cpu", dtype="float32", impls=("naive", "fused", "fused_sum")):
+    json_out = getattr(args, "json", None)
     print(f"\n{title}")
     print(f"{'loss':9} {'impl':10} {'N':>6} {'wall s':>9} {'cpu s':>9} {'peak MiB':>9} {'wall/naive':>10} "
           f"{'cpu/naive':>9} {'mem/naive':>9}")
@@ -186,6 +191,11 @@ def table(title, rows_spec, d, v, args, device="cpu", dtype="float32", impls=("n
             print(f"{loss:9} {impl:10} {n:6d} {fmt(r, 'time')} {fmt(r, 'cpu')} {fmt(r, 'peak', MIB)} "
                   f"{ratio(r, rs['naive'], 'time'):>10} {ratio(r, rs['naive'], 'cpu'):>9} "
                   f"{ratio(r, rs['naive'], 'peak'):>9}", flush=True)
+            if json_out:
+                row = {"loss": loss, "impl": impl, "n": n, "d": d, "v": v, "device": device, "dtype": dtype,
+                       **r}
+                with open(json_out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
     return results
 
 
@@ -220,8 +230,18 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK_SIZE)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--chunks", action="store_true", help="also sweep chunk sizes at N=4096")
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   help="only one table, on this device, at --d/--v/--dtype (default: the CPU table and "
+                        "scaling, then the CUDA table when a GPU is present)")
+    p.add_argument("--d", type=int, help="hidden size with --device (default 576 on cpu, 1536 on cuda)")
+    p.add_argument("--v", type=int, help="vocabulary with --device (default 49152 on cpu, 151936 on cuda)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="input dtype with --device (default float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--json", metavar="FILE", help="also append each measured row to FILE as one JSON line")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.device is None and (args.d or args.v or args.dtype):
+        p.error("--d, --v and --dtype go with --device")
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
@@ -232,7 +252,14 @@ def main() -> None:
     ns = tuple(args.n or ((1024,) if args.quick else (1024, 4096)))
     d, v = 576, 49152
     start = time.perf_counter()
-    print(f"torch {torch.__version__}, {args.threads} CPU threads, chunk {args.chunk}, fp32, best of {args.rounds}")
+    where, precision = f"{args.threads} CPU threads", "fp32"
+    if args.device:
+        cuda = args.device == "cuda"
+        d, v = args.d or (1536 if cuda else d), args.v or (151936 if cuda else v)
+        dtype = precision = args.dtype or ("bfloat16" if cuda else "float32")
+        if cuda and torch.cuda.is_available():
+            where = torch.cuda.get_device_name()
+    print(f"torch {torch.__version__}, {where}, chunk {args.chunk}, {precision}, best of {args.rounds}")
     impls = ("naive", "fused", "fused_sum")
     try:
         import liger_kernel.chunked_loss  # noqa: F401
@@ -240,6 +267,12 @@ def main() -> None:
         impls += ("liger",)
     except Exception:  # noqa: BLE001 - optional; any import failure means "not available here"
         print("liger-kernel not importable: its row is skipped")
+    if args.device:
+        rows = [(loss, n) for n in ns for loss in ("logprobs", "kl")]
+        table(f"{args.device.upper()}, d={d}, V={v}, {dtype} inputs", rows, d, v, args, device=args.device,
+              dtype=dtype, impls=impls)
+        print(f"\ntotal benchmark time {time.perf_counter() - start:.0f} s")
+        return
     res = table(f"CPU, d={d}, V={v}", [(loss, n) for n in ns for loss in ("logprobs", "kl")], d, v, args,
                 impls=impls)
     for (loss, impl, n), r in list(res.items()):

