@@ -415,9 +415,11 @@ def human_bytes(n: float) -> str:
 
 
 def memory_plan(student: nn.Module, others: list[nn.Module], *, world: int, micro_batch: int, seq_len: int,
-                chunk_size: int, shard_frozen: bool = False) -> str:
+                chunk_size: int, shard_frozen: bool = False, gathered_sampling: bool = True,
+                checkpointing: bool = False) -> str:
     """Per-rank bytes: sharded student params, grads and AdamW moments (fp32), frozen models (replicated,
-    or sharded with `shard_frozen`), and an activation estimate (see the formula in the returned text)."""
+    or sharded with `shard_frozen`), and an activation estimate in the student's precision (see the formula
+    in the returned text); with `checkpointing` only each layer's input is kept, plus one layer's worth."""
     def nbytes(m: nn.Module) -> int:
         return sum(p.numel() * p.element_size() for p in m.parameters())
 
@@ -429,7 +431,9 @@ def memory_plan(student: nn.Module, others: list[nn.Module], *, world: int, micr
     n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
     optim = 2 * 4 * n_train  # exp_avg + exp_avg_sq in fp32
     frozen = sum(nbytes(m) for m in others)
-    act = 4 * micro_batch * seq_len * layers * (12 * d + 3 * inter) + 4 * 3 * chunk_size * vocab
+    elem = next(student.parameters()).element_size()  # activations are in the weights' precision
+    per_token = layers * d + (12 * d + 3 * inter) if checkpointing else layers * (12 * d + 3 * inter)
+    act = elem * micro_batch * seq_len * per_token + 4 * 3 * chunk_size * vocab
     rows = [
         ("student params (sharded)", params / world), ("student grads (sharded)", params / world),
         ("AdamW state (sharded, fp32)", optim / world),
@@ -437,11 +441,12 @@ def memory_plan(student: nn.Module, others: list[nn.Module], *, world: int, micr
          frozen / world if shard_frozen else frozen),
         ("activations (estimate)", act),
     ]
-    if world > 1:
+    if world > 1 and gathered_sampling:  # an hf sampler runs the gathered student; vLLM keeps its own copy
         rows.append(("student gathered for sampling", params))
     lines = [f"memory plan per rank ({world} processes):" if world > 1 else "memory plan (one process):"]
     lines += [f"  {name:34s} {human_bytes(b):>10s}" for name, b in rows]
-    lines.append("  activations ~ 4 B * micro_batch * seq_len * layers * (12 d + 3 d_ff) + 4 B * 3 * chunk * V "
+    per = "(layers d + 12 d + 3 d_ff), checkpointing" if checkpointing else "layers * (12 d + 3 d_ff)"
+    lines.append(f"  activations ~ {elem} B * micro_batch * seq_len * {per} + 4 B * 3 * chunk * V "
                  f"(micro_batch={micro_batch}, seq_len={seq_len}, layers={layers}, d={d}, d_ff={inter}, "
                  f"chunk={chunk_size}, V={vocab})")
     return "\n".join(lines)

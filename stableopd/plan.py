@@ -156,6 +156,7 @@ def run_plan(cfg: Config, *, command: str, world: int, resume: bool, print_line)
     if student.config is not None:
         frozen_infos = [m for m in models[1:] if m.config is not None and not (m.role == "teacher"
                                                                              and cfg.teacher.engine == "vllm")]
+        uncounted = [m for m in models[1:] if m.config is None and cfg.teacher.engine != "vllm"]
         try:
             smodel = meta_model(student, cfg.student.dtype, cfg.student.device, trainable=True, lora=cfg.student.lora)
             frozen = [meta_model(m, cfg.teacher.dtype, cfg.teacher.device, trainable=False) for m in frozen_infos]
@@ -163,7 +164,12 @@ def run_plan(cfg: Config, *, command: str, world: int, resume: bool, print_line)
                 frozen.append(meta_model(student, cfg.student.dtype, cfg.student.device, trainable=False))
             lines.append("  " + memory_plan(smodel, frozen, world=world, micro_batch=tr.micro_batch,
                                             seq_len=budget, chunk_size=cfg.loss.chunk_size,
-                                            shard_frozen=tr.shard_frozen).replace("\n", "\n  "))
+                                            shard_frozen=tr.shard_frozen,
+                                            gathered_sampling=s.backend != "vllm",
+                                            checkpointing=tr.gradient_checkpointing).replace("\n", "\n  "))
+            if uncounted:
+                lines.append(f"    (the {uncounted[0].role} is not counted: its config is not on this "
+                             "machine)")
             params = list(smodel.parameters())
             ckpt = sum(p.numel() * (p.element_size() + (8 if p.requires_grad else 0)) for p in params)
             lines.append(f"  {'student size':<13} {sum(p.numel() for p in params) / 1e6:,.1f}M parameters "

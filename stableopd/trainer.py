@@ -354,7 +354,9 @@ def _run_distill_locked(cfg: Config, resume: bool, dist: Dist, run_dir: Path, st
             console.print(memory_plan(setup.student.model, frozen, world=dist.world,
                                       micro_batch=cfg.train.micro_batch,
                                       seq_len=cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens,
-                                      chunk_size=cfg.loss.chunk_size, shard_frozen=cfg.train.shard_frozen),
+                                      chunk_size=cfg.loss.chunk_size, shard_frozen=cfg.train.shard_frozen,
+                                      gathered_sampling=cfg.sampling.backend != "vllm",
+                                      checkpointing=cfg.train.gradient_checkpointing),
                           highlight=False)
         dist.wrap(setup.student.model)
         if cfg.train.shard_frozen:

@@ -274,6 +274,15 @@ def test_memory_plan_divides_what_is_sharded_and_prints_readable_units():
     assert row(replicated, "teacher + reference (replicated)") == human_bytes(size)
     assert row(sharded, "teacher + reference (sharded)") == human_bytes(size / 2)
     assert "GiB" not in replicated  # a 0.4 MB model is not printed as 0.000 GiB
+    # activations: every layer's 12 d + 3 d_ff values per token, or with recomputation each layer's input
+    # (d per layer) plus one layer's worth; fp32 here; plus three fp32 chunks of the vocabulary
+    head = 4 * 3 * 16 * 128
+    assert row(replicated, "activations") == human_bytes(4 * 8 * 2 * (12 * 64 + 3 * 128) + head)
+    recomputed = memory_plan(student, [teacher], world=2, micro_batch=1, seq_len=8, chunk_size=16, checkpointing=True)
+    assert row(recomputed, "activations") == human_bytes(4 * 8 * (2 * 64 + 12 * 64 + 3 * 128) + head)
+    assert "gathered for sampling" in replicated
+    assert "gathered for sampling" not in memory_plan(student, [], world=2, micro_batch=1, seq_len=8,
+                                                      chunk_size=16, gathered_sampling=False)
 
 
 def test_split_gives_contiguous_shares_that_concatenate_to_the_list():

@@ -17,6 +17,8 @@ pushes the student's tensors, under their Hugging Face names, through the model'
 (which stacks q/k/v and gate/up itself), then resets the prefix cache: vLLM does not, and cached KV
 blocks computed with the old weights would otherwise be reused. Nothing touches the disk. Whether the
 sync took is verified by the trainer every step (`diag/kl_sample_train`, `sampling.max_sync_mismatch`).
+Under torchrun each rank hosts its own engine (`engine_kwargs`: vLLM's external_launcher executor, one
+data-parallel replica per rank) and every rank gathers the sharded student's full weights to push them.
 
 Teacher scoring (`teacher.engine: vllm`): `prompt_logprobs=0` on prompt + response. vLLM computes them
 from raw logits whatever the temperature, so a teacher temperature other than 1 is refused. They are
