@@ -119,9 +119,10 @@ def run_plan(cfg: Config, *, command: str, world: int, resume: bool, print_line)
     done = list_checkpoints(run_dir) if run_dir.is_dir() else []
     if resume and not done:
         raise UserError(f"--resume: run directory '{run_dir}' has no complete checkpoint to resume from")
-    if not resume and (done or (run_dir / "metrics.jsonl").exists()):
-        raise UserError(f"run directory '{run_dir}' already holds a run; pass --resume to continue it or --out "
-                        "to start a new one")
+    if not resume:
+        from stableopd.trainer import check_fresh
+
+        check_fresh(run_dir)
     s, d, tr = cfg.sampling, cfg.data, cfg.train
     need_ref = command == "distill" and cfg.loss.objective != "opd" and cfg.loss.ref_kl_coef > 0
     models = [locate("student", cfg.student, config_key="student.config_overrides")]

@@ -273,13 +273,18 @@ def _start(cfg: Config, run_dir: Path, resume: bool):
         restored = load_latest(run_dir, warn=lambda m: console.print(f"[yellow]warning:[/] {m}"))
         console.print(f"resuming from {restored.path}", highlight=False, soft_wrap=True)
         return restored
+    check_fresh(run_dir)
+    return None
+
+
+def check_fresh(run_dir: Path) -> None:
+    """A new run may start in `run_dir`: it holds no run (with or without checkpoints)."""
     if list_checkpoints(run_dir):
         raise UserError(f"run directory '{run_dir}' already holds a run; pass --resume to continue it "
                         "or --out to start a new one")
     if (run_dir / "metrics.jsonl").exists():  # --resume would fail too: say so rather than send the user there
         raise UserError(f"run directory '{run_dir}' holds a run that stopped before its first checkpoint, so it "
                         "cannot be resumed; pass another --out, or delete the directory to start over")
-    return None
 
 
 def announce(line: str) -> None:

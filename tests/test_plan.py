@@ -176,3 +176,20 @@ def test_config_overrides_reach_the_model_every_checkpoint_and_a_resumed_run(tmp
     for step in (1, 2):
         saved = json.loads((run / f"checkpoints/step_{step:06d}/config.json").read_text())
         assert saved["rope_parameters"]["rope_theta"] == 300000.0 and saved["max_position_embeddings"] == 4096
+
+
+def test_sft_dry_run_counts_golden_solutions_and_the_run_directory_rules(offline, tmp_path):
+    ok = invoke(["sft", "--student", "tiny", "--data", "builtin:arith?digits=1&n=20", "--out", str(tmp_path / "s"),
+                 "--dry-run"])
+    assert ok.exit_code == 0, ok.output
+    assert "objective     SFT on golden solutions" in ok.output and "20 with a golden solution" in ok.output
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text('{"id": "a", "prompt": "1+1=", "answer": "2"}\n')
+    none = invoke(["sft", "--student", "tiny", "--data", str(bare), "--out", str(tmp_path / "s"), "--dry-run"])
+    assert none.exit_code == 2 and "sft needs golden solutions" in none.output
+    resume = invoke(["sft", "--student", "tiny", "--out", str(tmp_path / "s"), "--dry-run", "--resume"])
+    assert resume.exit_code == 2 and "no complete checkpoint to resume from" in resume.output
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "metrics.jsonl").write_text("{}\n")
+    taken = invoke(["sft", "--student", "tiny", "--out", str(tmp_path / "s"), "--dry-run"])
+    assert taken.exit_code == 2 and "stopped before its first checkpoint" in taken.output  # as the real run says
