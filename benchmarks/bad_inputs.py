@@ -172,7 +172,9 @@ def cases() -> list[Case]:
                "loss.reward_to_go=2", "teacher.mismatched_tokens=ignore", "student.engine=vllm",
                "logging.tensorboard=true", "logging.report_to=[neptune]", "logging.report_to=[wandb,wandb]",
                "student.lora.r=0", "student.lora.target_modules=[lm_head]", "student.lora.target_modules=[]",
-               "teacher.lora.r=4", "student.lora=5"]:
+               "teacher.lora.r=4", "student.lora=5", "train.dtype=bfloat16", "student.config_overrides=5",
+               "student.config_overrides={max_position_embeddings: 16}", "teacher.engine_options={dtype: half}",
+               "data.max_solution_tokens=0"]:
         add(Case("config value", kv, [*r, "-s", kv], DATA))
     # ---- data
     for name, setup, src in [
@@ -227,6 +229,17 @@ def cases() -> list[Case]:
                                                                      "loss.reward_to_go=1"), DATA))
     add(Case("model", "LoRA target module the model does not have",
              distill("-s", "student.lora.target_modules=[nope_proj]"), DATA))
+    add(Case("model", "config override the model lacks", distill("-s", "student.config_overrides={rope_thetta: 1}"),
+             DATA))
+    add(Case("model", "dry run: vLLM sampler and teacher on 2 ranks",
+             [*distill("-s", "sampling.backend=vllm", "-s", "teacher.engine=vllm"), "--nproc", "2", "--dry-run"],
+             DATA))
+    add(Case("model", "dry run: --resume without a checkpoint", [*distill(), "--dry-run", "--resume"], DATA))
+    add(Case("data", "list solution, flags not a list", [*distill("-s", "data.solution_correct_field=ok")],
+             write("d.jsonl", jsonl([{**row, "solution": [row.get("solution") or "x"], "ok": True}
+                                     for row in ROWS]))))
+    add(Case("data", "list prompt field", ["rollout", "--model", "tiny", "--data", "x.jsonl"],
+             write("x.jsonl", '{"prompt": ["a", "b"]}\n')))
     add(Case("model", "export of a folder that is not a run", ["export", "d.jsonl"], DATA))
     add(Case("model", "export of a run with no checkpoint", ["export", "run", "--merge"],
              both(DATA, lambda d: (d / "run" / "checkpoints").mkdir(parents=True))))
