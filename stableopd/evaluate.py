@@ -293,6 +293,7 @@ def generate_records(
         revision=spec.revision,
         trust_remote_code=spec.trust_remote_code,
         config_overrides=spec.config_overrides,
+        overrides_key="student.config_overrides",
     )
     prompt_ids = encode_prompts(
         loaded.tokenizer,

@@ -291,7 +291,7 @@ def load_generation_config(name: str, *, revision: str | None = None, trust_remo
 
 def load_model(name: str, *, dtype: str = "auto", device: str = "auto", revision: str | None = None,
                trust_remote_code: bool = False, tokenizer: Any = None,
-               config_overrides: dict[str, Any] | None = None) -> Loaded:
+               config_overrides: dict[str, Any] | None = None, overrides_key: str = "config_overrides") -> Loaded:
     """Load model and tokenizer (or take the one given); the model is in eval mode on `device` with `dtype`.
     `config_overrides` change the model's config before the weights load (`apply_overrides`)."""
     from transformers import AutoModelForCausalLM
@@ -305,13 +305,14 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", revision
 
     if is_adapter_dir(path):  # a LoRA run's checkpoint: its base model with the adapter merged in
         base = load_model(adapter_base(path), dtype=dtype, device=device, revision=revision,
-                          trust_remote_code=trust_remote_code, tokenizer=tok, config_overrides=config_overrides)
+                          trust_remote_code=trust_remote_code, tokenizer=tok, config_overrides=config_overrides,
+                          overrides_key=overrides_key)
         return Loaded(name=name, path=path, model=load_adapter_model(path, base.model).to(device).eval(),
                       tokenizer=tok)
     kw: dict[str, Any] = {}
     if config_overrides:
         kw["config"], resolved = overridden_config(path, config_overrides, revision=revision,
-                                                   trust_remote_code=trust_remote_code)
+                                                   trust_remote_code=trust_remote_code, key=overrides_key)
     model = _from_pretrained(AutoModelForCausalLM, path, revision=revision, trust_remote_code=trust_remote_code,
                              dtype=resolve_dtype(dtype, device), **kw)
     if config_overrides:

@@ -118,7 +118,8 @@ def run_rollout(cfg, *, out: Path) -> dict[str, float]:
     examples = examples_for(d, limit=d.limit)
     loaded = load_model(cfg.student.name, dtype=cfg.student.dtype, device=cfg.student.device,
                         revision=cfg.student.revision, trust_remote_code=cfg.student.trust_remote_code,
-                        config_overrides=cfg.student.config_overrides)
+                        config_overrides=cfg.student.config_overrides,
+                        overrides_key="student.config_overrides")
     prompt_ids = encode_prompts(loaded.tokenizer, examples, chat_template=d.chat_template,
                                 system_prompt=d.system_prompt, max_tokens=d.max_prompt_tokens)
     stop_ids = stop_token_ids(loaded.tokenizer, loaded.model)

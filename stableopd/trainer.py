@@ -32,7 +32,7 @@ import torch
 from stableopd import lora
 from stableopd.backends.base import SamplingParams, build_backend
 from stableopd.checkpoint import list_checkpoints, load_latest, save_checkpoint, set_rng_state
-from stableopd.config import Config, check_rules, dump_config
+from stableopd.config import Config, TeacherSpec, check_rules, dump_config
 from stableopd.data import Example, encode_prompts, examples_for, keep_for_training, kept_note
 from stableopd.detector import CollapseGuard
 from stableopd.distributed import (
@@ -109,9 +109,10 @@ def step_indices(n_examples: int, step: int, per_step: int, seed: int) -> list[i
 
 
 def _load(spec, *, device: str | None = None, name: str | None = None, tokenizer: Any = None) -> Loaded:
+    role = "teacher" if isinstance(spec, TeacherSpec) else "student"
     return load_model(name or spec.name, dtype=spec.dtype, device=device or spec.device, revision=spec.revision,
                       trust_remote_code=spec.trust_remote_code, tokenizer=tokenizer,
-                      config_overrides=spec.config_overrides)
+                      config_overrides=spec.config_overrides, overrides_key=f"{role}.config_overrides")
 
 
 def _examples(cfg: Config, split: str, source: str, limit: int | None) -> list[Example]:

@@ -176,6 +176,12 @@ def test_config_overrides_reach_the_model_every_checkpoint_and_a_resumed_run(tmp
     for step in (1, 2):
         saved = json.loads((run / f"checkpoints/step_{step:06d}/config.json").read_text())
         assert saved["rope_parameters"]["rope_theta"] == 300000.0 and saved["max_position_embeddings"] == 4096
+    from stableopd.errors import UserError
+
+    typo = load_config("examples/smoke.yaml", ["teacher.config_overrides={rope_thetta: 1}"],
+                       {"out": str(tmp_path / "typo")})
+    with pytest.raises(UserError, match=r"^teacher.config_overrides.rope_thetta: the model's config"):
+        run_distill(typo)
 
 
 def test_sft_dry_run_counts_golden_solutions_and_the_run_directory_rules(offline, tmp_path):
