@@ -429,13 +429,14 @@ def memory_plan(student: nn.Module, others: list[nn.Module], *, world: int, micr
     vocab = student.get_output_embeddings().weight.shape[0]
     params = nbytes(student)
     n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    grads = sum(p.numel() * p.element_size() for p in student.parameters() if p.requires_grad)  # LoRA: adapter only
     optim = 2 * 4 * n_train  # exp_avg + exp_avg_sq in fp32
     frozen = sum(nbytes(m) for m in others)
     elem = next(student.parameters()).element_size()  # activations are in the weights' precision
     per_token = layers * d + (12 * d + 3 * inter) if checkpointing else layers * (12 * d + 3 * inter)
     act = elem * micro_batch * seq_len * per_token + 4 * 3 * chunk_size * vocab
     rows = [
-        ("student params (sharded)", params / world), ("student grads (sharded)", params / world),
+        ("student params (sharded)", params / world), ("student grads (sharded)", grads / world),
         ("AdamW state (sharded, fp32)", optim / world),
         (f"teacher + reference ({'sharded' if shard_frozen else 'replicated'})",
          frozen / world if shard_frozen else frozen),

@@ -100,6 +100,11 @@ def meta_model(info: ModelInfo, dtype: str, device: str, *, trainable: bool, lor
     return model
 
 
+def count(n: int) -> str:
+    """1543714304 -> '1,543.7M'; counts under 100,000 as they are."""
+    return f"{n / 1e6:,.1f}M" if n >= 100_000 else f"{n:,}"
+
+
 def run_plan(cfg: Config, *, command: str, world: int, resume: bool, print_line) -> int:
     """Check what can be checked without weights and print the plan; exit code 0."""
     from stableopd.checkpoint import list_checkpoints
@@ -173,8 +178,8 @@ def run_plan(cfg: Config, *, command: str, world: int, resume: bool, print_line)
                              "machine)")
             params = list(smodel.parameters())
             ckpt = sum(p.numel() * (p.element_size() + (8 if p.requires_grad else 0)) for p in params)
-            lines.append(f"  {'student size':<13} {sum(p.numel() for p in params) / 1e6:,.1f}M parameters "
-                         f"({sum(p.numel() for p in params if p.requires_grad) / 1e6:,.1f}M trained); a "
+            lines.append(f"  {'student size':<13} {count(sum(p.numel() for p in params))} parameters "
+                         f"({count(sum(p.numel() for p in params if p.requires_grad))} trained); a "
                          f"checkpoint is about {human_bytes(ckpt)}")
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             lines.append(f"  memory plan not available: the model cannot be built from its config ({exc})")

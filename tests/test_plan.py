@@ -199,3 +199,16 @@ def test_sft_dry_run_counts_golden_solutions_and_the_run_directory_rules(offline
     (tmp_path / "s" / "metrics.jsonl").write_text("{}\n")
     taken = invoke(["sft", "--student", "tiny", "--out", str(tmp_path / "s"), "--dry-run"])
     assert taken.exit_code == 2 and "stopped before its first checkpoint" in taken.output  # as the real run says
+
+
+def test_lora_dry_run_counts_only_the_adapter_as_trained(offline, tmp_path):
+    from stableopd.models import resolve_model_path
+
+    student = resolve_model_path("tiny")  # the built-in, built into this test's cache beforehand
+    result = invoke(["distill", "-c", "examples/smoke.yaml", "--student", student, "-s", "student.lora={r: 4}",
+                     "--out", str(tmp_path / "run"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    # tiny: d=64, 2 layers, q/o 64->64, k/v 64->32, gate/up 64->128, down 128->64; LoRA adds r * (in + out) each
+    per_layer = 4 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 3)
+    assert f"({2 * per_layer:,} trained)" in result.output
+    assert "reference     the student with its LoRA adapter off" in result.output
