@@ -12,6 +12,7 @@ one shell command, alternating, on a quiet machine.
 Deviations: none; the paper has no step timings.
 
 Command: python benchmarks/bench_step.py [--objective opd stableopd jsd] [--tokens 224] [--rollouts 8]
+         [--pi-old sampler trainer] [--rounds R]
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--chunk", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1, help="alternate the rows over this many rounds")
+    ap.add_argument("--pi-old", nargs="+", default=["sampler"], choices=["sampler", "trainer"],
+                    help="where the one-pass OPD term's pi_old comes from: the sampler's log-probs (forward-"
+                         "gradient kernel) or the trainer's own (per-token kernel, as with top-p sampling)")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -61,9 +66,10 @@ def main() -> None:
     print(f"shape: d={args.hidden} layers={args.layers} V={args.vocab}; {args.rollouts} rollouts + "
           f"{args.rollouts} golden x {args.tokens} tokens, micro-batch {args.micro_batch}, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'objective':10s} {'best s':>8s} {'median s':>9s} {'cpu s (best)':>13s}")
-    for objective in args.objective:
-        settings = LossSettings(objective=objective, chunk_size=args.chunk)
+    print(f"{'objective':10s} {'pi_old':8s} {'best s':>8s} {'median s':>9s} {'cpu s (best)':>13s}")
+    runs = [(o, p) for o in args.objective for p in (args.pi_old if o != "jsd" else ["-"])]
+    for (objective, pi_old), rnd in ((run, r) for r in range(args.rounds) for run in runs):
+        settings = LossSettings(objective=objective, chunk_size=args.chunk, sampler_is_policy=pi_old == "sampler")
         walls, cpus = [], []
         for rep in range(args.reps + 1):
             student.zero_grad(set_to_none=True)
@@ -74,7 +80,8 @@ def main() -> None:
                 walls.append(wall)
                 cpus.append(cpu)
         best = min(range(len(walls)), key=walls.__getitem__)
-        print(f"{objective:10s} {walls[best]:8.2f} {statistics.median(walls):9.2f} {cpus[best]:13.2f}")
+        print(f"{objective:10s} {pi_old:8s} {walls[best]:8.2f} {statistics.median(walls):9.2f} {cpus[best]:13.2f}"
+              + (f"   (round {rnd + 1})" if args.rounds > 1 else ""))
 
 
 if __name__ == "__main__":

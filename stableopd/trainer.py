@@ -230,7 +230,15 @@ def loss_settings(cfg: Config, vocab_size: int, pair: TokenPair | None = None) -
         ref_kl_coef=lo.ref_kl_coef if lo.objective != "opd" else 0.0,
         gold_coef=lo.gold_coef if lo.objective == "stableopd" else 0.0, jsd_beta=lo.jsd_beta,
         reward_to_go=lo.reward_to_go, teacher_temperature=lo.teacher_temperature, chunk_size=lo.chunk_size,
-        vocab_size=vocab_size, teacher_swaps=pair.swaps if pair else ())
+        vocab_size=vocab_size, teacher_swaps=pair.swaps if pair else (),
+        sampler_is_policy=sampler_is_policy(cfg, pair))
+
+
+def sampler_is_policy(cfg: Config, pair: TokenPair | None) -> bool:
+    """The sampler draws from the trained policy itself, so its log-probs are pi_theta's: temperature 1, no
+    top-p / top-k truncation, no banned ids. (`sampling.max_sync_mismatch` stops a run where they are not.)"""
+    s = cfg.sampling
+    return s.temperature == 1.0 and s.top_p == 1.0 and s.top_k == 0 and not (pair and pair.banned)
 
 
 def solution_ids(tokenizer, examples: list[Example], chunk: int = 1024) -> list[list[int] | None]:

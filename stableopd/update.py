@@ -75,6 +75,9 @@ class LossSettings:
     teacher_swaps: tuple[tuple[int, int], ...] = ()  # columns exchanged in the teacher's distribution (pairing.py)
     chunk_size: int = 1024
     vocab_size: int | None = None
+    # the sampler's log-probs are the trainer's own (temperature 1, no top-p / top-k, nothing banned), so the
+    # one-pass OPD term can take them as pi_old and run on the forward-gradient kernel (linear_logprobs_sum)
+    sampler_is_policy: bool = False
 
 
 @dataclass
@@ -118,12 +121,26 @@ def _rollout_chunk(student, ref, teacher, seqs: list[RolloutSeq], s: LossSetting
     mask = row_mask(packed.lengths, device)  # (B, T)
     w = token_weights(mask, s.aggregation, total_seqs=totals[0], total_tokens=totals[1])  # (B, T)
     w_flat = w[mask]  # (N,) in the order of packed.targets
+    teacher_lp, _ = from_lists([q.teacher_lp for q in seqs], device)  # (B, T); under jsd, filled in above
+    sampler_lp, _ = from_lists([q.sampler_lp for q in seqs], device)  # (B, T)
+    # One pass on the sampler's own policy: pi_old is the sampler's log-probs, so the advantages, and with them
+    # the OPD term's token weights, are known before the forward (forward-gradient kernel). Otherwise pi_old
+    # is the trainer's (or a scoring pass's) and the clipped or re-weighted term needs the per-token kernel.
+    fast_opd = s.objective != "jsd" and seqs[0].old_lp is None and s.sampler_is_policy
+    if fast_opd:
+        adv = shape_advantage(teacher_lp, sampler_lp, s.advantage, alpha=s.power_alpha, bound=s.adv_clip)  # (B, T)
+        pg_adv = reward_to_go(adv, mask, gamma=s.reward_to_go) if s.reward_to_go > 0 else adv  # (B, T)
+        opd_weights = -(w * pg_adv)[mask]  # (N,): d loss / d log pi(y_t), the policy gradient
 
     def head_terms(h, hw):  # every use of the student's head weight, in one forward (see batch.head_forward)
-        # the OPD term's weights need these log-probs (A_t uses pi_old = pi_theta), so it takes the
-        # per-token kernel; the JSD and KL weights are known now, so their sums come with their gradients
-        # from one sweep (kernels.*_sum: nothing recomputed in backward)
-        lp, ent = linear_logprobs(h, hw, packed.targets, chunk_size=s.chunk_size, vocab_size=s.vocab_size)
+        # the JSD, KL and (on the sampler's policy) OPD token weights are known now, so their sums come with
+        # their gradients from one sweep (kernels.*_sum: nothing recomputed in backward)
+        if fast_opd:
+            opd, lp, ent = linear_logprobs_sum(h, hw, packed.targets, opd_weights, chunk_size=s.chunk_size,
+                                               vocab_size=s.vocab_size)  # (), (N,), (N,)
+        else:
+            opd = None
+            lp, ent = linear_logprobs(h, hw, packed.targets, chunk_size=s.chunk_size, vocab_size=s.vocab_size)
         jsd = kl = (None, None)
         if t_side is not None:
             jsd = linear_jsd_sum(h, hw, *t_side, None, w_flat, beta=s.jsd_beta, temperature=s.teacher_temperature,
@@ -132,22 +149,24 @@ def _rollout_chunk(student, ref, teacher, seqs: list[RolloutSeq], s: LossSetting
         if r_side is not None:
             kl = linear_kl_sum(h, hw, *r_side, None, w_flat, chunk_size=s.chunk_size,
                                vocab_size=s.vocab_size)  # (), (N,)
-        return lp, ent, *jsd, *kl
+        return lp, ent, opd, *jsd, *kl
 
-    new_flat, ent_flat, jsd_sum, _, kl_sum, kl_flat = head_forward(student, packed, head_terms)
+    new_flat, ent_flat, opd_sum, jsd_sum, _, kl_sum, kl_flat = head_forward(student, packed, head_terms)
     new = to_rows(new_flat, packed.lengths)[0]  # (B, T)
-    teacher_lp, _ = from_lists([q.teacher_lp for q in seqs], device)  # (B, T)
-    sampler_lp, _ = from_lists([q.sampler_lp for q in seqs], device)  # (B, T)
     rep, _ = from_lists([[float(r) for r in q.repetitive] for q in seqs], device)  # (B, T)
-    old = from_lists([q.old_lp for q in seqs], device)[0] if seqs[0].old_lp is not None else new.detach()
-    adv = shape_advantage(teacher_lp, old, s.advantage, alpha=s.power_alpha, bound=s.adv_clip)  # (B, T)
-
-    if s.objective == "jsd":
-        main = jsd_sum
-        metrics = {"loss/opd": main.detach()}
+    if fast_opd:
+        # the surrogate's value at rho = 1 (-sum w A, as opd_loss reports it) with the fused sum's gradient
+        value, metrics = opd_loss(new.detach(), new.detach(), pg_adv, w, clip_eps=None)
+        main = opd_sum - opd_sum.detach() + value
     else:
-        pg_adv = reward_to_go(adv, mask, gamma=s.reward_to_go) if s.reward_to_go > 0 else adv  # (B, T)
-        main, metrics = opd_loss(new, old, pg_adv, w, clip_eps=s.clip_eps)
+        old = from_lists([q.old_lp for q in seqs], device)[0] if seqs[0].old_lp is not None else new.detach()
+        adv = shape_advantage(teacher_lp, old, s.advantage, alpha=s.power_alpha, bound=s.adv_clip)  # (B, T)
+        if s.objective == "jsd":
+            main = jsd_sum
+            metrics = {"loss/opd": main.detach()}
+        else:
+            pg_adv = reward_to_go(adv, mask, gamma=s.reward_to_go) if s.reward_to_go > 0 else adv  # (B, T)
+            main, metrics = opd_loss(new, old, pg_adv, w, clip_eps=s.clip_eps)
     total = main
     if use_kl:
         kl_loss, kl_metrics = ref_kl_loss(to_rows(kl_flat, packed.lengths)[0], w, total=kl_sum)

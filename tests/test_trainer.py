@@ -590,7 +590,8 @@ def naive_loss(m, rollouts, golds, s: LossSettings) -> torch.Tensor:
             jsd = b * (lt.exp() * (lt - mix)).sum(-1) + (1 - b) * (ls.exp() * (ls - mix)).sum(-1)
             total = total + w * jsd.sum()
         else:
-            adv = torch.tensor(q.teacher_lp) - new.detach()
+            old = torch.tensor(q.sampler_lp) if s.sampler_is_policy else new.detach()  # pi_old
+            adv = torch.tensor(q.teacher_lp) - old
             if s.reward_to_go > 0:  # A_t = sum_{k>=t} gamma^(k-t) d_k, written as a loop
                 adv = torch.stack([sum(s.reward_to_go ** (k - t) * adv[k] for k in range(t, len(adv)))
                                    for t in range(len(adv))])
@@ -625,6 +626,39 @@ def test_accumulated_gradient_equals_a_naive_full_logits_loss(acc_models, object
     rollouts, golds = acc_batch(acc_models.vocab, acc_models.teacher)
     golds[1] = GoldSeq(prompt=golds[1].prompt, target=golds[1].target + [5, 6])
     check_against_naive(acc_models, rollouts, golds, acc_settings(objective, aggregation, acc_models.vocab), 3)
+
+
+@pytest.mark.parametrize("objective", ["opd", "stableopd"])
+def test_opd_on_the_samplers_policy_runs_the_forward_gradient_kernel_and_equals_a_naive_loss(acc_models, objective,
+                                                                                               monkeypatch):
+    """With sampler_is_policy, pi_old is the sampler's log-probs (here -4.6 everywhere, far from the student's),
+    so the naive loss's advantages come from them; the per-token kernel is never called for the OPD term."""
+    from stableopd import update
+
+    rollouts, golds = acc_batch(acc_models.vocab, acc_models.teacher)
+    settings = dataclasses.replace(acc_settings(objective, "seq_mean", acc_models.vocab), sampler_is_policy=True,
+                                   reward_to_go=0.5)
+    calls, per_token = [], update.linear_logprobs
+    monkeypatch.setattr(update, "linear_logprobs", lambda *a, **k: calls.append(1) or per_token(*a, **k))
+    check_against_naive(acc_models, rollouts, golds, settings, 3)
+    assert calls == []
+
+
+def test_opd_forward_gradient_path_equals_the_per_token_path_when_the_sampler_is_the_policy(acc_models):
+    """The sampler's log-probs set to the student's own: both paths compute the same update and metrics."""
+    rollouts, golds = acc_batch(acc_models.vocab, acc_models.teacher)
+    with torch.no_grad():
+        own = score_targets(acc_models.student, [q.prompt for q in rollouts], [q.target for q in rollouts],
+                            pad_id=0, micro_batch=8, chunk_size=64, vocab_size=acc_models.vocab)
+    rollouts = [dataclasses.replace(q, sampler_lp=lp) for q, lp in zip(rollouts, own)]
+    slow_settings = acc_settings("stableopd", "token_mean", acc_models.vocab)
+    slow, slow_m = run_accumulate(acc_models, rollouts, golds, slow_settings, micro_batch=3)
+    fast, fast_m = run_accumulate(acc_models, rollouts, golds,
+                                  dataclasses.replace(slow_settings, sampler_is_policy=True), micro_batch=3)
+    assert_grads_close(fast, slow, rtol=1e-5)
+    for key, value in slow_m.items():
+        if isinstance(value, float):
+            assert fast_m[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
 @pytest.mark.parametrize("gamma", [0.5, 1.0])
