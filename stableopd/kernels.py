@@ -73,27 +73,46 @@ def _logprobs_loss(ls, targets, g, scratch, want_out):
     return out, gz.scatter_add_(1, targets[:, None], g_lp)
 
 
+def _log_mass(p: Tensor) -> Tensor:
+    """log(sum p) per row, summed in fp64: (C, 1). fp32's log-softmax leaves each row's normaliser off by up to
+    ~1e-7 absolute (its log-sum-exp is of magnitude log V), the same for every entry of the row; a divergence
+    of two such rows carries the difference of the two offsets, most of a small KL. The row's mass shows it."""
+    return torch.log(p.sum(1, keepdim=True, dtype=torch.float64)).float()
+
+
 def _kl_loss(ls, lt, g, scratch, want_out, *, reverse: bool):
     if reverse:  # KL(s || t) = sum ps (ls - lt);  d/dzs = ps * (ls - lt - KL)
         ps = torch.exp(ls, out=scratch[0])  # (C, V)
+        shift = _log_mass(ps) - _log_mass(torch.exp(lt, out=scratch[1])) if want_out else 0.0  # (C, 1)
         diff = ls.sub_(lt)  # (C, V)
         kl = _rowdot(ps, diff)  # (C, 1)
-        return kl, (None if g is None else diff.sub_(kl).mul_(ps).mul_(g))
+        out = kl - shift if want_out else None  # the rows renormalised (dividing by mass_s ~ 1 is below rounding)
+        return out, (None if g is None else diff.sub_(kl).mul_(ps).mul_(g))
     # KL(t || s) = sum pt (lt - ls);  d/dzs = ps - pt. pt underflowing to 0 gives 0 * finite = 0.
     pt = torch.exp(lt, out=scratch[0])  # (C, V)
-    kl = _rowdot(pt, lt.sub_(ls)) if want_out else None  # (C, 1)
+    if want_out:
+        shift = _log_mass(pt) - _log_mass(torch.exp(ls, out=scratch[1]))  # (C, 1)
+        kl = _rowdot(pt, lt.sub_(ls)) - shift  # (C, 1)
+    else:
+        kl = None
     return kl, (None if g is None else torch.exp(ls, out=lt).sub_(pt).mul_(g))
 
 
 def _jsd_loss(ls, lt, g, scratch, want_out, *, beta: float):
     """0 < beta < 1 (the endpoints are the KL kernels): m = (1 - beta) ps + beta pt,
-    JSD = beta KL(t || m) + (1 - beta) KL(s || m)."""
-    lm = torch.add(ls, math.log1p(-beta), out=scratch[1])  # (C, V)
-    torch.logaddexp(lm, torch.add(lt, math.log(beta), out=scratch[0]), out=lm)  # log((1-beta) ps + beta pt)
-    kl_tm = _rowdot(torch.exp(lt, out=scratch[0]), lt.sub_(lm)) if want_out else None  # (C, 1) KL(t || m)
+    JSD = beta KL(t || m) + (1 - beta) KL(s || m).
+
+    Written on r = log(pt / ps): log(ps / m) = -log((1 - beta) + beta e^r) = -logaddexp(log(1 - beta), r +
+    log beta) and log(pt / m) = r + log(ps / m). Both are small where the two distributions agree, so they
+    keep fp32's relative precision; forming log m itself (magnitude log V) and subtracting it from ls and lt
+    would lose about 1e-6 absolute per term, which is most of a small divergence."""
+    r = lt.sub_(ls)  # (C, V) log(pt / ps)
     ps = torch.exp(ls, out=scratch[0])  # (C, V)
-    d_s = ls.sub_(lm)  # (C, V) log(ps / m)
+    pt = ls.add_(r).exp_() if want_out else None  # (C, V) in ls's buffer: exp(ls + r) = pt
+    d_s = torch.add(r, math.log(beta), out=scratch[1])  # (C, V)
+    d_s = torch.logaddexp(torch.full((), math.log1p(-beta), device=r.device), d_s, out=d_s).neg_()  # log(ps / m)
     kl_sm = _rowdot(ps, d_s)  # (C, 1) KL(s || m)
+    kl_tm = _rowdot(pt, r.add_(d_s)) if want_out else None  # (C, 1) KL(t || m) = sum pt log(pt / m)
     out = (1.0 - beta) * kl_sm + beta * kl_tm if want_out else None  # (C, 1)
     # d JSD / d ps = (1 - beta) * log(ps / m) (the terms from m cancel), then through the softmax.
     return out, (None if g is None else d_s.sub_(kl_sm).mul_(ps).mul_(g * (1.0 - beta)))
@@ -306,7 +325,7 @@ def _divergence(kernel, n_scratch, s_h, s_w, t_h, t_w, mask, token_weights, chun
 def _kl_kernel(direction: str) -> tuple[Kernel, int]:
     if direction not in ("reverse", "forward"):
         raise ValueError(f"direction must be 'reverse' or 'forward', got {direction!r}")
-    return partial(_kl_loss, reverse=direction == "reverse"), 1
+    return partial(_kl_loss, reverse=direction == "reverse"), 2  # z and a buffer for the other side's mass
 
 
 def _jsd_kernel(beta: float) -> tuple[Kernel, int]:
