@@ -77,7 +77,7 @@ _GROUP = 64
 
 
 def _log_mass(p: Tensor) -> Tensor:
-    """log(sum p) per row, summed in fp64: (C, 1). fp32's log-softmax leaves each row's normaliser off by up to
+    """log(sum p) per row, accurate to ~1e-9: (C, 1). fp32's log-softmax leaves each row's normaliser off by up to
     ~1e-7 absolute (its log-sum-exp is of magnitude log V), the same for every entry of the row; a divergence
     of two such rows carries the difference of the two offsets, most of a small KL. The row's mass shows it."""
     c, v = p.shape
