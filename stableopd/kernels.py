@@ -13,6 +13,9 @@ backward needs both sides), about 1.2x a naive loss's time on CPU. When the per-
 sum are known before the forward (on-policy OPD with rho = 1, SFT, a masked or per-response token-mean KL),
 the `*_sum` variants compute the gradients during the forward sweep: no more matmuls than a naive loss.
 
+Accuracy: divergence values are kept within ~1e-6 (KL) and ~1e-5 (JSD) relative of an fp64 reference even
+for distributions a small step apart at a 50k vocabulary (`_log_mass`, `_jsd_loss`; tests/test_kernels.py).
+
 Conventions: logits are divided by `temperature`. hidden/weight may be any float dtype; all math is fp32
 (chunks are upcast; a non-fp32 weight is upcast once per sweep: one (V, d) fp32 copy, 0.9 GB for
 Qwen2.5-1.5B's lm_head); outputs are fp32 and gradients come back in the input dtypes. On CUDA the fp32
