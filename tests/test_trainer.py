@@ -335,9 +335,10 @@ def one_step(cfg, setup, optimizer, step: int = 1, backend=None):
                               golds_all=golds)  # fmt: skip
 
 
+# top_p < 1: the sampler's log-probs are not pi_theta's, so pi_old is the trainer's own and A is exactly 0
 @pytest.mark.parametrize("objective", [
-    ["loss.objective=opd"],
-    ["loss.objective=stableopd", "loss.gold_coef=0", "loss.ref_kl_coef=1.0"],  # OPD + reference KL only
+    ["loss.objective=opd", "sampling.top_p=0.99"],
+    ["loss.objective=stableopd", "loss.gold_coef=0", "loss.ref_kl_coef=1.0", "sampling.top_p=0.99"],  # + ref KL
 ])  # fmt: skip
 def test_teacher_equal_to_student_gives_zero_advantage_and_zero_gradient(data_file, built, objective):
     cfg, setup = step_setup(data_file, built.student, *objective)  # teacher: the student's own directory
@@ -360,6 +361,18 @@ def test_teacher_equal_to_student_gives_zero_advantage_and_zero_gradient(data_fi
     assert metrics["optim/grad_norm"] == 0.0
     if cfg.loss.objective == "stableopd":
         assert metrics["loss/ref_kl"] == 0.0
+
+
+def test_teacher_equal_to_student_on_the_samplers_policy_leaves_only_rounding(data_file, built):
+    """Sampling at temperature 1 with no truncation: pi_old is the sampler's log-probs (the forward-gradient
+    path), so A = log pi_T - log pi_sampler is the sampler/trainer rounding, not exactly 0; the update
+    vanishes with it (the control below moves the student by more than 1e-3)."""
+    cfg, setup = step_setup(data_file, built.student, "loss.objective=opd")
+    assert trainer.sampler_is_policy(cfg, setup.pair)
+    capture = GradCapture(setup.student.model)
+    metrics, _ = one_step(cfg, setup, capture)
+    assert abs(metrics["adv/mean"]) < 1e-6 and abs(metrics["diag/kl_sample_train"]) < 1e-6
+    assert metrics["optim/grad_norm"] < 1e-5, metrics["optim/grad_norm"]
 
 
 def test_a_real_teacher_gives_a_non_zero_advantage_and_gradient(data_file, built):
