@@ -33,7 +33,6 @@ from stableopd.trainer import (
     announce,
     build_step_backend,
     checkpoint_bytes,
-    gold_targets,
     guard_from,
     open_trackers,
     prepare,
@@ -67,6 +66,12 @@ def sft_step(model, optimizer, golds: list[GoldSeq], settings: LossSettings, *, 
             "optim/skipped": int(not torch.isfinite(norm)), "time/train_s": time.perf_counter() - t0}
 
 
+def no_solutions(d) -> UserError:
+    """The error of an sft run whose data (`DataConfig` d) holds no golden solution."""
+    return UserError(f"sft needs golden solutions: no example in '{d.source}' has a '{d.solution_field}' field "
+                     "(set data.solution_field)")
+
+
 def run_sft(cfg: Config, *, resume: bool = False) -> int:
     run_dir = Path(cfg.out or "runs/sft")
     check_rules(cfg)
@@ -84,12 +89,10 @@ def _run_sft(cfg: Config, resume: bool, run_dir: Path, stop: GracefulStop) -> in
     note(f"loaded in {duration(time.perf_counter() - t0)}: {len(setup.train)} training examples, "
          f"{len(setup.val)} validation prompts", enabled=cfg.logging.progress)
     tok = setup.student.tokenizer
-    eos = setup.stop_ids[0] if setup.stop_ids else tok.eos_token_id
-    golds_all = gold_targets(tok, setup.train, eos)
+    golds_all = setup.golds
     keep = [i for i, g in enumerate(golds_all) if g is not None]
     if not keep:
-        raise UserError(f"sft needs golden solutions: no example in '{cfg.data.source}' has a "
-                        f"'{cfg.data.solution_field}' field (set data.solution_field)")
+        raise no_solutions(cfg.data)
     model = setup.student.model
     check_free_space(run_dir, checkpoint_bytes(model), "a checkpoint")
     write_config(run_dir, cfg)

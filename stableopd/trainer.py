@@ -90,6 +90,7 @@ class Setup:
     pair: TokenPair | None = None  # how the teacher reads the student's tokens (stableopd/pairing.py)
     teacher_train_ids: list[list[int]] | None = None  # the prompts in the teacher's own chat template
     teacher_val_ids: list[list[int]] | None = None
+    golds: list[list[int] | None] | None = None  # each training example's golden target (stop token last) or None
 
 
 @functools.lru_cache(maxsize=4)
@@ -131,7 +132,8 @@ def prepare(cfg: Config, *, student_path: str | None, need_teacher: bool, need_r
     # a LoRA run resumes from its base model plus the checkpoint's adapter; a full run from the checkpoint
     s_name = cfg.student.name if spec.lora else student_path or cfg.student.name
     s_tok = load_tokenizer(s_name, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-    train = keep_training(cfg, train, s_tok)  # before any prompt is indexed: steps sample kept examples only
+    # before any prompt is indexed, so steps sample kept examples only; their solutions' ids when tokenised
+    train, solutions = keep_training(cfg, train, s_tok)
     pair, t_tok = _pair(cfg, s_name, s_tok) if need_teacher else (None, None)
     student = _load(cfg.student, name=s_name, tokenizer=s_tok)
     if spec.lora:
@@ -173,8 +175,12 @@ def prepare(cfg: Config, *, student_path: str | None, need_teacher: bool, need_r
     stops = list(pair.student_stops) if pair else stop_token_ids(student.tokenizer, student.model)
     if t_ids == (train_ids, val_ids):  # the same template: the teacher reads the student's own prompt ids
         t_ids = (None, None)
+    eos = stops[0] if stops else student.tokenizer.eos_token_id
+    if solutions is None:
+        solutions = solution_ids(student.tokenizer, train)
+    golds = [None if ids is None else ids + [eos] for ids in solutions]
     return Setup(student, teacher, ref, vocab, stops, train, train_ids, val, val_ids, scorer, pair=pair,
-                 teacher_train_ids=t_ids[0], teacher_val_ids=t_ids[1])
+                 teacher_train_ids=t_ids[0], teacher_val_ids=t_ids[1], golds=golds)
 
 
 def _pair(cfg: Config, student_name: str, student_tok) -> tuple[TokenPair, Any]:
@@ -255,19 +261,24 @@ def gold_targets(tokenizer, examples: list[Example], eos: int) -> list[list[int]
     return [None if ids is None else ids + [eos] for ids in solution_ids(tokenizer, examples)]
 
 
-def keep_training(cfg: Config, train: list[Example], tokenizer) -> list[Example]:
-    """The training examples that data.solution_correct_field and data.max_solution_tokens keep, and one note
-    line; with both unset, `train` itself (nothing is tokenised)."""
+def keep_training(cfg: Config, train: list[Example], tokenizer
+                  ) -> tuple[list[Example], list[list[int] | None] | None]:
+    """The training examples that data.solution_correct_field and data.max_solution_tokens keep, with one note
+    line, and the kept solutions' token ids when the length rule tokenised them (else None); with both keys
+    unset, `train` itself and nothing tokenised."""
     d = cfg.data
     verified_only, max_tokens = d.solution_correct_field is not None, d.max_solution_tokens
     if not verified_only and max_tokens is None:
-        return train
-    n_tokens = None if max_tokens is None else [
-        None if ids is None else len(ids) for ids in solution_ids(tokenizer, train)]
+        return train, None
+    solutions = None if max_tokens is None else solution_ids(tokenizer, train)
+    n_tokens = None if solutions is None else [None if ids is None else len(ids) for ids in solutions]
     kept = keep_for_training(train, n_tokens, verified_only=verified_only, max_tokens=max_tokens)
     note(kept_note(kept, verified_only=verified_only, max_tokens=max_tokens),
          enabled=cfg.logging.progress and os.environ.get("RANK", "0") == "0")  # one line, not one per rank
-    return kept.examples
+    if solutions is not None:
+        chosen = {id(ex) for ex in kept.examples}
+        solutions = [ids for ex, ids in zip(train, solutions) if id(ex) in chosen]
+    return kept.examples, solutions
 
 
 def sampling_params(cfg: Config, step: int, pair: TokenPair | None = None) -> SamplingParams:
@@ -579,8 +590,7 @@ def _distill_steps(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start
     dist = setup.dist
     backend = dist.sampler(build_step_backend(cfg, setup), setup.student.model)
     settings = loss_settings(cfg, setup.vocab_size, setup.pair)
-    golds = gold_targets(setup.student.tokenizer, setup.train, setup.stop_ids[0] if setup.stop_ids else
-                         setup.student.tokenizer.eos_token_id)
+    golds = setup.golds
     bad = int(restored_state.get("consecutive_bad", 0))
     skipped = int(restored_state.get("skipped_total", 0))
     chatty = cfg.logging.progress and dist.is_main

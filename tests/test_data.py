@@ -461,6 +461,7 @@ def test_prepare_trains_on_kept_examples_only(tmp_path, tiny, monkeypatch):
     assert setup.train_ids == [encode_prompt(tok, f"problem {u}?") for u in ("u0", "u1", "u4", "u5")]
     golds = trainer.gold_targets(tok, setup.train, setup.stop_ids[0])
     assert [len(g) for g in golds] == [len(SELECTED[u]) + 1 for u in ("u0", "u1", "u4", "u5")]
+    assert setup.golds == golds  # the ids tokenised for the length rule are the ones training uses
     assert ("data: kept 4 of 6 training examples (dropped 1 with no verified solution, 1 with a solution "
             "over 40 tokens)", True) in notes
     quiet = openr1_config(path, "data.solution_field=generations", f"data.solution_correct_field={FLAGS}",
