@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stableopd.config import Config, check_rules
+from stableopd.config import Config
 from stableopd.errors import UserError
 
 
@@ -112,8 +112,7 @@ def run_plan(cfg: Config, *, command: str, world: int, resume: bool, print_line)
     from stableopd.files import check_output_dir
     from stableopd.trackers import check_installed
 
-    check_rules(cfg)
-    check_launch(world, cfg)
+    check_launch(world, cfg)  # the config's own rules ran when it loaded (config.check_rules)
     check_installed(cfg.logging.report_to)
     if cfg.student.lora:
         from stableopd.lora import import_peft
@@ -210,6 +209,7 @@ def describe_data(cfg: Config, command: str) -> str:
     examples = examples_for(d, limit=d.limit)
     golden = sum(e.solution is not None for e in examples)
     if command == "sft" and not golden:
-        raise UserError(f"sft needs golden solutions: no example in '{d.source}' has a '{d.solution_field}' "
-                        "field (set data.solution_field)")
+        from stableopd.sft import no_solutions
+
+        raise no_solutions(d)
     return f"'{d.source}': {len(examples):,} training examples, {golden:,} with a golden solution"

@@ -65,13 +65,6 @@ def parse_options(options: dict[str, Any], key: str = "sampling.options") -> VLL
     return base.parse_options(VLLMOptions, "vllm", options, key)
 
 
-def launched_ranks() -> int:
-    """The process count of the torch.distributed group this process belongs to (1 outside one)."""
-    import torch.distributed as tdist
-
-    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
-
-
 def engine_kwargs(options: VLLMOptions, hf_overrides: dict[str, Any] | None) -> dict[str, Any]:
     """vllm.LLM keywords: the options, the model's config overrides, and under torchrun vLLM's
     `external_launcher` executor with one data-parallel replica per rank (tensor_parallel_size 1, checked
@@ -81,7 +74,9 @@ def engine_kwargs(options: VLLMOptions, hf_overrides: dict[str, Any] | None) -> 
     kw = options.engine_kwargs()
     if hf_overrides:
         kw["hf_overrides"] = dict(hf_overrides)
-    if (world := launched_ranks()) > 1:
+    from stableopd.distributed import launched_world
+
+    if (world := launched_world()) > 1:
         kw.update(distributed_executor_backend="external_launcher", data_parallel_size=world, seed=0)
     return kw
 
