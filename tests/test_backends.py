@@ -273,7 +273,10 @@ def test_training_mode_is_restored(tiny):
 @pytest.mark.parametrize(
     ("options", "fragment"),
     [({"batch_size": 0}, "sampling.options.batch_size: Input should be greater than or equal to 1 (got 0)"),
-     ({"beams": 2}, "unknown hf option 'sampling.options.beams'; valid: batch_size")],
+     ({"beams": 2}, "unknown hf option 'sampling.options.beams'; valid: batch_size, cache, compile"),
+     ({"cache": "paged"}, "sampling.options.cache: Input should be 'dynamic' or 'static' (got 'paged')"),
+     ({"compile": True},
+      "sampling.options: compile: true needs cache: static (a growing cache changes shape at every token)")],
 )
 def test_hf_options_are_validated(tiny, options, fragment):
     with pytest.raises(UserError) as exc:
@@ -282,6 +285,44 @@ def test_hf_options_are_validated(tiny, options, fragment):
     with pytest.raises(UserError) as at_load:  # the same check runs when the config loads, before any model
         load_config(None, [f"sampling.options={json.dumps(options)}"])
     assert str(at_load.value) == fragment
+
+
+class GenerateSpy:
+    """Wraps a model's real `generate`, keeping each call's cache type; `get_compiled_call` is replaced by the
+    uncompiled forward, recording that transformers asked for it (a real compile takes a minute on CPU)."""
+
+    def __init__(self, model, monkeypatch) -> None:
+        self.caches: list[str] = []
+        self.compiled: list[object] = []
+        real = model.generate
+
+        def generate(*args, **kwargs):
+            out = real(*args, **kwargs)
+            self.caches.append(type(out.past_key_values).__name__)
+            return out
+
+        def get_compiled_call(compile_config):
+            self.compiled.append(compile_config)
+            return model.__call__
+
+        monkeypatch.setattr(model, "generate", generate)
+        monkeypatch.setattr(model, "get_compiled_call", get_compiled_call)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_static_cache_and_compile_sample_what_the_default_does(tiny, monkeypatch, temperature):
+    spy = GenerateSpy(tiny.model, monkeypatch)
+    params = SamplingParams(n=2, temperature=temperature, max_new_tokens=24, seed=3)
+    runs = {name: records_for(tiny, params, **options) for name, options in [
+        ("dynamic", {}), ("static", {"cache": "static"}), ("compiled", {"cache": "static", "compile": True})]}
+    assert spy.caches == ["DynamicCache", "StaticCache", "StaticCache"]
+    assert len(spy.compiled) == 1 and spy.compiled[0].mode == "default"  # only the compile option compiles
+    for name in ("static", "compiled"):
+        assert [r["response_token_ids"] for r in runs[name]] == [r["response_token_ids"] for r in runs["dynamic"]]
+        for a, b in zip(runs[name], runs["dynamic"]):
+            torch.testing.assert_close(a["sampler_logprobs"], b["sampler_logprobs"], atol=1e-5, rtol=0)
+    if temperature:
+        assert assert_consistent(tiny, runs["static"]) > 50
 
 
 # ------------------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ def parse_options(model: type, backend: str, options: dict[str, Any], key: str =
         if e["type"] == "extra_forbidden":
             raise UserError(f"unknown {backend} option '{key}.{loc}'; valid: "
                             f"{', '.join(model.model_fields)}") from None
+        if not loc:  # a rule across several options
+            raise UserError(f"{key}: {e['msg'].removeprefix('Value error, ')}") from None
         raise UserError(f"{key}.{loc}: {e['msg']} (got {e.get('input')!r})") from None
 
 

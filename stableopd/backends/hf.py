@@ -11,7 +11,12 @@ this). With temperature 0 (greedy) no warper runs and they are the temperature-1
 Sampling is reproducible: each call seeds its own RNG stream from `params.seed` and restores the
 global RNG afterwards, so sampling does not perturb training randomness (and resume stays exact).
 
-Options (`sampling.options`): `batch_size` prompts per generate call (default 16).
+Options (`sampling.options`):
+- `batch_size`: prompts per generate call (default 16).
+- `cache`: `dynamic` (default) or `static`, generate's `cache_implementation`.
+- `compile`: true compiles generate's decode step with torch.compile (needs `cache: static`; on a GPU,
+  transformers compiles a static cache's decode step on its own unless this is false).
+Both default off because they were slower on CPU for the built-in models (README, "Sampling speed").
 """
 
 from __future__ import annotations
@@ -77,7 +82,20 @@ class HFBackend:
             pad_token_id=self.pad_id,
             output_scores=True,
             return_dict_in_generate=True,
+            cache_implementation="static" if self.options.cache == "static" else None,
+            **self._compile_settings(),
         )
+
+    def _compile_settings(self) -> dict[str, Any]:
+        if not self.options.compile:
+            return {"disable_compile": True}
+        from transformers import CompileConfig
+
+        if next(self.model.parameters()).device.type != "cpu":
+            return {"compile_config": CompileConfig(fullgraph=False, dynamic=False)}  # CUDA graphs
+        config = CompileConfig(fullgraph=False, dynamic=False, mode="default")
+        config._compile_all_devices = True  # transformers compiles only on accelerators unless told
+        return {"compile_config": config}
 
     def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(p) for p in prompts)
