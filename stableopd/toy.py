@@ -3,17 +3,26 @@
 `arith-teacher` and `arith-student` make the quickstart's world: a teacher that solves 2-digit additions
 (written out digit by digit) almost always, and a smaller student that gets about a quarter of them right,
 so there is something to distill. Both use the tiny family's character tokenizer (stableopd/tiny.py) and
-are trained on first use by the SFT stage's own step function (`stableopd.sft.sft_step`) on golden solutions, then cached
-under `cache_dir()/models/` like every built-in (models.resolve_model_path, atomic; the cache name holds
-a hash of the recipe, so a changed recipe is rebuilt). A build is deterministic: the init seed, the data
-and its order are fixed by the recipe, nothing else draws random numbers, and it runs on one thread,
-because float sums are ordered by the thread count (with 2 threads the student recipe ends at 10%
-instead of 28%). Same torch build and same CPU kernels, same weights. torch picks its kernels by
-instruction set (`torch.backends.cpu.get_cpu_capability()`, overridden by `ATEN_CPU_CAPABILITY`), and
-AVX-512 and AVX2 kernels round sums in another order: the build line and toy_build.json name them.
+are trained by the SFT stage's own step function (`stableopd.sft.sft_step`) on golden solutions, and cached
+under `cache_dir()/models/` like every built-in (models.resolve_model_path, atomic; the cache name holds a
+hash of the recipe, so a changed recipe is rebuilt).
 
-Recipes (one thread, AVX-512 kernels; greedy accuracy on the 200 validation problems of `TOY_DATA`; with
-AVX2 kernels the teacher gets 96.5% and the student 22%, SFT loss 0.0839 instead of 0.0653):
+The package ships every recipe's output (`SHIPPED`: the weights and a manifest of recipe keys and SHA-256
+sums), so first use installs them in seconds instead of training for minutes. They were built by
+tools/ship_toy_weights.py on one thread with torch's AVX2 kernels, and tests/test_shipped_models.py
+rebuilds each recipe and compares the files byte for byte. With `STABLEOPD_BUILD_TOYS=1`, for a changed
+recipe, or for a shipped file whose hash is wrong, the model is trained here instead.
+
+A build is deterministic: the init seed, the data and its order are fixed by the recipe, nothing else draws
+random numbers, and it runs on one thread, because float sums are ordered by the thread count (with 2
+threads the student recipe ends at 10% instead of 28%). Same torch build and same CPU kernels, same
+weights. torch picks its kernels by instruction set (`torch.backends.cpu.get_cpu_capability()`, overridden
+by `ATEN_CPU_CAPABILITY`), and AVX-512 and AVX2 kernels round sums in another order: the build line and
+toy_build.json name them.
+
+Recipes (one thread; greedy accuracy on the 200 validation problems of `TOY_DATA`, measured with AVX-512
+kernels; the shipped AVX2 builds get 96.5% for the teacher and 22% for the student, SFT loss 0.0839 instead
+of 0.0653):
 - `arith-teacher`: 4 layers, hidden 128, 0.62M parameters, 400 steps of 32 solutions, lr 3e-3 with
   warmup and cosine decay to 10%: 97.5%, in about 110 s.
 - `arith-student`: 3 layers, hidden 96, 0.33M parameters, 250 steps: 28%, in about 40 s.
@@ -39,14 +48,15 @@ inflates and collapses as in the paper (sections 1-4). Their solutions carry sel
   problems has something to lose; the checks it has seen are its golden format, and StableOPD trains on
   the same solutions.
 
-    stableopd distill -c examples/quickstart.yaml      # builds both on first use (about 2.5 minutes)
-    stableopd distill -c examples/collapse.yaml        # the collapse world (5 minutes of builds)
+    stableopd distill -c examples/quickstart.yaml      # installs both on first use (seconds)
+    STABLEOPD_BUILD_TOYS=1 STABLEOPD_CACHE=/tmp/c stableopd distill -c examples/quickstart.yaml   # builds them
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -61,6 +71,8 @@ TOY_DATA = "builtin:arith?digits=2&ops=+"
 # always fit
 COLLAPSE_TEACHER_DATA = TOY_DATA + "&checks=0*1,1-2*2,5*9"
 COLLAPSE_DATA = TOY_DATA + "&checks=0*3,1*2,2*1"
+# the weights of every recipe below, as built by it (tools/ship_toy_weights.py), with manifest.json
+SHIPPED = Path(__file__).parent / "toy_weights"
 
 
 @dataclass(frozen=True)
@@ -183,16 +195,69 @@ def train_on_golden(
     return metrics
 
 
+def shipped_weights(name: str) -> Path | None:
+    """The packaged weights of a built-in toy model, when they are the output of its current recipe.
+
+    None when `STABLEOPD_BUILD_TOYS=1`, when the package ships none for `name`, when the recipe (or its data,
+    or its base) changed since they were built (the manifest's recipe key), or when the file's SHA-256 is not
+    the manifest's (a damaged install): the model is then built from its recipe."""
+    if os.environ.get("STABLEOPD_BUILD_TOYS") == "1" or name not in TOY_FAMILY:
+        return None
+    entry = shipped_manifest().get(name)
+    path = SHIPPED / f"{name}.safetensors"
+    if not entry or entry["recipe_key"] != recipe_key(TOY_FAMILY[name]) or not path.is_file():
+        return None
+    return path if file_sha256(path) == entry["sha256"] else None
+
+
+def shipped_manifest() -> dict[str, dict]:
+    path = SHIPPED / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def install_shipped(name: str, weights: Path, out_dir: Path, *, progress: bool = True) -> Path:
+    """The build's directory with the packaged weights: the recipe's config and tokenizer (written by the same
+    code a build runs), then the shipped `model.safetensors`, byte for byte."""
+    from stableopd.progress import console
+    from stableopd.tiny import build_tiny_model
+
+    entry = shipped_manifest()[name]
+    build_tiny_model(name, out_dir, spec=TOY_FAMILY[name].spec)
+    shutil.copyfile(weights, out_dir / "model.safetensors")
+    info = {"name": name, "recipe": asdict(TOY_FAMILY[name]), "source": "shipped", **entry}
+    (out_dir / "toy_build.json").write_text(json.dumps(info, indent=1) + "\n")
+    if progress:
+        console.print(
+            f"installed {name}: weights shipped with stableopd, built by its recipe with torch {entry['torch']}'s "
+            f"{entry['cpu_capability']} kernels (STABLEOPD_BUILD_TOYS=1 builds it on this machine instead)",
+            highlight=False,
+        )
+    return out_dir
+
+
 def build_toy_model(
     name: str, out_dir: Path, *, recipe: ToyRecipe | None = None, progress: bool = True
 ) -> Path:
-    """Random-init the recipe's model, train it on golden solutions, save it with its tokenizer into `out_dir`."""
+    """Random-init the recipe's model, train it on golden solutions, save it with its tokenizer into `out_dir`.
+
+    A built-in's default recipe installs its shipped weights instead, when they match (`shipped_weights`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from stableopd.progress import console
     from stableopd.tiny import build_tiny_model, build_tokenizer
 
+    shipped = shipped_weights(name) if recipe is None else None
+    if shipped is not None:
+        return install_shipped(name, shipped, out_dir, progress=progress)
     recipe = recipe or TOY_FAMILY[name]
     t0 = time.perf_counter()
     if recipe.base:

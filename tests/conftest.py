@@ -4,10 +4,11 @@
 models are built once per run and never touch the user's cache. Tests that change a model must work on
 a copy (`copy.deepcopy(tiny.model)`): the loaded models are shared by the session.
 
-The end-to-end tests that need the real toy models (BUILD_FIRST) run last, and their slowest builds start
-at once in a background process: a build runs on one thread, so on a machine with two cores or more it
-takes the second core while the other tests run. The cache's build lock makes a test that needs a model
-still being built wait for it instead of building it again.
+The toy models install from the weights shipped in the package. tests/test_shipped_models.py rebuilds them
+from their recipes, which takes minutes: that file runs last, and its builds start at once in a background
+process, into its own cache (`rebuild_cache`). A build runs on one thread, so on a machine with two cores or
+more it takes the second core while the other tests run. The cache's build lock makes the test wait for a
+model still being built instead of building it again.
 """
 
 from __future__ import annotations
@@ -69,34 +70,30 @@ def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-# test file -> the one-thread toy builds it needs that take minutes, started in the background; the files run
-# last, in this order
-BUILD_FIRST = {"test_quickstart.py": ["arith-teacher"], "test_collapse.py": ["collapse-teacher", "collapse-student"]}
-# the background builds one model after the other, each ready before its test starts: on 2 cores (one
-# thread) collapse-teacher takes about 6 min, arith-teacher 3 and collapse-student 2, against about 9 min of
-# other tests, then the quickstart test
-BUILD_ORDER = ["collapse-teacher", "arith-teacher", "collapse-student"]
+# the file whose toy-model rebuilds take minutes; it runs last and its builds start in the background
+REBUILD_FILE = "test_shipped_models.py"
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """The tests of BUILD_FIRST files run last, in its order (stable otherwise), so their builds have time to
-    finish."""
-    last = list(BUILD_FIRST)
-    items.sort(key=lambda item: last.index(item.path.name) + 1 if item.path.name in BUILD_FIRST else 0)
+    items.sort(key=lambda item: item.path.name == REBUILD_FILE)  # stable: the others keep their order
+
+
+@pytest.fixture(scope="session")
+def rebuild_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cache the toy recipes rebuild into, apart from the session's, where the shipped weights install."""
+    return tmp_path_factory.mktemp("rebuild")
 
 
 @pytest.fixture(scope="session", autouse=True)
-def prebuild(request, cache_dir: Path):
-    files = {item.path.name for item in request.session.items}
-    wanted = {n for f, ns in BUILD_FIRST.items() if f in files for n in ns}
-    names = [n for n in BUILD_ORDER if n in wanted]
-    if not names or (os.cpu_count() or 1) < 2:
+def prebuild(request, rebuild_cache: Path):
+    from stableopd.toy import TOY_FAMILY
+    from tools.ship_toy_weights import BUILD, build_env
+
+    if not any(item.path.name == REBUILD_FILE for item in request.session.items) or (os.cpu_count() or 1) < 2:
         yield
         return
-    code = "import sys; from stableopd.models import resolve_model_path; [resolve_model_path(n) for n in sys.argv[1:]]"
-    env = {**os.environ, "STABLEOPD_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", code, *names], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # a failed build is redone, with its error, by the test
+    proc = subprocess.Popen([sys.executable, "-c", BUILD, *TOY_FAMILY], env=build_env(rebuild_cache),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # a failed build is redone by the test
     yield
     proc.kill()
     proc.wait()

@@ -1,13 +1,12 @@
 """The paper's collapse in miniature (examples/collapse.yaml), shortened: vanilla OPD inflates to the
 length budget and loops, StableOPD in the same world does not.
 
-Builds collapse-teacher and collapse-student from their real recipes into the session cache (about 4
-minutes on 2 cores; arith-student is shared with tests/test_quickstart.py), then runs the example for
-STEPS of its 150 steps twice, OPD and StableOPD side by side in two one-thread processes. Measured on the
-full run with two seeds: OPD's rollout truncation passes 0.5 by step 18-24 and stays around 0.8 from step
-40 on (peaks 0.91-0.92), nearly every truncated rollout looping on the check line; StableOPD's stays at or
-below 0.2. The assertions are on the direction
-and a wide margin, not on the exact curves, which another CPU's float rounding moves.
+Installs collapse-teacher and collapse-student from their shipped weights into the session cache, then
+runs the example for STEPS of its 150 steps twice, OPD and StableOPD side by side in two one-thread
+processes. Measured on the full run with two seeds: OPD's rollout truncation passes 0.5 by step 18-24 and
+stays around 0.8 from step 40 on (peaks 0.91-0.92), nearly every truncated rollout looping on the check
+line; StableOPD's stays at or below 0.2. The assertions are on the direction and a wide margin, not on the
+exact curves, which another CPU's float rounding moves.
 
     pytest tests/test_collapse.py -s
 """

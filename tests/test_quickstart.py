@@ -1,18 +1,12 @@
-"""The README's main job, end to end with the real toy models: they build, the teacher is strong, the
-student is weak, and StableOPD from one into the other raises the student's accuracy.
+"""The README's main job, end to end with the real toy models: they install, the teacher is strong, the
+student is weak, and StableOPD from one into the other raises the student's accuracy by 15 points or more.
 
-Builds arith-teacher and arith-student from their real recipes into the session cache (about 3.5
-minutes on 2 cores), evaluates the teacher on the 200 validation problems, then runs the quickstart config
-for 50 of its 150 steps. The builds and runs depend on torch's CPU kernels (README); measured on one
-machine, seed 0:
-
-    kernels   teacher  student at step 0 -> 50   validation reverse KL at step 0 -> 50
-    AVX512    0.975    0.28 -> 0.525             0.164 -> 0.064
-    AVX2      0.965    0.22 -> 0.60              0.153 -> 0.053
-    DEFAULT   >= 0.9   0.08 -> 0.14              0.554 -> 0.249
-
-So the assertions are the direction with a margin that holds for all three: the reverse KL to the teacher
-at most 0.6 of its start (measured 0.39-0.45), and the accuracy up.
+Installs arith-teacher and arith-student from their shipped weights into the session cache (seconds),
+evaluates the teacher on the 200 validation problems, then runs the quickstart config for 50 of its 150
+steps. The weights are the same everywhere (built with AVX2 kernels); the run itself depends on torch's CPU
+kernels (README). Measured on one machine, seed 0, two threads, AVX2: teacher 0.965, student 0.22 -> 0.60
+at step 50, validation reverse KL 0.153 -> 0.053. The assertions are the direction with a margin: the
+reverse KL to the teacher at most 0.6 of its start, and at least 15 points of accuracy.
 
     pytest tests/test_quickstart.py -s
 """
@@ -50,5 +44,5 @@ def test_quickstart_distills_a_weak_student_from_a_strong_teacher(tmp_path):
     assert start <= 0.5  # something left to learn
     kl_start, kl_end = rows[0]["val/reverse_kl"], rows[-1]["val/reverse_kl"]
     assert kl_end <= 0.6 * kl_start, (kl_start, kl_end)  # the student moved towards the teacher
-    assert end > start, (start, end)
+    assert end >= start + 0.15, (start, end)
     assert rows[-1]["guard/verdict"] == "healthy"
