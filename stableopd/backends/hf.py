@@ -123,10 +123,12 @@ class HFBackend:
                                       logits_processor=masks)
         if was_training:
             self.model.train()
-        gen = out.sequences[:, ids.shape[1]:].cpu()  # (B*n, T)
-        scores = torch.stack(out.scores, dim=1).float()  # (B*n, T, V) processed logits
-        logprobs = torch.log_softmax(scores, dim=-1).gather(-1, gen.unsqueeze(-1).to(scores.device))
-        logprobs = logprobs.squeeze(-1).cpu()  # (B*n, T)
+        gen = out.sequences[:, ids.shape[1]:]  # (B*n, T)
+        # the log-prob of each drawn token under its step's processed logits, one step at a time: never a
+        # (B*n, T, V) copy of the scores
+        logprobs = torch.stack([torch.log_softmax(step.float(), dim=-1).gather(-1, gen[:, t, None])[:, 0]
+                                for t, step in enumerate(out.scores)], dim=1).cpu()  # (B*n, T)
+        gen = gen.cpu()
         results: list[list[Sample]] = []
         for row in range(gen.shape[0]):
             toks = gen[row].tolist()
