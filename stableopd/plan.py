@@ -49,6 +49,7 @@ def objective_terms(cfg: Config, command: str) -> str:
 def locate(role: str, spec, *, config_key: str) -> ModelInfo:
     """Where a model's weights come from and, when its config is on this machine, the config."""
     from stableopd.models import ALIASES, BUILTINS, built_dir, overridden_config, resolve_model_path
+    from stableopd.toy import shipped_weights
 
     name = spec.name
     path: str | None
@@ -56,9 +57,10 @@ def locate(role: str, spec, *, config_key: str) -> ModelInfo:
         built = built_dir(name)
         path = str(built) if (built / "config.json").is_file() else None
         kind = "built-in" if name in BUILTINS else "GGUF file"
-        info = ModelInfo(role, name, f"{kind}, cached at {built}" if path else f"{kind}, built on first use")
+        first_use = "installed on first use" if shipped_weights(name) else "built on first use"
+        info = ModelInfo(role, name, f"{kind}, cached at {built}" if path else f"{kind}, {first_use}")
         if path is None:
-            info.missing = f"{name} (built on first use)"
+            info.missing = f"{name} ({first_use})"
             return info
     else:
         path = resolve_model_path(name)  # local directories are checked; hub ids come back as they are
