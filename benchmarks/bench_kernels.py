@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -69,11 +70,28 @@ def run_loss(loss: str, impl: str, t: dict, chunk: int) -> None:
         with torch.no_grad():
             _ent = -(logp.exp() * logp).sum(-1)  # same metric the fused path returns
         total = (t["tw"] * lp).sum()
+    elif impl == "naive" and loss == "jsd":  # TRL's convention: m = (1 - beta) p_s + beta p_t, beta 0.5
+        ls = (t["h"] @ t["w"].T).float().log_softmax(-1)  # (N, V)
+        with torch.no_grad():
+            lt = (t["h_r"] @ t["w_r"].T).float().log_softmax(-1)  # (N, V)
+        mix = torch.logaddexp(ls, lt) - math.log(2)
+        total = ((0.5 * (lt.exp() * (lt - mix)).sum(-1) + 0.5 * (ls.exp() * (ls - mix)).sum(-1)) * t["mask"]).sum()
     elif impl == "naive":
         ls = (t["h"] @ t["w"].T).float().log_softmax(-1)  # (N, V)
         with torch.no_grad():
             lr = (t["h_r"] @ t["w_r"].T).float().log_softmax(-1)  # (N, V)
         total = ((ls.exp() * (ls - lr)).sum(-1) * t["mask"]).sum()
+    elif impl == "fused" and loss == "jsd":
+        total = K.linear_jsd(t["h"], t["w"], t["h_r"], t["w_r"], t["mask"], beta=0.5, chunk_size=chunk).sum()
+    elif impl == "fused_sum" and loss == "jsd":
+        total = K.linear_jsd_sum(t["h"], t["w"], t["h_r"], t["w_r"], t["mask"], beta=0.5, chunk_size=chunk)[0]
+    elif impl == "trl":  # TRL GKD's loss on materialised logits, as GKDTrainer.compute_loss calls it
+        from trl.experimental.gkd.gkd_trainer import GKDTrainer
+
+        student = (t["h"] @ t["w"].T)[None]  # (1, N, V)
+        with torch.no_grad():
+            teacher = (t["h_r"] @ t["w_r"].T)[None]  # (1, N, V)
+        total = GKDTrainer.generalized_jsd_loss(student, teacher, beta=0.5, reduction="sum")
     elif impl == "fused" and loss == "logprobs":
         lp, _ent = K.linear_logprobs(t["h"], t["w"], t["y"], chunk_size=chunk)
         total = (t["tw"] * lp).sum()
@@ -86,8 +104,11 @@ def run_loss(loss: str, impl: str, t: dict, chunk: int) -> None:
     elif impl == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
-        fn = LigerFusedLinearJSDLoss(beta=1.0, temperature=1.0)  # beta = 1: reverse KL(student || teacher)
-        total = fn(t["h"], t["w"], t["h_r"], t["w_r"])  # a token mean, not a sum: same cost
+        # beta 1: Liger's reverse KL(student || teacher) for the kl loss; beta 0.5 for jsd (its default)
+        fn = LigerFusedLinearJSDLoss(beta=0.5 if loss == "jsd" else 1.0, temperature=1.0, weight_hard_loss=0.0,
+                                     weight_soft_loss=1.0)  # the divergence alone, no cross-entropy term
+        labels = torch.zeros(t["h"].shape[0], dtype=torch.long, device=t["h"].device)  # every token valid
+        total = fn(t["h"], t["w"], t["h_r"], t["w_r"], labels)  # a token mean, not a sum: same cost
     else:
         raise ValueError(impl)
     total.backward()
@@ -120,8 +141,12 @@ def child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     cuda = spec["device"] == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    warm = build(spec["loss"], 8, spec["d"], 64, spec["device"], spec["dtype"])
-    run_loss(spec["loss"], spec["impl"], warm, 8)  # loads BLAS / kernels on tiny shapes only
+    # loads BLAS / kernels on tiny shapes only; Liger's torch.compile'd chunks compile for the real shape, once,
+    # as in a training run
+    compiled = spec["impl"] == "liger"
+    n, v = (spec["n"], spec["v"]) if compiled else (8, 64)
+    warm = build(spec["loss"], n, spec["d"], v, spec["device"], spec["dtype"])
+    run_loss(spec["loss"], spec["impl"], warm, 8)
     del warm
     t = build(spec["loss"], spec["n"], spec["d"], spec["v"], spec["device"], spec["dtype"])
     sync()
@@ -158,7 +183,8 @@ def measure(loss, impl, n, d, v, args, device="cpu", dtype="float32") -> dict:
 
 def measure_rounds(loss, impls, n, d, v, args, rounds, **kw) -> dict:
     """Alternate the implementations `rounds` times; keep each one's best time and largest peak."""
-    impls = [i for i in impls if not (i == "liger" and loss != "kl")]  # liger only has the divergence loss
+    # liger has divergence losses only, TRL's GKD loss is the JSD
+    impls = [i for i in impls if not (i == "liger" and loss == "logprobs") and not (i == "trl" and loss != "jsd")]
     runs = {impl: [] for impl in impls}
     for _ in range(rounds):
         for impl in impls:

@@ -19,10 +19,9 @@ final weights are scored by `stableopd eval` on the quickstart's 200 held-out pr
 Deviations: TRL samples from its own RNG stream, so the rollouts differ in content, not in count or budget.
 Needs the `bench` extra (pip install -e ".[bench]"); without TRL the TRL contenders are skipped with a line.
 
-With --rollout REPS it only times one step's sampling (stableopd's rollout on the hf backend, records
-included) against one raw `model.generate` call on the same 64 rows, with and without scores; no TRL needed.
+Sampling alone, against a raw `model.generate` call: benchmarks/bench_sampling.py.
 
-Command: OMP_NUM_THREADS=1 python benchmarks/compare_trl.py [--steps 30] [--rounds 2] [--accuracy] [--rollout 10]
+Command: OMP_NUM_THREADS=1 python benchmarks/compare_trl.py [--steps 30] [--rounds 2] [--accuracy]
 """
 
 from __future__ import annotations
@@ -175,61 +174,6 @@ def median_split(times: list[dict]) -> dict[str, float]:
     return {k: statistics.median(t[k] for t in kept) for k in ("step", *PARTS)}
 
 
-def rollout_check(reps: int) -> None:
-    """One step's sampling through stableopd (sample_records on the hf backend, as train_step calls it) against
-    one raw `model.generate` on the same 64 rows and knobs, alternated, in this process."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from stableopd.backends.base import build_backend
-    from stableopd.data import Example
-    from stableopd.models import resolve_model_path, stop_token_ids
-    from stableopd.rollout import sample_records
-    from stableopd.trainer import sampling_params
-
-    rows, cfg = step_prompts(1, 0)
-    path = resolve_model_path(cfg.student.name)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    stops = stop_token_ids(tok, model)
-    backend = build_backend("hf", model=model, tokenizer=tok, model_path=path, stop_ids=stops,
-                            options=cfg.sampling.options)
-    n = cfg.sampling.n
-    prompts = rows[::n]
-    exs = [Example(id=str(i), prompt=tok.decode(p)) for i, p in enumerate(prompts)]
-    params = sampling_params(cfg, 1)
-    width = max(map(len, rows))
-    ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
-    mask = (torch.arange(width)[None] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
-
-    def raw(scores: bool):
-        with torch.no_grad():
-            return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=params.temperature,
-                                  top_p=params.top_p, top_k=None, max_new_tokens=params.max_new_tokens,
-                                  eos_token_id=stops, pad_token_id=tok.pad_token_id, output_scores=scores,
-                                  return_dict_in_generate=True)
-
-    runs = {"stableopd rollout (records included)": lambda: sample_records(
-                backend, tok, exs, prompts, params, stops, rep_tail_chars=cfg.diagnose.rep_tail_chars,
-                rep_ratio=cfg.diagnose.rep_ratio, progress=False),
-            "raw generate, with scores": lambda: raw(True),
-            "raw generate, no scores": lambda: raw(False)}
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for rep in range(reps + 1):
-        for name, fn in (runs.items() if rep % 2 else reversed(runs.items())):
-            torch.manual_seed(rep)
-            t0 = time.perf_counter()
-            fn()
-            if rep:  # the first round warms up
-                times[name].append(time.perf_counter() - t0)
-    base = statistics.median(times["raw generate, with scores"])
-    print(f"\none step's sampling: {len(rows)} rows, {params.max_new_tokens} new tokens; {torch.get_num_threads()} "
-          f"torch threads; median of {reps} alternated reps\n")
-    print("| sampling | median s | vs raw generate with scores |\n|---|---|---|")
-    for name, ts in times.items():
-        print(f"| {name} | {statistics.median(ts):.3f} | {statistics.median(ts) / base:.2f}x |")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", nargs="+", default=["stableopd-jsd", "stableopd", "trl"], choices=RUNS)
@@ -237,16 +181,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seeds", type=int, nargs="+", help="one per round (default: the round index)")
     ap.add_argument("--accuracy", action="store_true", help="score each contender's final weights")
-    ap.add_argument("--rollout", type=int, metavar="REPS", help="only time one step's sampling against raw "
-                    "generate, REPS alternated repetitions")
     ap.add_argument("--child", nargs=4, metavar=("RUN", "STEPS", "SEED", "DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         run, steps, seed, out = args.child
         child(run, int(steps), int(seed), Path(out), Path(out) / "result.json")
-        return
-    if args.rollout:
-        rollout_check(args.rollout)
         return
     runs = list(args.runs)
     if importlib.util.find_spec("trl") is None and any(r.startswith("trl") for r in runs):
