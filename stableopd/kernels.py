@@ -83,20 +83,31 @@ def _log_mass(p: Tensor) -> Tensor:
     """log(sum p) per row, accurate to ~1e-9: (C, 1). fp32's log-softmax leaves each row's normaliser off by up to
     ~1e-7 absolute (its log-sum-exp is of magnitude log V), the same for every entry of the row; a divergence
     of two such rows carries the difference of the two offsets, most of a small KL. The row's mass shows it."""
+    return torch.log(_mass(p)).float()[:, None]
+
+
+def _log_mass_of_exp(logp: Tensor, block: int = 128 * _GROUP) -> Tensor:
+    """`_log_mass(exp(logp))` without a (C, V) buffer for exp(logp): column blocks of `block` entries."""
+    mass = sum(_mass(torch.exp(part)) for part in logp.split(block, dim=1))
+    return torch.log(mass).float()[:, None]
+
+
+def _mass(p: Tensor) -> Tensor:
+    """sum p per row, (C,) fp64: groups of 64 summed in fp32 (a few ulps of 1/750 of the mass each), the group
+    sums in fp64; the mass to ~1e-9 for the price of an fp32 sum, where an fp64 sum of the whole row costs
+    half a matmul on CPU."""
     c, v = p.shape
     head = v - v % _GROUP
-    # groups of 64 summed in fp32 (a few ulps of 1/750 of the mass each), the group sums in fp64: the mass to
-    # ~1e-9 for the price of an fp32 sum, where an fp64 sum of the whole row costs half a matmul on CPU
     mass = p[:, :head].reshape(c, head // _GROUP, _GROUP).sum(-1).sum(-1, dtype=torch.float64)  # (C,)
     if head < v:
         mass += p[:, head:].sum(-1, dtype=torch.float64)
-    return torch.log(mass).float()[:, None]
+    return mass
 
 
 def _kl_loss(ls, lt, g, scratch, want_out, *, reverse: bool):
     if reverse:  # KL(s || t) = sum ps (ls - lt);  d/dzs = ps * (ls - lt - KL)
         ps = torch.exp(ls, out=scratch[0])  # (C, V)
-        shift = _log_mass(ps) - _log_mass(torch.exp(lt, out=scratch[1])) if want_out else 0.0  # (C, 1)
+        shift = _log_mass(ps) - _log_mass_of_exp(lt) if want_out else 0.0  # (C, 1)
         diff = ls.sub_(lt)  # (C, V)
         kl = _rowdot(ps, diff)  # (C, 1)
         out = kl - shift if want_out else None  # the rows renormalised (dividing by mass_s ~ 1 is below rounding)
@@ -104,7 +115,7 @@ def _kl_loss(ls, lt, g, scratch, want_out, *, reverse: bool):
     # KL(t || s) = sum pt (lt - ls);  d/dzs = ps - pt. pt underflowing to 0 gives 0 * finite = 0.
     pt = torch.exp(lt, out=scratch[0])  # (C, V)
     if want_out:
-        shift = _log_mass(pt) - _log_mass(torch.exp(ls, out=scratch[1]))  # (C, 1)
+        shift = _log_mass(pt) - _log_mass_of_exp(ls)  # (C, 1)
         kl = _rowdot(pt, lt.sub_(ls)) - shift  # (C, 1)
     else:
         kl = None
@@ -338,7 +349,7 @@ def _divergence(kernel, n_scratch, s_h, s_w, t_h, t_w, mask, token_weights, chun
 def _kl_kernel(direction: str) -> tuple[Kernel, int]:
     if direction not in ("reverse", "forward"):
         raise ValueError(f"direction must be 'reverse' or 'forward', got {direction!r}")
-    return partial(_kl_loss, reverse=direction == "reverse"), 2  # z and a buffer for the other side's mass
+    return partial(_kl_loss, reverse=direction == "reverse"), 1
 
 
 def _jsd_kernel(beta: float) -> tuple[Kernel, int]:
