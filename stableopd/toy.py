@@ -226,20 +226,24 @@ def file_sha256(path: Path) -> str:
 def install_shipped(name: str, weights: Path, out_dir: Path, *, progress: bool = True) -> Path:
     """The build's directory with the packaged weights: the recipe's config and tokenizer (written by the same
     code a build runs), then the shipped `model.safetensors`, byte for byte."""
-    from stableopd.progress import console
     from stableopd.tiny import build_tiny_model
 
     entry = shipped_manifest()[name]
     build_tiny_model(name, out_dir, spec=TOY_FAMILY[name].spec)
     shutil.copyfile(weights, out_dir / "model.safetensors")
     info = {"name": name, "recipe": asdict(TOY_FAMILY[name]), "source": "shipped", **entry}
+    message = (f"installed {name}: weights shipped with stableopd, built by its recipe with torch {entry['torch']}'s "
+               f"{entry['cpu_capability']} kernels (STABLEOPD_BUILD_TOYS=1 builds it on this machine instead)")
+    return _record(out_dir, info, message if progress else None)
+
+
+def _record(out_dir: Path, info: dict, message: str | None) -> Path:
+    """Write the entry's toy_build.json (how its weights came to be) and print `message` if there is one."""
+    from stableopd.progress import console
+
     (out_dir / "toy_build.json").write_text(json.dumps(info, indent=1) + "\n")
-    if progress:
-        console.print(
-            f"installed {name}: weights shipped with stableopd, built by its recipe with torch {entry['torch']}'s "
-            f"{entry['cpu_capability']} kernels (STABLEOPD_BUILD_TOYS=1 builds it on this machine instead)",
-            highlight=False,
-        )
+    if message:
+        console.print(message, highlight=False)
     return out_dir
 
 
@@ -252,7 +256,6 @@ def build_toy_model(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from stableopd.progress import console
     from stableopd.tiny import build_tiny_model, build_tokenizer
 
     shipped = shipped_weights(name) if recipe is None else None
@@ -284,11 +287,6 @@ def build_toy_model(
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels that rounded the sums
     }
-    (out_dir / "toy_build.json").write_text(json.dumps(info, indent=1) + "\n")
-    if progress:
-        console.print(
-            f"built {name} in {seconds:.0f} s with torch's {info['cpu_capability']} kernels (final SFT loss "
-            f"{metrics.get('loss/gold_sft', 0):.4f})",
-            highlight=False,
-        )
-    return out_dir
+    message = (f"built {name} in {seconds:.0f} s with torch's {info['cpu_capability']} kernels (final SFT loss "
+               f"{metrics.get('loss/gold_sft', 0):.4f})")
+    return _record(out_dir, info, message if progress else None)
