@@ -75,7 +75,9 @@ def run_loss(loss: str, impl: str, t: dict, chunk: int) -> None:
         with torch.no_grad():
             lt = (t["h_r"] @ t["w_r"].T).float().log_softmax(-1)  # (N, V)
         mix = torch.logaddexp(ls, lt) - math.log(2)
-        total = ((0.5 * (lt.exp() * (lt - mix)).sum(-1) + 0.5 * (ls.exp() * (ls - mix)).sum(-1)) * t["mask"]).sum()
+        total = (
+            (0.5 * (lt.exp() * (lt - mix)).sum(-1) + 0.5 * (ls.exp() * (ls - mix)).sum(-1)) * t["mask"]
+        ).sum()
     elif impl == "naive":
         ls = (t["h"] @ t["w"].T).float().log_softmax(-1)  # (N, V)
         with torch.no_grad():
@@ -105,8 +107,9 @@ def run_loss(loss: str, impl: str, t: dict, chunk: int) -> None:
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
         # beta 1: Liger's reverse KL(student || teacher) for the kl loss; beta 0.5 for jsd (its default)
-        fn = LigerFusedLinearJSDLoss(beta=0.5 if loss == "jsd" else 1.0, temperature=1.0, weight_hard_loss=0.0,
-                                     weight_soft_loss=1.0)  # the divergence alone, no cross-entropy term
+        fn = LigerFusedLinearJSDLoss(
+            beta=0.5 if loss == "jsd" else 1.0, temperature=1.0, weight_hard_loss=0.0, weight_soft_loss=1.0
+        )  # the divergence alone, no cross-entropy term
         labels = torch.zeros(t["h"].shape[0], dtype=torch.long, device=t["h"].device)  # every token valid
         total = fn(t["h"], t["w"], t["h_r"], t["w_r"], labels)  # a token mean, not a sum: same cost
     else:
@@ -173,9 +176,20 @@ def _cpu_seconds() -> float:
 
 
 def measure(loss, impl, n, d, v, args, device="cpu", dtype="float32") -> dict:
-    spec = {"loss": loss, "impl": impl, "n": n, "d": d, "v": v, "device": device, "dtype": dtype,
-            "chunk": args.chunk, "threads": args.threads}
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    spec = {
+        "loss": loss,
+        "impl": impl,
+        "n": n,
+        "d": d,
+        "v": v,
+        "device": device,
+        "dtype": dtype,
+        "chunk": args.chunk,
+        "threads": args.threads,
+    }
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:60]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -184,7 +198,9 @@ def measure(loss, impl, n, d, v, args, device="cpu", dtype="float32") -> dict:
 def measure_rounds(loss, impls, n, d, v, args, rounds, **kw) -> dict:
     """Alternate the implementations `rounds` times; keep each one's best time and largest peak."""
     # liger has divergence losses only, TRL's GKD loss is the JSD
-    impls = [i for i in impls if not (i == "liger" and loss == "logprobs") and not (i == "trl" and loss != "jsd")]
+    impls = [
+        i for i in impls if not (i == "liger" and loss == "logprobs") and not (i == "trl" and loss != "jsd")
+    ]
     runs = {impl: [] for impl in impls}
     for _ in range(rounds):
         for impl in impls:
@@ -207,19 +223,32 @@ def ratio(a: dict, b: dict, key: str) -> str:
 def table(title, rows_spec, d, v, args, device="cpu", dtype="float32", impls=("naive", "fused", "fused_sum")):
     json_out = getattr(args, "json", None)
     print(f"\n{title}")
-    print(f"{'loss':9} {'impl':10} {'N':>6} {'wall s':>9} {'cpu s':>9} {'peak MiB':>9} {'wall/naive':>10} "
-          f"{'cpu/naive':>9} {'mem/naive':>9}")
+    print(
+        f"{'loss':9} {'impl':10} {'N':>6} {'wall s':>9} {'cpu s':>9} {'peak MiB':>9} {'wall/naive':>10} "
+        f"{'cpu/naive':>9} {'mem/naive':>9}"
+    )
     results = {}
     for loss, n in rows_spec:
         rs = measure_rounds(loss, impls, n, d, v, args, args.rounds, device=device, dtype=dtype)
         for impl, r in rs.items():
             results[(loss, impl, n)] = r
-            print(f"{loss:9} {impl:10} {n:6d} {fmt(r, 'time')} {fmt(r, 'cpu')} {fmt(r, 'peak', MIB)} "
-                  f"{ratio(r, rs['naive'], 'time'):>10} {ratio(r, rs['naive'], 'cpu'):>9} "
-                  f"{ratio(r, rs['naive'], 'peak'):>9}", flush=True)
+            print(
+                f"{loss:9} {impl:10} {n:6d} {fmt(r, 'time')} {fmt(r, 'cpu')} {fmt(r, 'peak', MIB)} "
+                f"{ratio(r, rs['naive'], 'time'):>10} {ratio(r, rs['naive'], 'cpu'):>9} "
+                f"{ratio(r, rs['naive'], 'peak'):>9}",
+                flush=True,
+            )
             if json_out:
-                row = {"loss": loss, "impl": impl, "n": n, "d": d, "v": v, "device": device, "dtype": dtype,
-                       **r}
+                row = {
+                    "loss": loss,
+                    "impl": impl,
+                    "n": n,
+                    "d": d,
+                    "v": v,
+                    "device": device,
+                    "dtype": dtype,
+                    **r,
+                }
                 with open(json_out, "a") as f:
                     f.write(json.dumps(row) + "\n")
     return results
@@ -227,13 +256,21 @@ def table(title, rows_spec, d, v, args, device="cpu", dtype="float32", impls=("n
 
 def scaling(results, d, vs, ns, args):
     print(f"\nPeak memory vs N and V (d={d}); slope = extra KiB per token between N={ns[0]} and N={ns[1]}")
-    print(f"{'loss':9} {'impl':10} {'V':>7} " + " ".join(f"{'MiB@' + str(n):>10}" for n in ns) + f" {'KiB/token':>10}")
+    print(
+        f"{'loss':9} {'impl':10} {'V':>7} "
+        + " ".join(f"{'MiB@' + str(n):>10}" for n in ns)
+        + f" {'KiB/token':>10}"
+    )
     for loss in ("logprobs", "kl"):
         for impl in ("naive", "fused"):
             for v in vs:
                 rs = [results.get((loss, impl, n, v)) or measure(loss, impl, n, d, v, args) for n in ns]
                 cells = " ".join(fmt(r, "peak", MIB).rjust(10) for r in rs)
-                slope = (rs[1]["peak"] - rs[0]["peak"]) / (ns[1] - ns[0]) / 1024 if all("peak" in r for r in rs) else 0
+                slope = (
+                    (rs[1]["peak"] - rs[0]["peak"]) / (ns[1] - ns[0]) / 1024
+                    if all("peak" in r for r in rs)
+                    else 0
+                )
                 print(f"{loss:9} {impl:10} {v:7d} {cells} {slope:10.1f}", flush=True)
 
 
@@ -241,9 +278,17 @@ def chunk_sweep(args, n, d, v):
     print(f"\nChunk size sweep, fused per-token API, N={n} d={d} V={v}")
     for chunk in (64, 128, 256, 512, 1024):
         args.chunk = chunk
-        cells = [measure_rounds(loss, ("fused",), n, d, v, args, args.rounds)["fused"] for loss in ("logprobs", "kl")]
-        print(f"chunk {chunk:5d}: " + "  ".join(f"{loss} cpu {fmt(r, 'cpu')} s {fmt(r, 'peak', MIB)} MiB"
-                                                for loss, r in zip(("logprobs", "kl"), cells, strict=True)))
+        cells = [
+            measure_rounds(loss, ("fused",), n, d, v, args, args.rounds)["fused"]
+            for loss in ("logprobs", "kl")
+        ]
+        print(
+            f"chunk {chunk:5d}: "
+            + "  ".join(
+                f"{loss} cpu {fmt(r, 'cpu')} s {fmt(r, 'peak', MIB)} MiB"
+                for loss, r in zip(("logprobs", "kl"), cells, strict=True)
+            )
+        )
 
 
 def main() -> None:
@@ -256,13 +301,19 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK_SIZE)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--chunks", action="store_true", help="also sweep chunk sizes at N=4096")
-    p.add_argument("--device", choices=("cpu", "cuda"),
-                   help="only one table, on this device, at --d/--v/--dtype (default: the CPU table and "
-                        "scaling, then the CUDA table when a GPU is present)")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        help="only one table, on this device, at --d/--v/--dtype (default: the CPU table and "
+        "scaling, then the CUDA table when a GPU is present)",
+    )
     p.add_argument("--d", type=int, help="hidden size with --device (default 576 on cpu, 1536 on cuda)")
     p.add_argument("--v", type=int, help="vocabulary with --device (default 49152 on cpu, 151936 on cuda)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                   help="input dtype with --device (default float32 on cpu, bfloat16 on cuda)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="input dtype with --device (default float32 on cpu, bfloat16 on cuda)",
+    )
     p.add_argument("--json", metavar="FILE", help="also append each measured row to FILE as one JSON line")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -295,29 +346,49 @@ def main() -> None:
         print("liger-kernel not importable: its row is skipped")
     if args.device:
         rows = [(loss, n) for n in ns for loss in ("logprobs", "kl")]
-        table(f"{args.device.upper()}, d={d}, V={v}, {dtype} inputs", rows, d, v, args, device=args.device,
-              dtype=dtype, impls=impls)
+        table(
+            f"{args.device.upper()}, d={d}, V={v}, {dtype} inputs",
+            rows,
+            d,
+            v,
+            args,
+            device=args.device,
+            dtype=dtype,
+            impls=impls,
+        )
         print(f"\ntotal benchmark time {time.perf_counter() - start:.0f} s")
         return
-    res = table(f"CPU, d={d}, V={v}", [(loss, n) for n in ns for loss in ("logprobs", "kl")], d, v, args,
-                impls=impls)
+    res = table(
+        f"CPU, d={d}, V={v}", [(loss, n) for n in ns for loss in ("logprobs", "kl")], d, v, args, impls=impls
+    )
     for (loss, impl, n), r in list(res.items()):
         res[(loss, impl, n, v)] = r
     if 4096 in ns:
         for loss in ("logprobs", "kl"):
             f, s, nv = res[(loss, "fused", 4096)], res[(loss, "fused_sum", 4096)], res[(loss, "naive", 4096)]
             if all("cpu" in r for r in (f, s, nv)):
-                print(f"target N=4096 {loss} (need memory <= 0.125, time <= 1.10 of naive): "
-                      + "; ".join(f"{name} memory {r['peak'] / nv['peak']:.3f}, wall {r['time'] / nv['time']:.2f}, "
-                                  f"cpu {r['cpu'] / nv['cpu']:.2f}" for name, r in (("fused", f), ("fused_sum", s))))
+                print(
+                    f"target N=4096 {loss} (need memory <= 0.125, time <= 1.10 of naive): "
+                    + "; ".join(
+                        f"{name} memory {r['peak'] / nv['peak']:.3f}, wall {r['time'] / nv['time']:.2f}, "
+                        f"cpu {r['cpu'] / nv['cpu']:.2f}"
+                        for name, r in (("fused", f), ("fused_sum", s))
+                    )
+                )
     if not args.n:
         scaling(res, d, (v // 4, v), (256, 1024) if args.quick else (1024, 4096), args)
     if args.chunks:
         chunk_sweep(args, 4096, d, v)
     if torch.cuda.is_available():
-        table("CUDA, Qwen-like d=1536, V=151936, bf16 inputs", [(loss, n) for n in (4096, 16384)
-                                                               for loss in ("logprobs", "kl")],
-              1536, 151936, args, device="cuda", dtype="bfloat16")
+        table(
+            "CUDA, Qwen-like d=1536, V=151936, bf16 inputs",
+            [(loss, n) for n in (4096, 16384) for loss in ("logprobs", "kl")],
+            1536,
+            151936,
+            args,
+            device="cuda",
+            dtype="bfloat16",
+        )
     print(f"\ntotal benchmark time {time.perf_counter() - start:.0f} s")
 
 

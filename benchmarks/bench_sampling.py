@@ -32,8 +32,11 @@ from stableopd.backends.base import SamplingParams, build_backend
 from stableopd.backends.hf import _MaskTokens
 from stableopd.models import load_model, stop_token_ids
 
-SMOL_PROMPTS = ["What is 12+345? Explain every step, then give the answer.", "Name three colours.",
-                "Write one sentence about the sea."]
+SMOL_PROMPTS = [
+    "What is 12+345? Explain every step, then give the answer.",
+    "Name three colours.",
+    "Write one sentence about the sea.",
+]
 
 
 def workload(name: str, args) -> tuple[object, list[list[int]], SamplingParams]:
@@ -43,15 +46,24 @@ def workload(name: str, args) -> tuple[object, list[list[int]], SamplingParams]:
 
         rows, cfg = compare_trl.step_prompts(1, 0)
         loaded = load_model(cfg.student.name, dtype="float32", device="cpu")
-        params = SamplingParams(n=cfg.sampling.n, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
-                                max_new_tokens=cfg.sampling.max_new_tokens, seed=1)
-        return loaded, rows[::cfg.sampling.n], params
+        params = SamplingParams(
+            n=cfg.sampling.n,
+            temperature=cfg.sampling.temperature,
+            top_p=cfg.sampling.top_p,
+            max_new_tokens=cfg.sampling.max_new_tokens,
+            seed=1,
+        )
+        return loaded, rows[:: cfg.sampling.n], params
     from stableopd.data import Example, encode_prompts
 
     loaded = load_model(name, dtype="float32", device="cpu")
     prompts = [SMOL_PROMPTS[i % len(SMOL_PROMPTS)] for i in range(args.smol_rows)]
     ids = encode_prompts(loaded.tokenizer, [Example(str(i), p) for i, p in enumerate(prompts)])
-    return loaded, ids, SamplingParams(n=1, temperature=1.0, top_p=0.95, max_new_tokens=args.smol_tokens, seed=1)
+    return (
+        loaded,
+        ids,
+        SamplingParams(n=1, temperature=1.0, top_p=0.95, max_new_tokens=args.smol_tokens, seed=1),
+    )
 
 
 def measure(name: str, args) -> None:
@@ -61,8 +73,17 @@ def measure(name: str, args) -> None:
     options = {"hf": {}, "hf cache=static": {"cache": "static"}}
     if not args.no_compile:
         options["hf static+compile"] = {"cache": "static", "compile": True}
-    backends = {k: build_backend("hf", model=model, tokenizer=tok, model_path=loaded.path, stop_ids=stops,
-                                 options={"batch_size": len(prompts), **o}) for k, o in options.items()}
+    backends = {
+        k: build_backend(
+            "hf",
+            model=model,
+            tokenizer=tok,
+            model_path=loaded.path,
+            stop_ids=stops,
+            options={"batch_size": len(prompts), **o},
+        )
+        for k, o in options.items()
+    }
     hf = backends["hf"]
     ids, mask = hf._left_pad([p for p in prompts for _ in range(params.n)])
     config = hf._gen_config(params)
@@ -73,10 +94,14 @@ def measure(name: str, args) -> None:
     def raw():
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                                 logits_processor=[_MaskTokens(len(tok), ())])
-        gen = out.sequences[:, ids.shape[1]:].tolist()
-        return [row[:next((t + 1 for t, x in enumerate(row) if x in stops), len(row))] for row in gen]
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                generation_config=config,
+                logits_processor=[_MaskTokens(len(tok), ())],
+            )
+        gen = out.sequences[:, ids.shape[1] :].tolist()
+        return [row[: next((t + 1 for t, x in enumerate(row) if x in stops), len(row))] for row in gen]
 
     def backend(b):
         return lambda: [s.token_ids for group in b.generate(prompts, params) for s in group]
@@ -85,7 +110,7 @@ def measure(name: str, args) -> None:
     first: dict[str, float] = {}
     times: dict[str, list[float]] = {k: [] for k in runs}
     for rep in range(args.reps + 1):
-        for key, fn in (list(runs.items()) if rep % 2 == 0 else list(runs.items())[::-1]):
+        for key, fn in list(runs.items()) if rep % 2 == 0 else list(runs.items())[::-1]:
             t0 = time.perf_counter()
             drawn[key] = fn()
             seconds = time.perf_counter() - t0
@@ -95,16 +120,20 @@ def measure(name: str, args) -> None:
                 first[key] = seconds
             tokens[key] = sum(map(len, drawn[key]))
     same = {k: drawn[k] == drawn["raw generate"] for k in runs}
-    print(f"\n{name}: {ids.shape[0]} rows, {params.max_new_tokens} new tokens, top_p {params.top_p}; "
-          f"{torch.get_num_threads()} torch threads; median of {args.reps} alternated calls")
+    print(
+        f"\n{name}: {ids.shape[0]} rows, {params.max_new_tokens} new tokens, top_p {params.top_p}; "
+        f"{torch.get_num_threads()} torch threads; median of {args.reps} alternated calls"
+    )
     print("| sampler | first call s | median s | tokens | tokens/s | vs raw generate | same tokens as raw |")
     print("|---|---|---|---|---|---|---|")
     base = tokens["raw generate"] / statistics.median(times["raw generate"])
     for key in runs:
         med = statistics.median(times[key])
         rate = tokens[key] / med
-        print(f"| {key} | {first[key]:.2f} | {med:.3f} | {tokens[key]} | {rate:.0f} | {rate / base:.2f}x | "
-              f"{'yes' if same[key] else 'no'} |")
+        print(
+            f"| {key} | {first[key]:.2f} | {med:.3f} | {tokens[key]} | {rate:.0f} | {rate / base:.2f}x | "
+            f"{'yes' if same[key] else 'no'} |"
+        )
 
 
 def main() -> None:
@@ -113,7 +142,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--smol-rows", type=int, default=8)
     ap.add_argument("--smol-tokens", type=int, default=64)
-    ap.add_argument("--no-compile", action="store_true", help="skip the compiled contender (a minute to compile)")
+    ap.add_argument(
+        "--no-compile", action="store_true", help="skip the compiled contender (a minute to compile)"
+    )
     args = ap.parse_args()
     for name in args.models:
         measure(name, args)

@@ -40,15 +40,26 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=1, help="alternate the rows over this many rounds")
-    ap.add_argument("--pi-old", nargs="+", default=["sampler"], choices=["sampler", "trainer"],
-                    help="where the one-pass OPD term's pi_old comes from: the sampler's log-probs (forward-"
-                         "gradient kernel) or the trainer's own (per-token kernel, as with top-p sampling)")
+    ap.add_argument(
+        "--pi-old",
+        nargs="+",
+        default=["sampler"],
+        choices=["sampler", "trainer"],
+        help="where the one-pass OPD term's pi_old comes from: the sampler's log-probs (forward-"
+        "gradient kernel) or the trainer's own (per-token kernel, as with top-p sampling)",
+    )
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                      num_hidden_layers=args.layers, num_attention_heads=9 if args.hidden % 9 == 0 else 8,
-                      num_key_value_heads=3 if args.hidden % 9 == 0 else 4, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=9 if args.hidden % 9 == 0 else 8,
+        num_key_value_heads=3 if args.hidden % 9 == 0 else 4,
+        tie_word_embeddings=False,
+    )
     student = LlamaForCausalLM(cfg)
     ref, teacher = copy.deepcopy(student).eval(), copy.deepcopy(student).eval()
     for m in (ref, teacher):
@@ -58,30 +69,45 @@ def main() -> None:
     def ids(n: int) -> list[int]:
         return torch.randint(0, args.vocab, (n,), generator=gen).tolist()
 
-    rollouts = [RolloutSeq(prompt=ids(32), target=ids(args.tokens), teacher_lp=[-1.0] * args.tokens,
-                           sampler_lp=[-1.0] * args.tokens, repetitive=[False] * args.tokens)
-                for _ in range(args.rollouts)]
+    rollouts = [
+        RolloutSeq(
+            prompt=ids(32),
+            target=ids(args.tokens),
+            teacher_lp=[-1.0] * args.tokens,
+            sampler_lp=[-1.0] * args.tokens,
+            repetitive=[False] * args.tokens,
+        )
+        for _ in range(args.rollouts)
+    ]
     golds = [GoldSeq(prompt=ids(32), target=ids(args.tokens)) for _ in range(args.rollouts)]
 
-    print(f"shape: d={args.hidden} layers={args.layers} V={args.vocab}; {args.rollouts} rollouts + "
-          f"{args.rollouts} golden x {args.tokens} tokens, micro-batch {args.micro_batch}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"shape: d={args.hidden} layers={args.layers} V={args.vocab}; {args.rollouts} rollouts + "
+        f"{args.rollouts} golden x {args.tokens} tokens, micro-batch {args.micro_batch}, "
+        f"{torch.get_num_threads()} threads"
+    )
     print(f"{'objective':10s} {'pi_old':8s} {'best s':>8s} {'median s':>9s} {'cpu s (best)':>13s}")
     runs = [(o, p) for o in args.objective for p in (args.pi_old if o != "jsd" else ["-"])]
     for (objective, pi_old), rnd in ((run, r) for r in range(args.rounds) for run in runs):
-        settings = LossSettings(objective=objective, chunk_size=args.chunk, sampler_is_policy=pi_old == "sampler")
+        settings = LossSettings(
+            objective=objective, chunk_size=args.chunk, sampler_is_policy=pi_old == "sampler"
+        )
         walls, cpus = [], []
         for rep in range(args.reps + 1):
             student.zero_grad(set_to_none=True)
             c0, t0 = time.process_time(), time.perf_counter()
-            accumulate(student, ref, teacher, rollouts, golds, settings, pad_id=0, micro_batch=args.micro_batch)
+            accumulate(
+                student, ref, teacher, rollouts, golds, settings, pad_id=0, micro_batch=args.micro_batch
+            )
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             if rep:  # the first call is the warm-up
                 walls.append(wall)
                 cpus.append(cpu)
         best = min(range(len(walls)), key=walls.__getitem__)
-        print(f"{objective:10s} {pi_old:8s} {walls[best]:8.2f} {statistics.median(walls):9.2f} {cpus[best]:13.2f}"
-              + (f"   (round {rnd + 1})" if args.rounds > 1 else ""))
+        print(
+            f"{objective:10s} {pi_old:8s} {walls[best]:8.2f} {statistics.median(walls):9.2f} {cpus[best]:13.2f}"
+            + (f"   (round {rnd + 1})" if args.rounds > 1 else "")
+        )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,13 @@ import time
 import bench_kernels as bk
 
 D, V, LAYERS, PROMPT = 576, 49152, 2, 32
-STEP_RUNS = [("opd", "sampler"), ("opd", "trainer"), ("stableopd", "sampler"), ("stableopd", "trainer"),
-             ("jsd", "-")]
+STEP_RUNS = [
+    ("opd", "sampler"),
+    ("opd", "trainer"),
+    ("stableopd", "sampler"),
+    ("stableopd", "trainer"),
+    ("jsd", "-"),
+]
 MIB = 2**20
 
 
@@ -50,8 +55,15 @@ def step_inputs(spec: dict):
     from stableopd.update import GoldSeq, RolloutSeq
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=4 * D, num_hidden_layers=LAYERS,
-                      num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=D,
+        intermediate_size=4 * D,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=False,
+    )
     student = LlamaForCausalLM(cfg)
     ref, teacher = copy.deepcopy(student), LlamaForCausalLM(cfg)  # a teacher other than the student
     for m in (ref, teacher):
@@ -65,8 +77,12 @@ def step_inputs(spec: dict):
         return (-torch.rand(n, generator=gen) * 4 - 9).tolist()  # near a uniform token's log(1/V) = -10.8
 
     t = spec["tokens"]
-    rollouts = [RolloutSeq(prompt=ids(PROMPT), target=ids(t), teacher_lp=lps(t), sampler_lp=lps(t),
-                           repetitive=[False] * t) for _ in range(spec["rollouts"])]
+    rollouts = [
+        RolloutSeq(
+            prompt=ids(PROMPT), target=ids(t), teacher_lp=lps(t), sampler_lp=lps(t), repetitive=[False] * t
+        )
+        for _ in range(spec["rollouts"])
+    ]
     golds = [GoldSeq(prompt=ids(PROMPT), target=ids(t)) for _ in range(spec["rollouts"])]
     return student, ref, teacher, rollouts, golds
 
@@ -82,19 +98,19 @@ def naive_update(student, ref, teacher, rollouts, golds, s, micro_batch: int) ->
         for i, q in enumerate(seqs):
             n = len(q.prompt) + len(q.target)
             ids[i, :n] = torch.tensor(q.prompt + q.target)
-            tgt[i, len(q.prompt) - 1:n - 1] = torch.tensor(q.target)
-            mask[i, len(q.prompt) - 1:n - 1] = 1
+            tgt[i, len(q.prompt) - 1 : n - 1] = torch.tensor(q.target)
+            mask[i, len(q.prompt) - 1 : n - 1] = 1
         return model(input_ids=ids).logits[:, :-1].float().log_softmax(-1), tgt, mask
 
     def per_token(seqs, values):  # (B, T) right-aligned per-token values from each sequence's list
         out = torch.zeros(len(seqs), max(len(q.prompt) + len(q.target) for q in seqs) - 1)
         for i, q in enumerate(seqs):
-            out[i, len(q.prompt) - 1:len(q.prompt) - 1 + len(q.target)] = torch.tensor(values(q))
+            out[i, len(q.prompt) - 1 : len(q.prompt) - 1 + len(q.target)] = torch.tensor(values(q))
         return out
 
     total = 0.0
     for start in range(0, len(rollouts), micro_batch):
-        mb = rollouts[start:start + micro_batch]
+        mb = rollouts[start : start + micro_batch]
         ls, tgt, mask = logp(student, mb)
         w = mask / torch.tensor([[len(q.target) * len(rollouts)] for q in mb])  # seq_mean
         if s.objective == "jsd":
@@ -115,7 +131,7 @@ def naive_update(student, ref, teacher, rollouts, golds, s, micro_batch: int) ->
         total += float(loss)
     if s.objective == "stableopd":
         for start in range(0, len(golds), micro_batch):
-            mb = golds[start:start + micro_batch]
+            mb = golds[start : start + micro_batch]
             lg, tgt, mask = logp(student, mb)
             w = mask / torch.tensor([[len(g.target) * len(golds)] for g in mb])
             loss = -s.gold_coef * (w * lg.gather(-1, tgt[..., None])[..., 0]).sum()
@@ -131,27 +147,37 @@ def step_child(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     student, ref, teacher, rollouts, golds = step_inputs(spec)
-    settings = LossSettings(objective=spec["objective"], sampler_is_policy=spec["pi_old"] == "sampler",
-                            chunk_size=1024)
+    settings = LossSettings(
+        objective=spec["objective"], sampler_is_policy=spec["pi_old"] == "sampler", chunk_size=1024
+    )
 
     def call(rollouts, golds) -> float:
         student.zero_grad(set_to_none=True)
         if spec["impl"] == "naive":
             return naive_update(student, ref, teacher, rollouts, golds, settings, spec["micro_batch"])
-        return accumulate(student, ref, teacher, rollouts, golds, settings, pad_id=0,
-                          micro_batch=spec["micro_batch"])["loss/total"]
+        return accumulate(
+            student, ref, teacher, rollouts, golds, settings, pad_id=0, micro_batch=spec["micro_batch"]
+        )["loss/total"]
 
-    call(rollouts[:2], golds[:2])  # warm-up on a small batch; its gradients are freed before the measured call
+    call(
+        rollouts[:2], golds[:2]
+    )  # warm-up on a small batch; its gradients are freed before the measured call
     student.zero_grad(set_to_none=True)
     base, reset_ok = bk._rss(), bk._hwm_reset()
     start, cpu = time.perf_counter(), bk._cpu_seconds()
     value = call(rollouts, golds)
-    return {"time": time.perf_counter() - start, "cpu": bk._cpu_seconds() - cpu, "peak": bk._hwm(reset_ok) - base,
-            "loss": value}
+    return {
+        "time": time.perf_counter() - start,
+        "cpu": bk._cpu_seconds() - cpu,
+        "peak": bk._hwm(reset_ok) - base,
+        "loss": value,
+    }
 
 
 def measure_step(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:80]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -168,24 +194,32 @@ def best(rows: list[dict]) -> dict:
 def cells(r: dict, base: dict) -> str:
     if "time" not in r:
         return f"{r.get('error', '-')} | | | |"
-    return (f"{r['time']:.2f} | {r['time'] / base['time']:.2f}x | {r['peak'] / MIB:,.0f} | "
-            f"{r['peak'] / base['peak']:.3f}x |")
+    return (
+        f"{r['time']:.2f} | {r['time'] / base['time']:.2f}x | {r['peak'] / MIB:,.0f} | "
+        f"{r['peak'] / base['peak']:.3f}x |"
+    )
 
 
-LOSS_NAMES = {"naive": "naive full logits", "fused": "stableopd `linear_{loss}` (per-token)",
-              "fused_sum": "stableopd `linear_{loss}_sum`", "liger": "Liger-Kernel chunked JSD, torch.compile",
-              "trl": "TRL GKD `generalized_jsd_loss`"}
+LOSS_NAMES = {
+    "naive": "naive full logits",
+    "fused": "stableopd `linear_{loss}` (per-token)",
+    "fused_sum": "stableopd `linear_{loss}_sum`",
+    "liger": "Liger-Kernel chunked JSD, torch.compile",
+    "trl": "TRL GKD `generalized_jsd_loss`",
+}
 
 
 def losses_table(args) -> None:
     impls = ["naive", "fused", "fused_sum"]
     for peer, module in (("liger", "liger_kernel"), ("trl", "trl")):
         if importlib.util.find_spec(module) is None:
-            print(f"{module} is not installed (pip install -e \".[bench]\"): its row is skipped")
+            print(f'{module} is not installed (pip install -e ".[bench]"): its row is skipped')
         else:
             impls.append(peer)
-    print(f"\nLosses, forward + backward: N={args.n} tokens, d={D}, V={V}, fp32, {args.threads} thread(s); best of "
-          f"{args.rounds} alternated rounds\n")
+    print(
+        f"\nLosses, forward + backward: N={args.n} tokens, d={D}, V={V}, fp32, {args.threads} thread(s); best of "
+        f"{args.rounds} alternated rounds\n"
+    )
     print("| loss | implementation | time s | vs naive | peak MiB | vs naive |\n|---|---|---|---|---|---|")
     for loss in ("jsd", "kl"):
         res = bk.measure_rounds(loss, impls, args.n, D, V, args, args.rounds)
@@ -194,22 +228,40 @@ def losses_table(args) -> None:
 
 
 def steps_table(args) -> None:
-    print(f"\nOne distill update (forward + backward of every term): 2-layer Llama, d={D}, V={V}; "
-          f"{args.rollouts} rollouts x {args.tokens} tokens (+ as many golden solutions for stableopd), micro-batch "
-          f"{args.micro_batch or args.rollouts}, fp32, {args.threads} thread(s); best of {args.rounds} alternated rounds\n")
-    specs = [dict(objective=o, pi_old=p, impl=i, rollouts=args.rollouts, tokens=args.tokens,
-                  micro_batch=args.micro_batch or args.rollouts,
-                  threads=args.threads) for o, p in STEP_RUNS for i in ("naive", "stableopd")]
+    print(
+        f"\nOne distill update (forward + backward of every term): 2-layer Llama, d={D}, V={V}; "
+        f"{args.rollouts} rollouts x {args.tokens} tokens (+ as many golden solutions for stableopd), micro-batch "
+        f"{args.micro_batch or args.rollouts}, fp32, {args.threads} thread(s); best of {args.rounds} alternated rounds\n"
+    )
+    specs = [
+        dict(
+            objective=o,
+            pi_old=p,
+            impl=i,
+            rollouts=args.rollouts,
+            tokens=args.tokens,
+            micro_batch=args.micro_batch or args.rollouts,
+            threads=args.threads,
+        )
+        for o, p in STEP_RUNS
+        for i in ("naive", "stableopd")
+    ]
     runs: dict[tuple, list[dict]] = {}
     for rnd in range(args.rounds):
-        for spec in (specs if rnd % 2 == 0 else specs[::-1]):
+        for spec in specs if rnd % 2 == 0 else specs[::-1]:
             runs.setdefault((spec["objective"], spec["pi_old"], spec["impl"]), []).append(measure_step(spec))
-    print("| objective | pi_old | implementation | time s | vs naive | peak MiB | vs naive | loss rel. diff |")
+    print(
+        "| objective | pi_old | implementation | time s | vs naive | peak MiB | vs naive | loss rel. diff |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for o, p in STEP_RUNS:
         naive, ours = best(runs[(o, p, "naive")]), best(runs[(o, p, "stableopd")])
         for name, r in (("naive full logits", naive), ("stableopd", ours)):
-            diff = abs(r["loss"] - naive["loss"]) / abs(naive["loss"]) if "loss" in r and "loss" in naive else None
+            diff = (
+                abs(r["loss"] - naive["loss"]) / abs(naive["loss"])
+                if "loss" in r and "loss" in naive
+                else None
+            )
             print(f"| {o} | {p} | {name} | {cells(r, naive)} {'' if diff is None else f'{diff:.1e}'} |")
 
 
@@ -220,11 +272,15 @@ def machine() -> str:
     import torch
 
     try:
-        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        name = next(
+            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         name = platform.processor() or platform.machine()
-    return (f"{name}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.backends.cpu.get_cpu_capability()} kernels)")
+    return (
+        f"{name}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.backends.cpu.get_cpu_capability()} kernels)"
+    )
 
 
 def main() -> None:

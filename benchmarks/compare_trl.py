@@ -40,8 +40,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 RUNS = ("stableopd-jsd", "stableopd-jsd-kl", "stableopd", "trl", "trl-ckpt")
-SETTINGS = {"stableopd-jsd": ["loss.objective=jsd", "loss.ref_kl_coef=0"],
-            "stableopd-jsd-kl": ["loss.objective=jsd"], "stableopd": []}
+SETTINGS = {
+    "stableopd-jsd": ["loss.objective=jsd", "loss.ref_kl_coef=0"],
+    "stableopd-jsd-kl": ["loss.objective=jsd"],
+    "stableopd": [],
+}
 PARTS = ("rollout", "teacher", "train", "other")
 
 
@@ -51,10 +54,31 @@ PARTS = ("rollout", "teacher", "train", "other")
 def stableopd_child(run: str, steps: int, seed: int, out: Path) -> dict:
     """The user's command, timed by its own metrics; returns per-step seconds and the final model's path."""
     run_dir = out / "run"
-    cmd = [sys.executable, "-m", "stableopd", "distill", "-c", str(QUICKSTART), "--out", str(run_dir),
-           "-s", f"train.steps={steps}", "-s", "train.eval_every=0", "-s", f"train.save_every={steps}",
-           "-s", f"train.seed={seed}", "-s", f"sampling.seed={seed}", "-s", f"data.seed={seed}",
-           "-s", "logging.progress=false", *(a for s in SETTINGS[run] for a in ("-s", s))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stableopd",
+        "distill",
+        "-c",
+        str(QUICKSTART),
+        "--out",
+        str(run_dir),
+        "-s",
+        f"train.steps={steps}",
+        "-s",
+        "train.eval_every=0",
+        "-s",
+        f"train.save_every={steps}",
+        "-s",
+        f"train.seed={seed}",
+        "-s",
+        f"sampling.seed={seed}",
+        "-s",
+        f"data.seed={seed}",
+        "-s",
+        "logging.progress=false",
+        *(a for s in SETTINGS[run] for a in ("-s", s)),
+    ]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     times = []
@@ -78,9 +102,18 @@ def step_prompts(steps: int, seed: int) -> tuple[list[list[int]], object]:
     d = cfg.data
     train = examples_for(d, source=d.source, split=d.split, limit=d.limit)
     tok = load_tokenizer(cfg.student.name)
-    ids = encode_prompts(tok, train, chat_template=d.chat_template, system_prompt=d.system_prompt,
-                         max_tokens=d.max_prompt_tokens)
-    order = [i for s in range(1, steps + 1) for i in step_indices(len(train), s, cfg.train.prompts_per_step, d.seed)]
+    ids = encode_prompts(
+        tok,
+        train,
+        chat_template=d.chat_template,
+        system_prompt=d.system_prompt,
+        max_tokens=d.max_prompt_tokens,
+    )
+    order = [
+        i
+        for s in range(1, steps + 1)
+        for i in step_indices(len(train), s, cfg.train.prompts_per_step, d.seed)
+    ]
     return [ids[i] for i in order for _ in range(cfg.sampling.n)], cfg
 
 
@@ -99,13 +132,32 @@ def trl_child(run: str, steps: int, seed: int, out: Path) -> dict:
     by_text = dict(zip(texts, rows))
     batch = cfg.train.prompts_per_step * cfg.sampling.n
     args = DistillationConfig(
-        output_dir=str(out / "trl"), max_steps=steps, per_device_train_batch_size=batch,
-        gradient_accumulation_steps=1, learning_rate=cfg.train.lr, lr_scheduler_type="constant", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=cfg.train.grad_clip, beta=cfg.loss.jsd_beta,
-        temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p, top_k=0,
-        max_completion_length=cfg.sampling.max_new_tokens, shuffle_dataset=False, bf16=False, fp16=False,
-        gradient_checkpointing=run == "trl-ckpt", use_cpu=True, seed=seed, logging_steps=1, save_strategy="no",
-        report_to="none", disable_tqdm=True, dataloader_num_workers=0)
+        output_dir=str(out / "trl"),
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        learning_rate=cfg.train.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=cfg.train.grad_clip,
+        beta=cfg.loss.jsd_beta,
+        temperature=cfg.sampling.temperature,
+        top_p=cfg.sampling.top_p,
+        top_k=0,
+        max_completion_length=cfg.sampling.max_new_tokens,
+        shuffle_dataset=False,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=run == "trl-ckpt",
+        use_cpu=True,
+        seed=seed,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     student = AutoModelForCausalLM.from_pretrained(s_path, dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(t_path, dtype=torch.float32)
     clock: dict[str, float] = {"rollout": 0.0, "teacher": 0.0}
@@ -136,11 +188,24 @@ def trl_child(run: str, steps: int, seed: int, out: Path) -> dict:
 
         def on_step_end(self, *_, **__):
             whole = time.perf_counter() - clock["t0"]
-            times.append({"step": whole, "rollout": clock["rollout"], "teacher": clock["teacher"],
-                          "train": whole - clock["rollout"] - clock["teacher"], "other": 0.0})
+            times.append(
+                {
+                    "step": whole,
+                    "rollout": clock["rollout"],
+                    "teacher": clock["teacher"],
+                    "train": whole - clock["rollout"] - clock["teacher"],
+                    "other": 0.0,
+                }
+            )
 
-    trainer = Timed(model=student, teacher_model=teacher, args=args, processing_class=tok,
-                    train_dataset=Dataset.from_dict({"prompt": texts}), callbacks=[StepTimes()])
+    trainer = Timed(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        processing_class=tok,
+        train_dataset=Dataset.from_dict({"prompt": texts}),
+        callbacks=[StepTimes()],
+    )
     trainer.train()
     model_dir = out / "model"
     trainer.save_model(str(model_dir))
@@ -161,8 +226,20 @@ def child(run: str, steps: int, seed: int, out: Path, result: Path) -> None:
 
 
 def accuracy(models: list[str]) -> list[float]:
-    cmd = [sys.executable, "-m", "stableopd", "eval", *models, "-c", str(QUICKSTART), "-s", "data.split=validation",
-           "-s", "data.limit=200", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stableopd",
+        "eval",
+        *models,
+        "-c",
+        str(QUICKSTART),
+        "-s",
+        "data.split=validation",
+        "-s",
+        "data.limit=200",
+        "--json",
+    ]
     done = subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True)
     summary = json.loads(done.stdout)
     rows = summary if isinstance(summary, list) else summary.get("models", [summary])
@@ -189,7 +266,7 @@ def main() -> None:
         return
     runs = list(args.runs)
     if importlib.util.find_spec("trl") is None and any(r.startswith("trl") for r in runs):
-        print("TRL is not installed (pip install -e \".[bench]\"): the TRL contenders are skipped")
+        print('TRL is not installed (pip install -e ".[bench]"): the TRL contenders are skipped')
         runs = [r for r in runs if not r.startswith("trl")]
     seeds = args.seeds or list(range(args.rounds))
     results: dict[str, list[dict]] = {r: [] for r in runs}
@@ -202,12 +279,18 @@ def main() -> None:
                 t0 = time.perf_counter()
                 log = out / "log.txt"
                 with log.open("w") as fh:
-                    done = subprocess.run([sys.executable, __file__, "--child", run, str(args.steps), str(seed),
-                                           str(out)], cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+                    done = subprocess.run(
+                        [sys.executable, __file__, "--child", run, str(args.steps), str(seed), str(out)],
+                        cwd=ROOT,
+                        stdout=fh,
+                        stderr=subprocess.STDOUT,
+                    )
                 if done.returncode:
                     sys.exit(f"{run} (round {rnd + 1}) failed:\n{log.read_text()[-3000:]}")
                 res = json.loads((out / "result.json").read_text())
-                res.update(seed=seed, round=rnd, wall=time.perf_counter() - t0, split=median_split(res["times"]))
+                res.update(
+                    seed=seed, round=rnd, wall=time.perf_counter() - t0, split=median_split(res["times"])
+                )
                 if args.accuracy:
                     res["accuracy"] = accuracy([res["model"]])[0]
                 results[run].append(res)
@@ -220,11 +303,17 @@ def print_table(results: dict[str, list[dict]], args, seeds: list[int]) -> None:
     import torch
 
     base = next((r for r in ("trl", "trl-ckpt") if results.get(r)), None)
-    print(f"\n{args.steps} steps per run, median of steps 3..{args.steps}; {torch.get_num_threads()} torch threads "
-          f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); seeds {seeds}\n")
-    head = "| run | " + " | ".join(f"round {i + 1} s" for i in range(len(seeds))) + \
-        " | median s | rollout | teacher | train | other |" + (f" vs {base} |" if base else "") + \
-        (" accuracy |" if args.accuracy else "")
+    print(
+        f"\n{args.steps} steps per run, median of steps 3..{args.steps}; {torch.get_num_threads()} torch threads "
+        f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); seeds {seeds}\n"
+    )
+    head = (
+        "| run | "
+        + " | ".join(f"round {i + 1} s" for i in range(len(seeds)))
+        + " | median s | rollout | teacher | train | other |"
+        + (f" vs {base} |" if base else "")
+        + (" accuracy |" if args.accuracy else "")
+    )
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     ref = statistics.median(r["split"]["step"] for r in results[base]) if base else None

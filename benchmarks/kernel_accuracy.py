@@ -80,8 +80,10 @@ def main() -> None:
             rv, rh, rw = ref(case, *t)
             for api in ("per-token", "sum"):
                 v, h, w = ours(case, api, *t)
-                print(f"| {'close' if close else 'far'} | {case} | {api} | {abs(v - rv) / abs(rv):.1e} | "
-                      f"{rel(h, rh):.1e} | {rel(w, rw):.1e} |")
+                print(
+                    f"| {'close' if close else 'far'} | {case} | {api} | {abs(v - rv) / abs(rv):.1e} | "
+                    f"{rel(h, rh):.1e} | {rel(w, rw):.1e} |"
+                )
 
 
 if __name__ == "__main__":

@@ -24,15 +24,48 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-ARGS = ["-s", "train.prompts_per_step=2", "-s", "sampling.n=2", "-s", "sampling.max_new_tokens=12",
-        "-s", "train.eval_every=2", "-s", "data.val_limit=2", "-s", "train.save_every=1", "-s", "train.keep_last=2",
-        "-s", "train.lr=1e-3", "-s", "logging.progress=false"]
+ARGS = [
+    "-s",
+    "train.prompts_per_step=2",
+    "-s",
+    "sampling.n=2",
+    "-s",
+    "sampling.max_new_tokens=12",
+    "-s",
+    "train.eval_every=2",
+    "-s",
+    "data.val_limit=2",
+    "-s",
+    "train.save_every=1",
+    "-s",
+    "train.keep_last=2",
+    "-s",
+    "train.lr=1e-3",
+    "-s",
+    "logging.progress=false",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def command(data: Path, run: Path, steps: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "stableopd", "distill", "--student", "tiny", "--teacher", "tiny-teacher",
-            "--data", str(data), "--out", str(run), "-s", f"train.steps={steps}", *ARGS, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "stableopd",
+        "distill",
+        "--student",
+        "tiny",
+        "--teacher",
+        "tiny-teacher",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "-s",
+        f"train.steps={steps}",
+        *ARGS,
+        *extra,
+    ]
 
 
 def rows(run: Path) -> list[dict]:
@@ -70,10 +103,13 @@ def same(a: tuple, b: tuple) -> tuple[bool, str]:
     return True, "identical"
 
 
-def trial(data: Path, run: Path, steps: int, sig: int, rng: random.Random, step_s: float) -> tuple[str, int, int]:
+def trial(
+    data: Path, run: Path, steps: int, sig: int, rng: random.Random, step_s: float
+) -> tuple[str, int, int]:
     """Start, signal at a random moment of a random step, resume until done; (last line, exit code, step)."""
-    proc = subprocess.Popen(command(data, run, steps), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        command(data, run, steps), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     target = rng.randint(1, steps - 1)
     while proc.poll() is None and not any(r.get("step", 0) >= target for r in rows(run)):
         time.sleep(0.005)
@@ -85,8 +121,9 @@ def trial(data: Path, run: Path, steps: int, sig: int, rng: random.Random, step_
     for _ in range(3):
         if (run / "checkpoints" / f"step_{steps:06d}" / "COMPLETE").exists() and code == 0:
             break
-        resumed = subprocess.run(command(data, run, steps, "--resume"), env=ENV, capture_output=True, text=True,
-                                 timeout=600)
+        resumed = subprocess.run(
+            command(data, run, steps, "--resume"), env=ENV, capture_output=True, text=True, timeout=600
+        )
         if resumed.returncode != 0:
             raise SystemExit(f"resume failed ({resumed.returncode}): {resumed.stderr[-800:]}")
         code = 0
@@ -103,11 +140,24 @@ def main() -> int:
     rng = random.Random(a.seed)
     root = Path(tempfile.mkdtemp(prefix="stableopd-kill-resume-"))
     data = root / "d.jsonl"
-    data.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"{i}+{i + 1}=", "answer": str(2 * i + 1),
-                                        "solution": str(2 * i + 1)}) + "\n" for i in range(12)))
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": f"q{i}",
+                    "prompt": f"{i}+{i + 1}=",
+                    "answer": str(2 * i + 1),
+                    "solution": str(2 * i + 1),
+                }
+            )
+            + "\n"
+            for i in range(12)
+        )
+    )
     t0 = time.perf_counter()
-    proc = subprocess.Popen(command(data, root / "base", a.steps), env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command(data, root / "base", a.steps), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     marks = {}
     while proc.poll() is None:
         logged = max((r.get("step", 0) for r in rows(root / "base")), default=-1)
@@ -123,16 +173,20 @@ def main() -> int:
     plan = [signal.SIGKILL] * a.kills + [signal.SIGTERM] * a.terms
     rng.shuffle(plan)
     ok = 0
-    print(f"uninterrupted run: {a.steps} steps in {base_wall:.1f} s, {step_s:.2f} s a step (one thread); each "
-          "signal lands at a random moment of a random step (validation and checkpoint writes included)")
+    print(
+        f"uninterrupted run: {a.steps} steps in {base_wall:.1f} s, {step_s:.2f} s a step (one thread); each "
+        "signal lands at a random moment of a random step (validation and checkpoint writes included)"
+    )
     print(f"{'#':>2} {'signal':8} {'at step':>7} {'exit':>5}  result")
     for i, sig in enumerate(plan, 1):
         run = root / f"t{i}"
         last, code, at = trial(data, run, a.steps, sig, rng, step_s)
         good, why = same(fingerprint(run, a.steps), base)
         ok += good
-        print(f"{i:>2} {signal.Signals(sig).name:8} {at:>7} {code:>5}  {why}"
-              + (f"  ({last[:90]})" if sig == signal.SIGTERM else ""))
+        print(
+            f"{i:>2} {signal.Signals(sig).name:8} {at:>7} {code:>5}  {why}"
+            + (f"  ({last[:90]})" if sig == signal.SIGTERM else "")
+        )
     print(f"\n{ok} of {len(plan)} resumed runs identical to the uninterrupted one")
     return 0 if ok == len(plan) else 1
 

@@ -148,7 +148,9 @@ def _generate(rng: random.Random, count: int, digits: int, ops: str, exclude: se
     return out
 
 
-def builtin_examples(source: str, *, split: str = "train", limit: int | None = None, seed: int = 0) -> list[Example]:
+def builtin_examples(
+    source: str, *, split: str = "train", limit: int | None = None, seed: int = 0
+) -> list[Example]:
     opts = parse_source(source)
     digits, ops, n = int(opts["digits"]), str(opts["ops"]), int(opts["n"])
     mixture = parse_checks(str(opts["checks"]), source)
@@ -156,7 +158,9 @@ def builtin_examples(source: str, *, split: str = "train", limit: int | None = N
     if split == "train":
         rows, tag = train, "train"
     elif split in ("validation", "val", "test"):
-        rows = _generate(random.Random(seed + VAL_SEED_OFFSET), max(64, n // 10), digits, ops, {r[0] for r in train})
+        rows = _generate(
+            random.Random(seed + VAL_SEED_OFFSET), max(64, n // 10), digits, ops, {r[0] for r in train}
+        )
         tag = "val"
     else:
         raise UserError(f"builtin:arith has splits train and validation, not '{split}'")
@@ -165,6 +169,12 @@ def builtin_examples(source: str, *, split: str = "train", limit: int | None = N
         # a separate stream per problem: the problems are the same whatever `checks` says
         k = draw_checks(mixture, random.Random(f"checks:{seed}:{tag}:{i}"))
         lines = steps + [CHECK_LINE] * k + [f"The answer is {answer}."]
-        examples.append(Example(id=f"arith-{tag}-{i}", prompt=f"What is {expr}?", answer=str(answer),
-                                solution="\n".join(lines)))
+        examples.append(
+            Example(
+                id=f"arith-{tag}-{i}",
+                prompt=f"What is {expr}?",
+                answer=str(answer),
+                solution="\n".join(lines),
+            )
+        )
     return examples[:limit] if limit else examples

@@ -32,16 +32,18 @@ def pack(prompts: list[list[int]], targets: list[list[int]], pad_id: int, device
     attn = torch.zeros((len(prompts), width), dtype=torch.long)  # (B, L)
     tmask = torch.zeros((len(prompts), width), dtype=torch.bool)  # (B, L)
     for i, (p, t) in enumerate(zip(prompts, targets)):
-        ids[i, :len(p) + len(t)] = torch.tensor(p + t, dtype=torch.long)
-        attn[i, :len(p) + len(t)] = 1
-        tmask[i, len(p):len(p) + len(t)] = True
+        ids[i, : len(p) + len(t)] = torch.tensor(p + t, dtype=torch.long)
+        attn[i, : len(p) + len(t)] = 1
+        tmask[i, len(p) : len(p) + len(t)] = True
     return Packed(ids.to(device), attn.to(device), tmask.to(device), [len(t) for t in targets])
 
 
 def target_hidden(model, packed: Packed) -> torch.Tensor:
     """Final-layer hidden states that predict each target token: (N, d), row-major like `targets`."""
     decoder = model.get_decoder()
-    hidden = decoder(input_ids=packed.input_ids, attention_mask=packed.attention_mask).last_hidden_state  # (B, L, d)
+    hidden = decoder(
+        input_ids=packed.input_ids, attention_mask=packed.attention_mask
+    ).last_hidden_state  # (B, L, d)
     return select_targets(hidden, packed)
 
 
@@ -62,8 +64,11 @@ def head_forward(model, packed: Packed, fn):
     hooks gather the embeddings and head (tied or not) and reduce their gradients; any other model runs the
     decoder and reads the head weight directly. Only `fn` ever touches the vocabulary."""
     if getattr(model, "runs_head_fn", False):
-        return model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
-                     head_fn=lambda hidden, weight: fn(select_targets(hidden, packed), weight))
+        return model(
+            input_ids=packed.input_ids,
+            attention_mask=packed.attention_mask,
+            head_fn=lambda hidden, weight: fn(select_targets(hidden, packed), weight),
+        )
     return fn(target_hidden(model, packed), output_weight(model))
 
 

@@ -43,8 +43,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / MARKER).exists()
-             and p.name[5:].isdigit()]
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith("step_") and (p / MARKER).exists() and p.name[5:].isdigit()
+    ]
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
@@ -57,8 +60,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, state: dict[str, Any],
-                    keep_last: int, model_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    *,
+    model,
+    tokenizer,
+    optimizer,
+    state: dict[str, Any],
+    keep_last: int,
+    model_state: dict | None = None,
+    optimizer_state: dict | None = None,
+) -> Path:
     """Write checkpoint `step` atomically and prune to the newest `keep_last`. `model_state` and
     `optimizer_state` are the full (consolidated) state dicts of a sharded run (distributed.full_states)."""
     target = step_dir(run_dir, step)
@@ -75,7 +88,9 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, st
         tokenizer.save_pretrained(tmp)
         if adapter and getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)  # keep the base's stop ids beside the adapter
-        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
+        torch.save(
+            optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt"
+        )
         rng = rng_state()
         torch.save({"torch": rng["torch"], "python": _py_rng_to_tensorable(rng["python"])}, tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=1))
@@ -154,8 +169,13 @@ def read_checkpoint(path: Path) -> Restored:
     for shard in shards:  # reads each header and checks it against the file size
         with safe_open(shard, framework="pt") as fh:
             fh.keys()
-    return Restored(path=path, step=int(state["step"]), state=state, optimizer_state=optim,
-                    rng={"torch": rng["torch"], "python": _py_rng_from(rng["python"])})
+    return Restored(
+        path=path,
+        step=int(state["step"]),
+        state=state,
+        optimizer_state=optim,
+        rng={"torch": rng["torch"], "python": _py_rng_from(rng["python"])},
+    )
 
 
 def load_latest(run_dir: Path, warn) -> Restored:
@@ -167,5 +187,7 @@ def load_latest(run_dir: Path, warn) -> Restored:
         try:
             return read_checkpoint(path)
         except Exception as exc:  # any damage: fall back to the previous checkpoint
-            warn(f"checkpoint {path.name} is unreadable ({type(exc).__name__}: {exc}); trying the previous one")
+            warn(
+                f"checkpoint {path.name} is unreadable ({type(exc).__name__}: {exc}); trying the previous one"
+            )
     raise UserError(f"--resume: every checkpoint in '{run_dir}/checkpoints' is unreadable")

@@ -23,16 +23,29 @@ from stableopd.errors import CollapseStop, TrainingStopped, UserError, record_ex
 from stableopd.progress import console
 from stableopd.runctl import Stopped
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="On-policy distillation that sees length inflation and truncation collapse coming.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="On-policy distillation that sees length inflation and truncation collapse coming.",
+)
 
 ConfigOpt = typer.Option(None, "-c", "--config", help="YAML config file.")
-SetOpt = typer.Option([], "-s", "--set", metavar="KEY=VALUE",
-                      help="Override a config key: -s loss.ref_kl_coef=0.02 (repeatable).")
+SetOpt = typer.Option(
+    [],
+    "-s",
+    "--set",
+    metavar="KEY=VALUE",
+    help="Override a config key: -s loss.ref_kl_coef=0.02 (repeatable).",
+)
 DebugOpt = typer.Option(False, "--debug", metavar="", help="Show tracebacks.")
 ResumeOpt = typer.Option(False, "--resume", metavar="", help="Continue from the latest complete checkpoint.")
-DryRunOpt = typer.Option(False, "--dry-run", metavar="",
-                         help="Check the config, models and data without loading weights; print the plan.")
+DryRunOpt = typer.Option(
+    False,
+    "--dry-run",
+    metavar="",
+    help="Check the config, models and data without loading weights; print the plan.",
+)
 
 
 def _version(value: bool) -> None:
@@ -41,13 +54,18 @@ def _version(value: bool) -> None:
 
         import torch
 
-        typer.echo(f"stableopd {version('stableopd')} (torch {torch.__version__}, python {sys.version.split()[0]})")
+        typer.echo(
+            f"stableopd {version('stableopd')} (torch {torch.__version__}, python {sys.version.split()[0]})"
+        )
         raise typer.Exit()
 
 
 @app.callback()
-def _main(_version_flag: bool = typer.Option(False, "--version", metavar="", callback=_version, is_eager=True,
-                                             help="Print the version and exit.")) -> None:
+def _main(
+    _version_flag: bool = typer.Option(
+        False, "--version", metavar="", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """On-policy distillation that sees length inflation and truncation collapse coming."""
 
 
@@ -82,8 +100,10 @@ def _guard(debug: bool, body: Callable[[], int | None]) -> None:
             code = 2
         else:  # a bug: one line, and the way to see more
             text = str(exc).splitlines()[0][:300] if str(exc) else ""
-            _error(f"internal error: {type(exc).__name__}{': ' + text if text else ''}; rerun with --debug "
-                   "for the traceback")
+            _error(
+                f"internal error: {type(exc).__name__}{': ' + text if text else ''}; rerun with --debug "
+                "for the traceback"
+            )
             code = 1
     if code:
         record_exit_code(code)
@@ -121,17 +141,26 @@ def _config(path: Path | None, sets: list[str], flags: dict[str, Any]) -> Config
 def _plan(cfg: Config, command: str, nproc: int, resume: bool) -> int:
     from stableopd.plan import run_plan
 
-    return run_plan(cfg, command=command, world=nproc, resume=resume,
-                    print_line=lambda line: console.print(line, highlight=False, soft_wrap=True, markup=False))
+    return run_plan(
+        cfg,
+        command=command,
+        world=nproc,
+        resume=resume,
+        print_line=lambda line: console.print(line, highlight=False, soft_wrap=True, markup=False),
+    )
 
 
 @app.command()
-def rollout(config: Path = ConfigOpt, sets: list[str] = SetOpt,
-            model: str = typer.Option(None, "--model", help="Model to sample from (sets student.name)."),
-            data: str = typer.Option(None, "--data", help="Prompts: file, builtin:arith or dataset name."),
-            out: Path = typer.Option(None, "--out", help="Output JSONL (default rollouts.jsonl)."),
-            debug: bool = DebugOpt) -> None:
+def rollout(
+    config: Path = ConfigOpt,
+    sets: list[str] = SetOpt,
+    model: str = typer.Option(None, "--model", help="Model to sample from (sets student.name)."),
+    data: str = typer.Option(None, "--data", help="Prompts: file, builtin:arith or dataset name."),
+    out: Path = typer.Option(None, "--out", help="Output JSONL (default rollouts.jsonl)."),
+    debug: bool = DebugOpt,
+) -> None:
     """Sample n responses per prompt and write rollout records as JSONL."""
+
     def body() -> int:
         from stableopd.rollout import print_rollout_summary, run_rollout
 
@@ -139,25 +168,33 @@ def rollout(config: Path = ConfigOpt, sets: list[str] = SetOpt,
         dest = Path(cfg.out or "rollouts.jsonl")
         print_rollout_summary(run_rollout(cfg, out=dest), dest)
         return 0
+
     _guard(debug, body)
 
 
 @app.command()
-def distill(config: Path = ConfigOpt, sets: list[str] = SetOpt,
-            student: str = typer.Option(None, "--student", help="Student model (sets student.name)."),
-            teacher: str = typer.Option(None, "--teacher", help="Teacher model (sets teacher.name)."),
-            data: str = typer.Option(None, "--data", help="Training prompts (sets data.source)."),
-            out: Path = typer.Option(None, "--out", help="Run directory (sets out)."),
-            resume: bool = ResumeOpt,
-            nproc: int = typer.Option(1, "--nproc", min=1, help="Processes: re-runs this command under torchrun."),
-            dry_run: bool = DryRunOpt,
-            debug: bool = DebugOpt) -> None:
+def distill(
+    config: Path = ConfigOpt,
+    sets: list[str] = SetOpt,
+    student: str = typer.Option(None, "--student", help="Student model (sets student.name)."),
+    teacher: str = typer.Option(None, "--teacher", help="Teacher model (sets teacher.name)."),
+    data: str = typer.Option(None, "--data", help="Training prompts (sets data.source)."),
+    out: Path = typer.Option(None, "--out", help="Run directory (sets out)."),
+    resume: bool = ResumeOpt,
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes: re-runs this command under torchrun."),
+    dry_run: bool = DryRunOpt,
+    debug: bool = DebugOpt,
+) -> None:
     """Distill the teacher into the student with OPD or StableOPD."""
+
     def body() -> int:
         from stableopd.trainer import run_distill
 
-        cfg = _config(config, sets, {"student.name": student, "teacher.name": teacher, "data.source": data,
-                                     "out": out and str(out)})
+        cfg = _config(
+            config,
+            sets,
+            {"student.name": student, "teacher.name": teacher, "data.source": data, "out": out and str(out)},
+        )
         if dry_run:
             return _plan(cfg, "distill", nproc, resume)
         if nproc > 1:
@@ -166,18 +203,23 @@ def distill(config: Path = ConfigOpt, sets: list[str] = SetOpt,
             check_launch(nproc, cfg)
             return _relaunch_locked(nproc, Path(cfg.out or "runs/distill"))
         return run_distill(cfg, resume=resume)
+
     _guard(debug, body)
 
 
 @app.command()
-def sft(config: Path = ConfigOpt, sets: list[str] = SetOpt,
-        student: str = typer.Option(None, "--student", help="Model to fine-tune (sets student.name)."),
-        data: str = typer.Option(None, "--data", help="Examples with golden solutions (sets data.source)."),
-        out: Path = typer.Option(None, "--out", help="Run directory (sets out)."),
-        resume: bool = ResumeOpt,
-        dry_run: bool = DryRunOpt,
-        debug: bool = DebugOpt) -> None:
+def sft(
+    config: Path = ConfigOpt,
+    sets: list[str] = SetOpt,
+    student: str = typer.Option(None, "--student", help="Model to fine-tune (sets student.name)."),
+    data: str = typer.Option(None, "--data", help="Examples with golden solutions (sets data.source)."),
+    out: Path = typer.Option(None, "--out", help="Run directory (sets out)."),
+    resume: bool = ResumeOpt,
+    dry_run: bool = DryRunOpt,
+    debug: bool = DebugOpt,
+) -> None:
     """Warm-start the student with supervised fine-tuning on golden solutions."""
+
     def body() -> int:
         from stableopd.trainer import run_sft
 
@@ -185,35 +227,51 @@ def sft(config: Path = ConfigOpt, sets: list[str] = SetOpt,
         if dry_run:
             return _plan(cfg, "sft", 1, resume)
         return run_sft(cfg, resume=resume)
+
     _guard(debug, body)
 
 
 @app.command("eval")
-def eval_(targets: list[str] = typer.Argument(None, help="Models or run directories to evaluate."),
-          config: Path = ConfigOpt, sets: list[str] = SetOpt,
-          model: list[str] = typer.Option([], "--model", help="Model or run directory (repeatable)."),
-          data: str = typer.Option(None, "--data", help="Problems with answers (sets data.source)."),
-          responses: Path = typer.Option(None, "--responses", help="Score existing generations instead."),
-          step: int = typer.Option(None, "--step", help="Checkpoint step of a run directory."),
-          out: Path = typer.Option(None, "--out", help="Folder for per-sample JSONL."),
-          as_json: bool = typer.Option(False, "--json", metavar="", help="Print the summary as JSON on stdout."),
-          debug: bool = DebugOpt) -> None:
+def eval_(
+    targets: list[str] = typer.Argument(None, help="Models or run directories to evaluate."),
+    config: Path = ConfigOpt,
+    sets: list[str] = SetOpt,
+    model: list[str] = typer.Option([], "--model", help="Model or run directory (repeatable)."),
+    data: str = typer.Option(None, "--data", help="Problems with answers (sets data.source)."),
+    responses: Path = typer.Option(None, "--responses", help="Score existing generations instead."),
+    step: int = typer.Option(None, "--step", help="Checkpoint step of a run directory."),
+    out: Path = typer.Option(None, "--out", help="Folder for per-sample JSONL."),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print the summary as JSON on stdout."),
+    debug: bool = DebugOpt,
+) -> None:
     """Measure accuracy with real answer checking, on models or on existing responses."""
+
     def body() -> int:
         from stableopd.evaluate import run_config_base, run_eval
 
         flags = {"data.source": data, "out": out and str(out)}
         cfg = _config(config, sets, flags)
-        base = run_config_base(list(model) + list(targets or []), cfg.eval.preset) if responses is None else None
+        base = (
+            run_config_base(list(model) + list(targets or []), cfg.eval.preset) if responses is None else None
+        )
         if base is not None:  # a run directory: its own settings under the preset and the command line
             cfg = load_config(config, sets, flags, base=base)
-        return run_eval(cfg, models=list(model) + list(targets or []), step=step, responses=responses,
-                        out=Path(cfg.out) if cfg.out else None, as_json=as_json, console=console)
+        return run_eval(
+            cfg,
+            models=list(model) + list(targets or []),
+            step=step,
+            responses=responses,
+            out=Path(cfg.out) if cfg.out else None,
+            as_json=as_json,
+            console=console,
+        )
+
     _guard(debug, body)
 
 
-def _diagnose_config(path: Path, config: Path | None, sets: list[str], text_field: str | None
-                     ) -> DiagnoseConfig:
+def _diagnose_config(
+    path: Path, config: Path | None, sets: list[str], text_field: str | None
+) -> DiagnoseConfig:
     # a run directory carries its own repetition settings (L, tau): start from them
     run_config = path / "config.yaml"
     base = config if config is not None or not run_config.is_file() else run_config
@@ -221,17 +279,28 @@ def _diagnose_config(path: Path, config: Path | None, sets: list[str], text_fiel
 
 
 @app.command()
-def diagnose(paths: list[Path] = typer.Argument(..., metavar="PATH", help="Run directory, metrics.jsonl or "
-                                                "JSONL of responses; give two or more to compare them."),
-             config: Path = ConfigOpt, sets: list[str] = SetOpt,
-             as_json: bool = typer.Option(False, "--json", metavar="", help="Print the verdict as JSON on stdout."),
-             plots: Path = typer.Option(None, "--plots", help="Folder for PNG plots and report.md (default: "
-                                        "RUN_DIR/report for one run directory, ./diagnose-compare for "
-                                        "several paths)."),
-             strict: bool = typer.Option(False, "--strict", metavar="", help="Exit 1 unless every run is healthy."),
-             text_field: str = typer.Option(None, "--text-field", help="Field holding the response text."),
-             debug: bool = DebugOpt) -> None:
+def diagnose(
+    paths: list[Path] = typer.Argument(
+        ...,
+        metavar="PATH",
+        help="Run directory, metrics.jsonl or JSONL of responses; give two or more to compare them.",
+    ),
+    config: Path = ConfigOpt,
+    sets: list[str] = SetOpt,
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print the verdict as JSON on stdout."),
+    plots: Path = typer.Option(
+        None,
+        "--plots",
+        help="Folder for PNG plots and report.md (default: "
+        "RUN_DIR/report for one run directory, ./diagnose-compare for "
+        "several paths).",
+    ),
+    strict: bool = typer.Option(False, "--strict", metavar="", help="Exit 1 unless every run is healthy."),
+    text_field: str = typer.Option(None, "--text-field", help="Field holding the response text."),
+    debug: bool = DebugOpt,
+) -> None:
     """Say whether and when a run is inflating or collapsing; with several paths, compare them."""
+
     def body() -> int:
         from stableopd.diagnostics import run_diagnose
 
@@ -242,22 +311,28 @@ def diagnose(paths: list[Path] = typer.Argument(..., metavar="PATH", help="Run d
         from stableopd.compare import run_compare
 
         return run_compare(list(zip(paths, cfgs)), **kw)
+
     _guard(debug, body)
 
 
 @app.command()
-def export(run: Path = typer.Argument(..., metavar="RUN_DIR", help="A distill or sft run directory."),
-           step: int = typer.Option(None, "--step", help="Checkpoint step (default: the latest)."),
-           out: Path = typer.Option(None, "--out", help="Folder to write (default: RUN_DIR/export/step_N)."),
-           merge: bool = typer.Option(False, "--merge", metavar="", help="Fold a LoRA adapter into its base "
-                                      "model and write a full model."),
-           debug: bool = DebugOpt) -> None:
+def export(
+    run: Path = typer.Argument(..., metavar="RUN_DIR", help="A distill or sft run directory."),
+    step: int = typer.Option(None, "--step", help="Checkpoint step (default: the latest)."),
+    out: Path = typer.Option(None, "--out", help="Folder to write (default: RUN_DIR/export/step_N)."),
+    merge: bool = typer.Option(
+        False, "--merge", metavar="", help="Fold a LoRA adapter into its base model and write a full model."
+    ),
+    debug: bool = DebugOpt,
+) -> None:
     """Write a run's checkpoint as a Hugging Face model directory (a LoRA run: its adapter, or --merge)."""
+
     def body() -> int:
         from stableopd.export import run_export
 
         run_export(run, step=step, out=out, merge=merge, console=console)
         return 0
+
     _guard(debug, body)
 
 
@@ -276,4 +351,3 @@ def main() -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
-

@@ -127,8 +127,10 @@ class LossConfig(Section):
     @model_validator(mode="after")
     def _keys_fit_objective(self) -> LossConfig:
         if self.objective == "jsd" and self.reward_to_go > 0:
-            raise ValueError("loss.reward_to_go shapes the OPD advantage, and loss.objective=jsd has none; "
-                             "use objective opd or stableopd, or set loss.reward_to_go=0")
+            raise ValueError(
+                "loss.reward_to_go shapes the OPD advantage, and loss.objective=jsd has none; "
+                "use objective opd or stableopd, or set loss.reward_to_go=0"
+            )
         return self
 
 
@@ -136,7 +138,9 @@ class TrainConfig(Section):
     steps: int = Field(default=100, ge=1, le=MAX_INT)
     prompts_per_step: int = Field(default=8, ge=1, le=MAX_INT)
     lr: float = Field(default=1e-6, gt=0.0, le=10.0)
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"  # after the warmup (stableopd/schedule.py)
+    lr_schedule: Literal["constant", "linear", "cosine"] = (
+        "constant"  # after the warmup (stableopd/schedule.py)
+    )
     warmup_steps: int = Field(default=0, ge=0, le=MAX_INT)  # linear warmup from lr / warmup_steps up to lr
     min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)  # linear/cosine end at min_lr_ratio * lr
     weight_decay: float = Field(default=0.0, ge=0.0, le=100.0)
@@ -148,21 +152,28 @@ class TrainConfig(Section):
     keep_last: int = Field(default=3, ge=1, le=MAX_INT)
     eval_every: int = Field(default=10, ge=0, le=MAX_INT)  # 0 = no validation
     eval_at_start: bool = True  # validate once before the first update (logged as step 0)
-    rollouts_every: int = Field(default=1, ge=0, le=MAX_INT)  # write rollouts/step_N.jsonl every k steps; 0 = never
+    rollouts_every: int = Field(
+        default=1, ge=0, le=MAX_INT
+    )  # write rollouts/step_N.jsonl every k steps; 0 = never
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
     stop_on_collapse: bool = False
     max_bad_steps: int = Field(default=3, ge=1, le=MAX_INT)  # consecutive non-finite steps before stopping
     # multi-process: a collective waiting longer raises
     dist_timeout_s: float = Field(default=600.0, gt=0.0, le=7 * 86400.0)
-    shard_frozen: bool = False  # multi-process: FSDP-shard teacher and reference too (default: a full copy per rank)
+    shard_frozen: bool = (
+        False  # multi-process: FSDP-shard teacher and reference too (default: a full copy per rank)
+    )
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> TrainConfig:
         if self.warmup_steps > self.steps:
-            raise ValueError(f"train.warmup_steps ({self.warmup_steps}) is longer than train.steps ({self.steps})")
+            raise ValueError(
+                f"train.warmup_steps ({self.warmup_steps}) is longer than train.steps ({self.steps})"
+            )
         if self.lr_schedule == "constant" and self.min_lr_ratio > 0:
-            raise ValueError("train.min_lr_ratio only applies to train.lr_schedule linear or cosine, "
-                             "not constant")
+            raise ValueError(
+                "train.min_lr_ratio only applies to train.lr_schedule linear or cosine, not constant"
+            )
         return self
 
 
@@ -193,7 +204,9 @@ class DiagnoseConfig(Section):
 
     rep_tail_chars: int = Field(default=10_000, ge=1, le=MAX_INT)  # L; short generations need a smaller L
     rep_ratio: float = Field(default=10.0, gt=0.0, le=1e6)  # tau
-    rep_token_ngram: int = Field(default=16, ge=1, le=MAX_INT)  # a token is repetitive inside a repeated n-token window
+    rep_token_ngram: int = Field(
+        default=16, ge=1, le=MAX_INT
+    )  # a token is repetitive inside a repeated n-token window
     text_field: str = "response"
     finish_field: str = "finish_reason"
     truncated_field: str = "truncated"
@@ -211,8 +224,12 @@ class DiagnoseConfig(Section):
     high_trunc: float = Field(default=0.6, ge=0.0, le=1.0)
     high_rep: float = Field(default=0.5, ge=0.0, le=1.0)
     examples: int = Field(default=5, ge=0, le=MAX_INT)  # worst responses shown by diagnose
-    example_files: int = Field(default=3, ge=0, le=MAX_INT)  # last rollout files read for examples when metrics exist
-    max_line_mb: int = Field(default=64, ge=1, le=1 << 20)  # a longer JSONL line is an error (files are streamed)
+    example_files: int = Field(
+        default=3, ge=0, le=MAX_INT
+    )  # last rollout files read for examples when metrics exist
+    max_line_mb: int = Field(
+        default=64, ge=1, le=1 << 20
+    )  # a longer JSONL line is an error (files are streamed)
 
     def thresholds(self) -> dict[str, Any]:
         """Keyword arguments of `diagnostics.detect` and `diagnostics.CollapseGuard`."""
@@ -228,7 +245,9 @@ class LoggingConfig(Section):
     report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = Field(default_factory=list)
     project: str = Field(default="stableopd", min_length=1)  # wandb/trackio project, MLflow experiment
     run_name: str | None = None  # the tracker's run name; None: the run directory's name
-    table_rows: int = Field(default=8, ge=0, le=10_000)  # rollouts per tracker table (every train.rollouts_every)
+    table_rows: int = Field(
+        default=8, ge=0, le=10_000
+    )  # rollouts per tracker table (every train.rollouts_every)
 
     @field_validator("report_to")
     @classmethod
@@ -255,8 +274,10 @@ class LoraSpec(Section):
             if not v:
                 raise ValueError('must name at least one module, or be "all-linear"')
             if bad := [m for m in v if m in ("lm_head", "embed_tokens", "wte", "embed_out")]:
-                raise ValueError(f"{bad[0]} is the embedding or output head, which the fused loss kernels read "
-                                 "as a plain weight; adapt the decoder's linear layers")
+                raise ValueError(
+                    f"{bad[0]} is the embedding or output head, which the fused loss kernels read "
+                    "as a plain weight; adapt the decoder's linear layers"
+                )
         return v
 
 
@@ -345,9 +366,9 @@ def _is_text_field(dotted: str) -> bool:
 # keys a user may reasonably write that live elsewhere: where to put them instead
 MOVED_KEYS = {
     "student.engine": "the student samples through sampling.backend (hf, vllm or a plugin); "
-                      "teacher.engine chooses how the teacher scores",
+    "teacher.engine chooses how the teacher scores",
     "student.engine_options": "vLLM sampling options go in sampling.options; teacher.engine_options configures "
-                              "the teacher's vLLM engine",
+    "the teacher's vLLM engine",
     "logging.tensorboard": "trackers are listed in logging.report_to, e.g. logging.report_to=[tensorboard]",
     "teacher.lora": "only the student trains; a LoRA adapter goes in student.lora",
     "train.dtype": "precision is set per model: student.dtype and teacher.dtype (the reference is the student's)",
@@ -365,7 +386,9 @@ def _format_validation_error(err: ValidationError) -> str:
         elif e["type"] == "value_error" and isinstance(e.get("input"), dict):  # a rule over a section's keys
             parts.append(e["msg"].removeprefix("Value error, "))
         else:
-            parts.append(f"config key '{loc}': {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
+            parts.append(
+                f"config key '{loc}': {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})"
+            )
     return "; ".join(parts)
 
 
@@ -442,15 +465,21 @@ def check_rules(cfg: Config) -> None:
     s, lo, t, d, ev = cfg.sampling, cfg.loss, cfg.teacher, cfg.data, cfg.eval
     if t.engine == "vllm":
         if lo.objective == "jsd":
-            raise UserError("loss.objective=jsd needs the teacher's full distribution, which teacher.engine=vllm "
-                            "does not give (only the sampled tokens' log-probs): use teacher.engine=hf")
+            raise UserError(
+                "loss.objective=jsd needs the teacher's full distribution, which teacher.engine=vllm "
+                "does not give (only the sampled tokens' log-probs): use teacher.engine=hf"
+            )
         if lo.teacher_temperature != 1.0:
-            raise UserError(f"loss.teacher_temperature={lo.teacher_temperature} with teacher.engine=vllm: vLLM's "
-                            "prompt log-probs ignore temperature, so they would be silently wrong; use 1.0 or "
-                            "teacher.engine=hf")
+            raise UserError(
+                f"loss.teacher_temperature={lo.teacher_temperature} with teacher.engine=vllm: vLLM's "
+                "prompt log-probs ignore temperature, so they would be silently wrong; use 1.0 or "
+                "teacher.engine=hf"
+            )
     elif t.engine_options:
-        raise UserError("teacher.engine_options configure a vLLM teacher engine, and teacher.engine=hf: set "
-                        "teacher.engine=vllm or remove teacher.engine_options")
+        raise UserError(
+            "teacher.engine_options configure a vLLM teacher engine, and teacher.engine=hf: set "
+            "teacher.engine=vllm or remove teacher.engine_options"
+        )
     budget = d.max_prompt_tokens + max(s.max_new_tokens, ev.max_new_tokens or 0)
     engines = []
     if s.backend == "vllm":
@@ -458,8 +487,9 @@ def check_rules(cfg: Config) -> None:
 
         for key, temp in (("sampling.temperature", s.temperature), ("eval.temperature", ev.temperature)):
             if temp > VLLM_MAX_TEMPERATURE:
-                raise UserError(f"{key}={temp} with sampling.backend=vllm: vLLM accepts at most "
-                                f"{VLLM_MAX_TEMPERATURE}")
+                raise UserError(
+                    f"{key}={temp} with sampling.backend=vllm: vLLM accepts at most {VLLM_MAX_TEMPERATURE}"
+                )
         engines.append(("sampling.options", parse_options(s.options)))
     if t.engine == "vllm":
         from stableopd.backends.vllm import parse_options
@@ -467,18 +497,24 @@ def check_rules(cfg: Config) -> None:
         engines.append(("teacher.engine_options", parse_options(t.engine_options, "teacher.engine_options")))
     for key, opts in engines:
         if opts.max_model_len is not None and opts.max_model_len < budget:
-            raise UserError(f"{key}.max_model_len={opts.max_model_len} is shorter than data.max_prompt_tokens + "
-                            f"the longest of sampling.max_new_tokens and eval.max_new_tokens ({budget})")
+            raise UserError(
+                f"{key}.max_model_len={opts.max_model_len} is shorter than data.max_prompt_tokens + "
+                f"the longest of sampling.max_new_tokens and eval.max_new_tokens ({budget})"
+            )
     if len(engines) == 2 and (total := sum(o.gpu_memory_utilization for _, o in engines)) > VLLM_MEMORY_SHARE:
-        raise UserError(f"sampling.options.gpu_memory_utilization + teacher.engine_options.gpu_memory_utilization "
-                        f"= {total:g}: the two vLLM engines share the device; keep the sum at most "
-                        f"{VLLM_MEMORY_SHARE}")
+        raise UserError(
+            f"sampling.options.gpu_memory_utilization + teacher.engine_options.gpu_memory_utilization "
+            f"= {total:g}: the two vLLM engines share the device; keep the sum at most "
+            f"{VLLM_MEMORY_SHARE}"
+        )
     for role, spec in (("student", cfg.student), ("teacher", t)):
         ctx = spec.config_overrides.get("max_position_embeddings")
         if ctx is not None and (not isinstance(ctx, int) or ctx < budget):
-            raise UserError(f"{role}.config_overrides.max_position_embeddings={ctx!r} must be a whole number of "
-                            f"at least data.max_prompt_tokens + the longest of sampling.max_new_tokens and "
-                            f"eval.max_new_tokens ({budget})")
+            raise UserError(
+                f"{role}.config_overrides.max_position_embeddings={ctx!r} must be a whole number of "
+                f"at least data.max_prompt_tokens + the longest of sampling.max_new_tokens and "
+                f"eval.max_new_tokens ({budget})"
+            )
 
 
 def dump_config(cfg: Config) -> str:

@@ -41,13 +41,11 @@ class Verdict:
     reasons: list[str] = field(default_factory=list)
 
 
-
 def _number(value: Any) -> float | None:
     """A finite float, or None for anything else (missing, NaN, text)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
-
 
 
 def _median(values: Sequence[float | None]) -> float | None:

@@ -190,9 +190,16 @@ class _Reader:
 
     def stats(self, prefix: str, step: int) -> StepStats:
         c = self.cfg
-        return StepStats(prefix, text_field=c.text_field, finish_field=c.finish_field,
-                         truncated_field=c.truncated_field, tail_chars=c.rep_tail_chars, ratio=c.rep_ratio,
-                         ngram=c.rep_token_ngram, step=step)
+        return StepStats(
+            prefix,
+            text_field=c.text_field,
+            finish_field=c.finish_field,
+            truncated_field=c.truncated_field,
+            tail_chars=c.rep_tail_chars,
+            ratio=c.rep_ratio,
+            ngram=c.rep_token_ngram,
+            step=step,
+        )
 
     def take(self, stats: StepStats, label: str, rec: Mapping) -> None:
         """Count one record into `stats`; keep its response if it is among the worst so far."""
@@ -225,8 +232,11 @@ class _Reader:
 
     def add_file(self, path: Path, prefix: str, step: int) -> None:
         problems, where = LineProblems(), f"{path.parent.name}/{path.name}"
-        self.add(((f"{where}:{no}", r) for no, r in iter_jsonl(path, problems, max_line_mb=self.cfg.max_line_mb)),
-                 prefix, step)
+        self.add(
+            ((f"{where}:{no}", r) for no, r in iter_jsonl(path, problems, max_line_mb=self.cfg.max_line_mb)),
+            prefix,
+            step,
+        )
         self.warnings += [f"{path.parent.name}/{w}" for w in problems.warnings(path.name)]
 
     def examples(self) -> list[Example]:
@@ -359,17 +369,24 @@ def level_warnings(series: Mapping[str, Mapping[int, float]], cfg: DiagnoseConfi
     changes, and is called healthy, so the level is reported on its own."""
     out = []
     for key, name, what, advice in (
-        (TRUNC, "high_trunc", "truncated", "the length budget (sampling.max_new_tokens) may be too small for "
-         "this model and task, or the run was already truncating before the detector's window"),
+        (
+            TRUNC,
+            "high_trunc",
+            "truncated",
+            "the length budget (sampling.max_new_tokens) may be too small for "
+            "this model and task, or the run was already truncating before the detector's window",
+        ),
         (REP, "high_rep", "repetitive", "check diagnose.rep_tail_chars (L) against the response lengths"),
     ):
         values = series.get(key) or {}
-        last = [values[s] for s in sorted(values)[-cfg.inflation_window:]]
+        last = [values[s] for s in sorted(values)[-cfg.inflation_window :]]
         level, limit = _median(last), getattr(cfg, name)
         if level is not None and level >= limit:
-            out.append(f"{level:.0%} of responses are {what} (median of the last {len(last)} steps, at or above "
-                       f"diagnose.{name}={limit:g}) although the rate did not change enough to call it "
-                       f"inflation or collapse: {advice}")
+            out.append(
+                f"{level:.0%} of responses are {what} (median of the last {len(last)} steps, at or above "
+                f"diagnose.{name}={limit:g}) although the rate did not change enough to call it "
+                f"inflation or collapse: {advice}"
+            )
     return out
 
 

@@ -104,7 +104,7 @@ class Dist:
         ranks' shares concatenated in rank order are `items`."""
         q, r = divmod(len(items), self.world)
         start = self.rank * q + min(self.rank, r)
-        return items[start:start + q + (self.rank < r)]
+        return items[start : start + q + (self.rank < r)]
 
     def all_sum(self, values: list[float]) -> list[float]:
         return self._reduce(values, "sum")
@@ -146,7 +146,11 @@ class Dist:
     def device(self) -> torch.device:
         import torch.distributed as dist
 
-        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        return (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend() == "nccl"
+            else torch.device("cpu")
+        )
 
     def barrier(self) -> None:
         if self.active:
@@ -183,8 +187,10 @@ class Dist:
 
         decoder = model.get_decoder()
         if not hasattr(decoder, "layers"):
-            raise UserError(f"multi-process distill shards decoders with a .layers list; "
-                            f"{type(model).__name__} has none: run it with one process")
+            raise UserError(
+                f"multi-process distill shards decoders with a .layers list; "
+                f"{type(model).__name__} has none: run it with one process"
+            )
         for layer in decoder.layers:
             fully_shard(layer)
         fully_shard(model)
@@ -255,9 +261,16 @@ class Dist:
         aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - first
         msd = {k: v for k, v in msd.items() if k not in aliases}
         ids = {n: i for i, n in enumerate(_trainable_names(model))}
-        osd = {"state": {ids[k]: v for k, v in osd["state"].items()},
-               "param_groups": [{**{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()},  # betas
-                                 "params": [ids[n] for n in g["params"]]} for g in osd["param_groups"]]}
+        osd = {
+            "state": {ids[k]: v for k, v in osd["state"].items()},
+            "param_groups": [
+                {
+                    **{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()},  # betas
+                    "params": [ids[n] for n in g["params"]],
+                }
+                for g in osd["param_groups"]
+            ],
+        }
         return msd, osd
 
     def load_optimizer(self, model: nn.Module, optimizer, state: dict) -> None:
@@ -268,8 +281,10 @@ class Dist:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         names = _trainable_names(model)
-        fqn = {"state": {names[i]: v for i, v in state["state"].items()},
-               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+        fqn = {
+            "state": {names[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+        }
         set_optimizer_state_dict(model, optimizer, fqn, options=StateDictOptions(full_state_dict=True))
 
     def close(self) -> None:
@@ -329,25 +344,37 @@ def check_launch(world: int, cfg) -> None:
     if world <= 1:
         return
     if cfg.train.prompts_per_step % world:
-        raise UserError(f"train.prompts_per_step={cfg.train.prompts_per_step} is the global batch and must be "
-                        f"divisible by the {world} processes; set it to a multiple of {world} or change the "
-                        "process count")
+        raise UserError(
+            f"train.prompts_per_step={cfg.train.prompts_per_step} is the global batch and must be "
+            f"divisible by the {world} processes; set it to a multiple of {world} or change the "
+            "process count"
+        )
     backend, engine = cfg.sampling.backend, cfg.teacher.engine
     if backend not in ("hf", "vllm"):
-        raise UserError(f"multi-process distill samples with the hf or vllm backend (got sampling.backend="
-                        f"{backend}); set -s sampling.backend=hf or run one process")
-    for key, options, used in (("sampling.options", cfg.sampling.options, backend == "vllm"),
-                               ("teacher.engine_options", cfg.teacher.engine_options, engine == "vllm")):
+        raise UserError(
+            f"multi-process distill samples with the hf or vllm backend (got sampling.backend="
+            f"{backend}); set -s sampling.backend=hf or run one process"
+        )
+    for key, options, used in (
+        ("sampling.options", cfg.sampling.options, backend == "vllm"),
+        ("teacher.engine_options", cfg.teacher.engine_options, engine == "vllm"),
+    ):
         if used and int(options.get("tensor_parallel_size", 1)) != 1:
-            raise UserError(f"{key}.tensor_parallel_size={options['tensor_parallel_size']}: with {world} "
-                            "processes every rank hosts its own vLLM engine on its own device; set it to 1 "
-                            "(or run one process for a tensor-parallel engine)")
+            raise UserError(
+                f"{key}.tensor_parallel_size={options['tensor_parallel_size']}: with {world} "
+                "processes every rank hosts its own vLLM engine on its own device; set it to 1 "
+                "(or run one process for a tensor-parallel engine)"
+            )
     if backend == "vllm" and engine == "vllm":
-        raise UserError("multi-process distill hosts one vLLM engine per rank: sampling.backend=vllm with "
-                        "teacher.engine=vllm would need two; set -s teacher.engine=hf or run one process")
+        raise UserError(
+            "multi-process distill hosts one vLLM engine per rank: sampling.backend=vllm with "
+            "teacher.engine=vllm would need two; set -s teacher.engine=hf or run one process"
+        )
     if cfg.student.lora is not None:
-        raise UserError("a LoRA student (student.lora) trains in one process; run one process, or drop "
-                        "student.lora to shard full weights over the processes")
+        raise UserError(
+            "a LoRA student (student.lora) trains in one process; run one process, or drop "
+            "student.lora to shard full weights over the processes"
+        )
 
 
 def maybe_delay(rank: int) -> None:
@@ -373,19 +400,31 @@ def relaunch(nproc: int, argv: list[str]) -> int:
     and the lowest failing rank's code is returned, so `--nproc` exits 2 on a bad config like one process."""
     import tempfile
 
-    cmd = [sys.executable, "-m", "stableopd.launch", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "stableopd", *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stableopd.launch",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "stableopd",
+        *argv,
+    ]
     with tempfile.TemporaryDirectory(prefix="stableopd-exit-") as exits:
         proc = subprocess.Popen(cmd, env={**os.environ, EXIT_DIR_ENV: exits})
-        previous = {sig: signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
-                    for sig in (signal.SIGINT, signal.SIGTERM)}  # the ranks stop cleanly; torchrun relays
+        previous = {
+            sig: signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
+            for sig in (signal.SIGINT, signal.SIGTERM)
+        }  # the ranks stop cleanly; torchrun relays
         try:
             code = proc.wait()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         if code:
-            ranks = sorted(int(f.name.removeprefix("rank")) for f in os.scandir(exits) if f.name.startswith("rank"))
+            ranks = sorted(
+                int(f.name.removeprefix("rank")) for f in os.scandir(exits) if f.name.startswith("rank")
+            )
             if ranks:
                 with open(os.path.join(exits, f"rank{ranks[0]}")) as fh:
                     code = int(fh.read().strip() or code)
@@ -414,12 +453,22 @@ def human_bytes(n: float) -> str:
     return f"{n:.3g} TiB"
 
 
-def memory_plan(student: nn.Module, others: list[nn.Module], *, world: int, micro_batch: int, seq_len: int,
-                chunk_size: int, shard_frozen: bool = False, gathered_sampling: bool = True,
-                checkpointing: bool = False) -> str:
+def memory_plan(
+    student: nn.Module,
+    others: list[nn.Module],
+    *,
+    world: int,
+    micro_batch: int,
+    seq_len: int,
+    chunk_size: int,
+    shard_frozen: bool = False,
+    gathered_sampling: bool = True,
+    checkpointing: bool = False,
+) -> str:
     """Per-rank bytes: sharded student params, grads and AdamW moments (fp32), frozen models (replicated,
     or sharded with `shard_frozen`), and an activation estimate in the student's precision (see the formula
     in the returned text); with `checkpointing` only each layer's input is kept, plus one layer's worth."""
+
     def nbytes(m: nn.Module) -> int:
         return sum(p.numel() * p.element_size() for p in m.parameters())
 
@@ -429,17 +478,22 @@ def memory_plan(student: nn.Module, others: list[nn.Module], *, world: int, micr
     vocab = student.get_output_embeddings().weight.shape[0]
     params = nbytes(student)
     n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    grads = sum(p.numel() * p.element_size() for p in student.parameters() if p.requires_grad)  # LoRA: adapter only
+    grads = sum(
+        p.numel() * p.element_size() for p in student.parameters() if p.requires_grad
+    )  # LoRA: adapter only
     optim = 2 * 4 * n_train  # exp_avg + exp_avg_sq in fp32
     frozen = sum(nbytes(m) for m in others)
     elem = next(student.parameters()).element_size()  # activations are in the weights' precision
     per_token = layers * d + (12 * d + 3 * inter) if checkpointing else layers * (12 * d + 3 * inter)
     act = elem * micro_batch * seq_len * per_token + 4 * 3 * chunk_size * vocab
     rows = [
-        ("student params (sharded)", params / world), ("student grads (sharded)", grads / world),
+        ("student params (sharded)", params / world),
+        ("student grads (sharded)", grads / world),
         ("AdamW state (sharded, fp32)", optim / world),
-        (f"teacher + reference ({'sharded' if shard_frozen else 'replicated'})",
-         frozen / world if shard_frozen else frozen),
+        (
+            f"teacher + reference ({'sharded' if shard_frozen else 'replicated'})",
+            frozen / world if shard_frozen else frozen,
+        ),
         ("activations (estimate)", act),
     ]
     if world > 1 and gathered_sampling:  # an hf sampler runs the gathered student; vLLM keeps its own copy
@@ -447,7 +501,9 @@ def memory_plan(student: nn.Module, others: list[nn.Module], *, world: int, micr
     lines = [f"memory plan per rank ({world} processes):" if world > 1 else "memory plan (one process):"]
     lines += [f"  {name:34s} {human_bytes(b):>10s}" for name, b in rows]
     per = "(layers d + 12 d + 3 d_ff), checkpointing" if checkpointing else "layers * (12 d + 3 d_ff)"
-    lines.append(f"  activations ~ {elem} B * micro_batch * seq_len * {per} + 4 B * 3 * chunk * V "
-                 f"(micro_batch={micro_batch}, seq_len={seq_len}, layers={layers}, d={d}, d_ff={inter}, "
-                 f"chunk={chunk_size}, V={vocab})")
+    lines.append(
+        f"  activations ~ {elem} B * micro_batch * seq_len * {per} + 4 B * 3 * chunk * V "
+        f"(micro_batch={micro_batch}, seq_len={seq_len}, layers={layers}, d={d}, d_ff={inter}, "
+        f"chunk={chunk_size}, V={vocab})"
+    )
     return "\n".join(lines)

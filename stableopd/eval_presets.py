@@ -79,8 +79,15 @@ def get_preset(name: str) -> Preset:
 
 def preset_updates(p: Preset) -> dict[str, dict[str, object]]:
     """What a preset sets, as config sections."""
-    data = {"source": p.source, "split": p.split, "prompt_field": p.prompt_field, "answer_field": p.answer_field,
-            "id_field": p.id_field, "solution_field": p.solution_field, "system_prompt": BOX_INSTRUCTION}
+    data = {
+        "source": p.source,
+        "split": p.split,
+        "prompt_field": p.prompt_field,
+        "answer_field": p.answer_field,
+        "id_field": p.id_field,
+        "solution_field": p.solution_field,
+        "system_prompt": BOX_INSTRUCTION,
+    }
     return {"data": data, "eval": {"n": p.n, "checker": p.checker, "temperature": PAPER_TEMPERATURE}}
 
 

@@ -135,8 +135,11 @@ def run_config_base(targets: list[str], preset: str | None) -> dict[str, Any] | 
     tree = read_yaml(run / "config.yaml")
     tree.pop("out", None)
     data = dict(tree.get("data") or {})
-    data.update(source=data.get("val_source") or data.get("source", "builtin:arith"),
-                split=data.get("val_split", "validation"), limit=data.get("val_limit"))
+    data.update(
+        source=data.get("val_source") or data.get("source", "builtin:arith"),
+        split=data.get("val_split", "validation"),
+        limit=data.get("val_limit"),
+    )
     tree["data"] = data
     if preset:
         tree["data"]["limit"] = None
@@ -148,7 +151,12 @@ def run_config_base(targets: list[str], preset: str | None) -> dict[str, Any] | 
 
 
 def read_responses(
-    path: Path, examples: list[Example], *, response_field: str, max_file_mb: int = 4096, max_line_mb: int = 64
+    path: Path,
+    examples: list[Example],
+    *,
+    response_field: str,
+    max_file_mb: int = 4096,
+    max_line_mb: int = 64,
 ) -> tuple[list[dict], list[str]]:
     """Rows of a responses file joined to problems -> (records with prompt_id, unknown ids / lines). The file
     is read whole, so it is held to `max_file_mb` (data.max_file_mb) like a data file."""
@@ -462,8 +470,13 @@ def run_eval(
     progress = cfg.logging.progress  # bars go to stderr, so --json output on stdout stays clean
     results: list[tuple[dict, list[dict], list[str]]] = []
     if responses is not None:
-        records, unknown = read_responses(Path(responses), examples, response_field=cfg.eval.response_field,
-                                          max_file_mb=cfg.data.max_file_mb, max_line_mb=cfg.data.max_line_mb)
+        records, unknown = read_responses(
+            Path(responses),
+            examples,
+            response_field=cfg.eval.response_field,
+            max_file_mb=cfg.data.max_file_mb,
+            max_line_mb=cfg.data.max_line_mb,
+        )
         scored_ids = {r["prompt_id"] for r in records}
         require_answers(
             [e for e in examples if e.id in scored_ids],

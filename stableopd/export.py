@@ -30,13 +30,17 @@ TRAINER_FILES = {"optimizer.pt", "rng.pt", "trainer_state.json", MARKER}
 def run_export(run: Path, *, step: int | None, out: Path | None, merge: bool, console) -> Path:
     run = Path(run)
     if not (run / "checkpoints").is_dir():
-        raise UserError(f"'{run}' is not a run directory (no checkpoints/); export reads a distill or sft run")
+        raise UserError(
+            f"'{run}' is not a run directory (no checkpoints/); export reads a distill or sft run"
+        )
     _, chosen = resolve_target(str(run), step)
     ckpt = Path(chosen)
     adapter = is_adapter_dir(ckpt)
     if merge and not adapter:
-        raise UserError(f"'{run}' trained full weights, so {ckpt.name} is already a full model: export without "
-                        "--merge (--merge folds a LoRA adapter into its base model)")
+        raise UserError(
+            f"'{run}' trained full weights, so {ckpt.name} is already a full model: export without "
+            "--merge (--merge folds a LoRA adapter into its base model)"
+        )
     dest = out or run / "export" / f"{ckpt.name}{'-merged' if merge else ''}"
     check_output_dir(dest, "export folder")
     if dest.exists() and any(dest.iterdir()):
@@ -56,9 +60,13 @@ def run_export(run: Path, *, step: int | None, out: Path | None, merge: bool, co
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    what = ("a merged model: AutoModelForCausalLM.from_pretrained and vLLM load it" if merge
-            else "the LoRA adapter: load it with peft, or pass --merge for a full model" if adapter
-            else "the model: AutoModelForCausalLM.from_pretrained and vLLM load it")
+    what = (
+        "a merged model: AutoModelForCausalLM.from_pretrained and vLLM load it"
+        if merge
+        else "the LoRA adapter: load it with peft, or pass --merge for a full model"
+        if adapter
+        else "the model: AutoModelForCausalLM.from_pretrained and vLLM load it"
+    )
     console.print(f"wrote {dest} ({ckpt.name} of {run}; {what})", highlight=False, soft_wrap=True)
     return dest
 
@@ -71,11 +79,19 @@ def _write_merged(run: Path, ckpt: Path, folder: Path) -> None:
 
     cfg = load_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
     spec = cfg.student if cfg else None
-    loaded = load_model(str(ckpt), dtype="float32", device="cpu", revision=spec.revision if spec else None,
-                        trust_remote_code=spec.trust_remote_code if spec else False)
+    loaded = load_model(
+        str(ckpt),
+        dtype="float32",
+        device="cpu",
+        revision=spec.revision if spec else None,
+        trust_remote_code=spec.trust_remote_code if spec else False,
+    )
     # the merged model keeps the dtype the student trained in: student.dtype, else the base model's own
-    dtype = spec.dtype if spec is not None and spec.dtype != "auto" else _saved_dtype(
-        resolve_model_path(adapter_base(ckpt)))
+    dtype = (
+        spec.dtype
+        if spec is not None and spec.dtype != "auto"
+        else _saved_dtype(resolve_model_path(adapter_base(ckpt)))
+    )
     if dtype in ("bfloat16", "float16"):
         loaded.model.to(getattr(torch, dtype))
     drop_gguf_quantizer(loaded.model)  # a student converted from GGUF (smollm2-135m)

@@ -50,8 +50,10 @@ def check_input(path: Path, what: str, *, max_bytes: int | None = None, key: str
     if not os.access(path, os.R_OK):
         raise UserError(f"{what} '{path}' is not readable (permission denied)")
     if max_bytes is not None and st.st_size > max_bytes:
-        raise UserError(f"{what} '{path}' is {st.st_size / MIB:,.0f} MiB, over the {max_bytes / MIB:,.0f} MiB "
-                        f"limit{f'; raise {key} to read it' if key else ''}")
+        raise UserError(
+            f"{what} '{path}' is {st.st_size / MIB:,.0f} MiB, over the {max_bytes / MIB:,.0f} MiB "
+            f"limit{f'; raise {key} to read it' if key else ''}"
+        )
     return st.st_size
 
 
@@ -66,8 +68,16 @@ def read_text(path: Path, what: str, *, max_bytes: int, key: str | None = None) 
         raise UserError(f"{what} '{path}' is not UTF-8 text (line {line}); save it as UTF-8") from None
 
 
-def iter_lines(path: Path, *, max_line_bytes: int, key: str, what: str = "file", errors: str = "strict",
-               max_bytes: int | None = None, size_key: str | None = None) -> Iterator[tuple[int, str, bool]]:
+def iter_lines(
+    path: Path,
+    *,
+    max_line_bytes: int,
+    key: str,
+    what: str = "file",
+    errors: str = "strict",
+    max_bytes: int | None = None,
+    size_key: str | None = None,
+) -> Iterator[tuple[int, str, bool]]:
     """(line number, text, ends with a newline) for each line, reading at most `max_line_bytes` per line,
     after `check_input(path, what, max_bytes=max_bytes, key=size_key)`.
 
@@ -77,13 +87,16 @@ def iter_lines(path: Path, *, max_line_bytes: int, key: str, what: str = "file",
     with open(path, "rb") as fh:
         for no, raw in enumerate(iter(lambda: fh.readline(max_line_bytes + 1), b""), start=1):
             if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
-                raise UserError(f"{path}:{no}: line longer than {max_line_bytes / MIB:g} MiB; "
-                                f"raise {key} if the file is right")
+                raise UserError(
+                    f"{path}:{no}: line longer than {max_line_bytes / MIB:g} MiB; "
+                    f"raise {key} if the file is right"
+                )
             try:
                 text = raw.decode("utf-8", errors=errors)
             except UnicodeDecodeError as exc:
-                raise UserError(f"{path}:{no}: not UTF-8 text (byte {exc.start + 1} of the line); "
-                                "save the file as UTF-8") from None
+                raise UserError(
+                    f"{path}:{no}: not UTF-8 text (byte {exc.start + 1} of the line); save the file as UTF-8"
+                ) from None
             yield no, text, text.endswith("\n")
 
 
@@ -144,5 +157,7 @@ def check_free_space(folder: Path, need_bytes: int, what: str) -> None:
     except OSError:
         return  # unknown: the write itself will say
     if free < need_bytes:
-        raise UserError(f"{what} needs about {need_bytes / MIB:,.0f} MiB and '{folder}' has "
-                        f"{free / MIB:,.0f} MiB free; free some space or choose another --out")
+        raise UserError(
+            f"{what} needs about {need_bytes / MIB:,.0f} MiB and '{folder}' has "
+            f"{free / MIB:,.0f} MiB free; free some space or choose another --out"
+        )

@@ -110,7 +110,9 @@ def _kl_loss(ls, lt, g, scratch, want_out, *, reverse: bool):
         shift = _log_mass(ps) - _log_mass_of_exp(lt) if want_out else 0.0  # (C, 1)
         diff = ls.sub_(lt)  # (C, V)
         kl = _rowdot(ps, diff)  # (C, 1)
-        out = kl - shift if want_out else None  # the rows renormalised (dividing by mass_s ~ 1 is below rounding)
+        out = (
+            kl - shift if want_out else None
+        )  # the rows renormalised (dividing by mass_s ~ 1 is below rounding)
         return out, (None if g is None else diff.sub_(kl).mul_(ps).mul_(g))
     # KL(t || s) = sum pt (lt - ls);  d/dzs = ps - pt. pt underflowing to 0 gives 0 * finite = 0.
     pt = torch.exp(lt, out=scratch[0])  # (C, V)
@@ -134,7 +136,9 @@ def _jsd_loss(ls, lt, g, scratch, want_out, *, beta: float):
     ps = torch.exp(ls, out=scratch[0])  # (C, V)
     pt = ls.add_(r).exp_() if want_out else None  # (C, V) in ls's buffer: exp(ls + r) = pt
     d_s = torch.add(r, math.log(beta), out=scratch[1])  # (C, V)
-    d_s = torch.logaddexp(torch.full((), math.log1p(-beta), device=r.device), d_s, out=d_s).neg_()  # log(ps / m)
+    d_s = torch.logaddexp(
+        torch.full((), math.log1p(-beta), device=r.device), d_s, out=d_s
+    ).neg_()  # log(ps / m)
     kl_sm = _rowdot(ps, d_s)  # (C, 1) KL(s || m)
     kl_tm = _rowdot(pt, r.add_(d_s)) if want_out else None  # (C, 1) KL(t || m) = sum pt log(pt / m)
     out = (1.0 - beta) * kl_sm + beta * kl_tm if want_out else None  # (C, 1)
@@ -158,8 +162,9 @@ def _maybe_compile(kernel: Kernel, compile: bool) -> Kernel:
 # The chunked sweep shared by forward, backward and the fused-sum variants.
 
 
-def _sweep(spec: tuple, h: Tensor, w: Tensor, other: tuple, g: Tensor | None,
-           want: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+def _sweep(
+    spec: tuple, h: Tensor, w: Tensor, other: tuple, g: Tensor | None, want: tuple[bool, bool, bool]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Run spec = (kernel, n_scratch, chunk, inv_t, swaps) over row chunks of h (N, d) against w (V, d).
     `other` is (targets (N,),) or the other side's (h_t (N, d_t), w_t (V, d_t)), whose log-prob columns a, b
     are exchanged for each (a, b) in swaps. want = (outputs, grad h, grad w); the grads are fp32 grads of
@@ -184,7 +189,10 @@ def _sweep(spec: tuple, h: Tensor, w: Tensor, other: tuple, g: Tensor | None,
         hc = h[rows].float() * inv_t  # (C, d) temperature folded into the small side
         torch.log_softmax(torch.mm(hc, w32.T, out=z), -1, out=ls)
         aux = other[0][rows] if w_t32 is None else lt
-        scratch = [z, *(b[: rows.stop - start] for b in bufs[2 + (w_t32 is not None) :])]  # z + spares after ls, lt
+        scratch = [
+            z,
+            *(b[: rows.stop - start] for b in bufs[2 + (w_t32 is not None) :]),
+        ]  # z + spares after ls, lt
         out, gz = kernel(ls, aux, None if g is None else g[rows], scratch, want[0])  # (C, k), (C, V)
         outs.append(out)
         if grad_h is not None:
@@ -221,7 +229,9 @@ class _ChunkedLoss(torch.autograd.Function):
             return None, None, None, None, None
         if len(g_outs) == 2 and g_outs[1] is None:  # entropy unused: its gradient term is skipped
             g_outs = g_outs[:1]
-        g = torch.stack([torch.zeros(h.shape[0], device=h.device) if x is None else x.float() for x in g_outs], 1)
+        g = torch.stack(
+            [torch.zeros(h.shape[0], device=h.device) if x is None else x.float() for x in g_outs], 1
+        )
         want = (False, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         _, grad_h, grad_w = _sweep(ctx.spec, h, w, other, g, want)
         return _cast(grad_h, h.dtype), _cast(grad_w, w.dtype), None, None, None
@@ -244,7 +254,14 @@ class _ChunkedSum(torch.autograd.Function):
     def backward(ctx, g_total, _g_out):
         grad_h, grad_w, out = ctx.saved_tensors
         g_g = out[:, : ctx.k] * g_total if ctx.needs_input_grad[4] else None
-        return _cast(grad_h, ctx.dtypes[0], g_total), _cast(grad_w, ctx.dtypes[1], g_total), None, None, g_g, None
+        return (
+            _cast(grad_h, ctx.dtypes[0], g_total),
+            _cast(grad_w, ctx.dtypes[1], g_total),
+            None,
+            None,
+            g_g,
+            None,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -289,9 +306,17 @@ def _logprobs_args(hidden, weight, targets, mask, chunk_size, temperature, vocab
     return lead, h.shape[0], idx, (_take(h, idx), weight[:v], tgt, None)
 
 
-def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, mask: Tensor | None = None,
-                    chunk_size: int = DEFAULT_CHUNK_SIZE, temperature: float = 1.0,
-                    vocab_size: int | None = None, compile: bool = False) -> tuple[Tensor, Tensor]:
+def linear_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    mask: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    compile: bool = False,
+) -> tuple[Tensor, Tensor]:
     """Log-prob of `targets` and entropy under softmax(hidden @ weight[:vocab_size].T / temperature).
 
     hidden (..., d), weight (V, d), targets (...) token ids in [0, vocab_size), optional mask (...) (False:
@@ -305,10 +330,18 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, mask: Te
     return _put(lp, idx, n).reshape(lead), _put(ent, idx, n).reshape(lead)
 
 
-def linear_logprobs_sum(hidden: Tensor, weight: Tensor, targets: Tensor, token_weights: Tensor, *,
-                        mask: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                        temperature: float = 1.0, vocab_size: int | None = None,
-                        compile: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def linear_logprobs_sum(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    token_weights: Tensor,
+    *,
+    mask: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    compile: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
     """`(sum(token_weights * logprobs), logprobs, entropy)` with the sum over unmasked tokens.
 
     Same inputs as `linear_logprobs` plus token_weights (...) (e.g. -advantage / count for the on-policy
@@ -324,13 +357,28 @@ def linear_logprobs_sum(hidden: Tensor, weight: Tensor, targets: Tensor, token_w
     return total, out[:, 0].reshape(lead), out[:, 1].reshape(lead)
 
 
-def _divergence(kernel, n_scratch, s_h, s_w, t_h, t_w, mask, token_weights, chunk_size, temperature, vocab_size,
-                compile, swaps=()):
+def _divergence(
+    kernel,
+    n_scratch,
+    s_h,
+    s_w,
+    t_h,
+    t_w,
+    mask,
+    token_weights,
+    chunk_size,
+    temperature,
+    vocab_size,
+    compile,
+    swaps=(),
+):
     lead, h, idx = _prepare(s_h, mask, chunk_size, temperature)
     h_t = t_h.reshape(-1, t_h.shape[-1])  # (N, d_t)
     if h.shape[0] != h_t.shape[0] or h.shape[1] != s_w.shape[1] or h_t.shape[1] != t_w.shape[1]:
-        raise ValueError(f"shapes do not match: student {tuple(s_h.shape)} x {tuple(s_w.shape)}, "
-                         f"other {tuple(t_h.shape)} x {tuple(t_w.shape)}")
+        raise ValueError(
+            f"shapes do not match: student {tuple(s_h.shape)} x {tuple(s_w.shape)}, "
+            f"other {tuple(t_h.shape)} x {tuple(t_w.shape)}"
+        )
     v = _vocab(vocab_size, s_w, t_w)
     swaps = tuple((int(a), int(b)) for a, b in swaps if a != b)
     if any(not (0 <= i < v) for pair in swaps for i in pair):
@@ -360,10 +408,20 @@ def _jsd_kernel(beta: float) -> tuple[Kernel, int]:
     return partial(_jsd_loss, beta=float(beta)), 2  # a buffer for log m
 
 
-def linear_kl(student_hidden: Tensor, student_weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor,
-              mask: Tensor | None, *, chunk_size: int = DEFAULT_CHUNK_SIZE, direction: str = "reverse",
-              temperature: float = 1.0, vocab_size: int | None = None, compile: bool = False,
-              swap_other: Iterable[tuple[int, int]] = ()) -> Tensor:
+def linear_kl(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    ref_hidden: Tensor,
+    ref_weight: Tensor,
+    mask: Tensor | None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    direction: str = "reverse",
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    compile: bool = False,
+    swap_other: Iterable[tuple[int, int]] = (),
+) -> Tensor:
     """Per-token full-vocabulary KL between the student's and the reference's next-token distributions.
 
     student_hidden (..., d_s) with student_weight (V_s, d_s); ref_hidden (..., d_r) with ref_weight
@@ -374,14 +432,36 @@ def linear_kl(student_hidden: Tensor, student_weight: Tensor, ref_hidden: Tensor
     columns are exchanged in the other side's distribution (a teacher's own end token read at the
     student's: stableopd/pairing.py).
     """
-    return _divergence(*_kl_kernel(direction), student_hidden, student_weight, ref_hidden, ref_weight, mask,
-                       None, chunk_size, temperature, vocab_size, compile, swap_other)
+    return _divergence(
+        *_kl_kernel(direction),
+        student_hidden,
+        student_weight,
+        ref_hidden,
+        ref_weight,
+        mask,
+        None,
+        chunk_size,
+        temperature,
+        vocab_size,
+        compile,
+        swap_other,
+    )
 
 
-def linear_jsd(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
-               mask: Tensor | None, *, beta: float = 0.5, temperature: float = 1.0,
-               chunk_size: int = DEFAULT_CHUNK_SIZE, vocab_size: int | None = None,
-               compile: bool = False, swap_other: Iterable[tuple[int, int]] = ()) -> Tensor:
+def linear_jsd(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    mask: Tensor | None,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    vocab_size: int | None = None,
+    compile: bool = False,
+    swap_other: Iterable[tuple[int, int]] = (),
+) -> Tensor:
     """Per-token generalized Jensen-Shannon divergence over the full vocabulary.
 
     Convention (TRL's `generalized_jsd_loss` and Liger-Kernel's), with p_s the student and p_t the teacher
@@ -394,38 +474,94 @@ def linear_jsd(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: T
     about beta * KL(p_t || p_s)), so the family jumps there. Endpoints run the KL kernels, never log(0);
     log m is formed with logaddexp. Shapes, masking, vocab_size, swap_other and gradients as in `linear_kl`.
     """
-    return _divergence(*_jsd_kernel(beta), student_hidden, student_weight, teacher_hidden, teacher_weight,
-                       mask, None, chunk_size, temperature, vocab_size, compile, swap_other)
+    return _divergence(
+        *_jsd_kernel(beta),
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        mask,
+        None,
+        chunk_size,
+        temperature,
+        vocab_size,
+        compile,
+        swap_other,
+    )
 
 
 def _ones_like_tokens(hidden: Tensor, token_weights: Tensor | None) -> Tensor:
     return torch.ones(hidden.shape[:-1], device=hidden.device) if token_weights is None else token_weights
 
 
-def linear_kl_sum(student_hidden: Tensor, student_weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor,
-                  mask: Tensor | None, token_weights: Tensor | None = None, *,
-                  chunk_size: int = DEFAULT_CHUNK_SIZE, direction: str = "reverse", temperature: float = 1.0,
-                  vocab_size: int | None = None, compile: bool = False,
-                  swap_other: Iterable[tuple[int, int]] = ()) -> tuple[Tensor, Tensor]:
+def linear_kl_sum(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    ref_hidden: Tensor,
+    ref_weight: Tensor,
+    mask: Tensor | None,
+    token_weights: Tensor | None = None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    direction: str = "reverse",
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    compile: bool = False,
+    swap_other: Iterable[tuple[int, int]] = (),
+) -> tuple[Tensor, Tensor]:
     """`(sum(token_weights * kl), kl)`: `linear_kl` reduced inside the forward sweep (nothing recomputed).
 
     token_weights (...) defaults to 1, a plain masked sum (divide by the global count yourself; a
     per-response token mean is token_weights = 1 / length). Only the scalar is differentiable.
     """
     g = _ones_like_tokens(student_hidden, token_weights)
-    return _divergence(*_kl_kernel(direction), student_hidden, student_weight, ref_hidden, ref_weight, mask,
-                       g, chunk_size, temperature, vocab_size, compile, swap_other)
+    return _divergence(
+        *_kl_kernel(direction),
+        student_hidden,
+        student_weight,
+        ref_hidden,
+        ref_weight,
+        mask,
+        g,
+        chunk_size,
+        temperature,
+        vocab_size,
+        compile,
+        swap_other,
+    )
 
 
-def linear_jsd_sum(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
-                   teacher_weight: Tensor, mask: Tensor | None, token_weights: Tensor | None = None, *,
-                   beta: float = 0.5, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                   vocab_size: int | None = None, compile: bool = False,
-                   swap_other: Iterable[tuple[int, int]] = ()) -> tuple[Tensor, Tensor]:
+def linear_jsd_sum(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    mask: Tensor | None,
+    token_weights: Tensor | None = None,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    vocab_size: int | None = None,
+    compile: bool = False,
+    swap_other: Iterable[tuple[int, int]] = (),
+) -> tuple[Tensor, Tensor]:
     """`(sum(token_weights * jsd), jsd)`: `linear_jsd` reduced inside the forward sweep, as `linear_kl_sum`."""
     g = _ones_like_tokens(student_hidden, token_weights)
-    return _divergence(*_jsd_kernel(beta), student_hidden, student_weight, teacher_hidden, teacher_weight,
-                       mask, g, chunk_size, temperature, vocab_size, compile, swap_other)
+    return _divergence(
+        *_jsd_kernel(beta),
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        mask,
+        g,
+        chunk_size,
+        temperature,
+        vocab_size,
+        compile,
+        swap_other,
+    )
 
 
 def make_adamw(params: Iterable, lr: float, **kwargs) -> torch.optim.AdamW:

@@ -52,16 +52,26 @@ def attach(model, spec, *, base_name: str, adapter_dir: str | Path | None = None
         want = {"r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout}
         got = {k: saved.get(k) for k in want}
         if got != want:
-            raise UserError(f"student.lora {want} differs from the adapter in '{adapter_dir}' ({got}); "
-                            "resume with the run's own student.lora")
+            raise UserError(
+                f"student.lora {want} differs from the adapter in '{adapter_dir}' ({got}); "
+                "resume with the run's own student.lora"
+            )
         with _quiet():
             model = peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
     else:
         target = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
-        config = peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=target,
-                                 task_type="CAUSAL_LM")
+        config = peft.LoraConfig(
+            r=spec.r,
+            lora_alpha=spec.alpha,
+            lora_dropout=spec.dropout,
+            target_modules=target,
+            task_type="CAUSAL_LM",
+        )
         try:
-            with torch.random.fork_rng(devices=[]), _quiet():  # the same adapter for a seed, whatever ran before
+            with (
+                torch.random.fork_rng(devices=[]),
+                _quiet(),
+            ):  # the same adapter for a seed, whatever ran before
                 torch.manual_seed(seed)
                 model = peft.get_peft_model(model, config)
         except ValueError as exc:  # target modules not found in the model
@@ -69,8 +79,10 @@ def attach(model, spec, *, base_name: str, adapter_dir: str | Path | None = None
     model.peft_config["default"].base_model_name_or_path = base_name
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
-        raise UserError("student.lora.target_modules adapts the output head, which the fused loss kernels read as "
-                        "a plain weight; name the decoder's layers instead")
+        raise UserError(
+            "student.lora.target_modules adapts the output head, which the fused loss kernels read as "
+            "a plain weight; name the decoder's layers instead"
+        )
     return model
 
 
@@ -127,8 +139,10 @@ def adapter_base(path: str | Path) -> str:
     """The base model an adapter directory was trained on, as stableopd wrote it (student.name)."""
     base = json.loads((Path(path) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
     if not base:
-        raise UserError(f"'{path}' holds a LoRA adapter that does not name its base model "
-                        f"(base_model_name_or_path in {ADAPTER_CONFIG})")
+        raise UserError(
+            f"'{path}' holds a LoRA adapter that does not name its base model "
+            f"(base_model_name_or_path in {ADAPTER_CONFIG})"
+        )
     return base
 
 

@@ -281,8 +281,9 @@ def sft_loss(logprobs: Tensor, weights: Tensor, *, total: Tensor | None = None) 
     return loss, {"loss/gold_sft": loss.detach(), "sft/weight_sum": weight_sum}
 
 
-def ref_kl_loss(kl_per_token: Tensor, weights: Tensor, *, tolerance: float = 1e-4,
-                total: Tensor | None = None) -> tuple[Tensor, Metrics]:
+def ref_kl_loss(
+    kl_per_token: Tensor, weights: Tensor, *, tolerance: float = 1e-4, total: Tensor | None = None
+) -> tuple[Tensor, Metrics]:
     """Reference constraint: loss = sum w * KL_t(pi_theta || pi_ref), a scalar, KL_t over the full
     vocabulary at each rollout prefix (from kernels.py); the rollouts' OPD weights average it.
 

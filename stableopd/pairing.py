@@ -34,7 +34,9 @@ class TokenPair:
     student_stops: tuple[int, ...]  # ids that end a student response
     teacher_end: int  # the teacher's own end-of-turn id
     stop_map: dict[int, int]  # student stop id -> the id the teacher is scored on at that position
-    swaps: tuple[tuple[int, int], ...]  # (student id, teacher id) columns exchanged in the teacher's distribution
+    swaps: tuple[
+        tuple[int, int], ...
+    ]  # (student id, teacher id) columns exchanged in the teacher's distribution
     banned: tuple[int, ...]  # ids the student's sampler must never produce (they mean different things)
 
     @property
@@ -66,11 +68,12 @@ def end_of_turn_id(tokenizer, *, chat_template: bool) -> int | None:
         marker = "Zq7mark"
         try:
             text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False)
+                [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False
+            )
         except Exception:  # a template that cannot render a closed assistant turn: fall back to EOS
             text = ""
         if isinstance(text, str) and marker in text:
-            tail = text[text.rindex(marker) + len(marker):]
+            tail = text[text.rindex(marker) + len(marker) :]
             added = set(tokenizer.get_added_vocab().values()) | set(tokenizer.all_special_ids)
             for i in tokenizer(tail, add_special_tokens=False)["input_ids"]:
                 if i in added:
@@ -85,8 +88,10 @@ def check_base_vocab(ta, tb, who_a: str, who_b: str) -> int:
     vb = {t: i for t, i in tb.get_vocab().items() if i < base}
     if ta.vocab_size != tb.vocab_size or va != vb:
         diff = len(set(va.items()) ^ set(vb.items()))
-        raise UserError(f"{who_a} and {who_b} have different tokenizer vocabularies ({ta.vocab_size} vs "
-                        f"{tb.vocab_size} base tokens, {diff} entries differ); pick models of the same family")
+        raise UserError(
+            f"{who_a} and {who_b} have different tokenizer vocabularies ({ta.vocab_size} vs "
+            f"{tb.vocab_size} base tokens, {diff} entries differ); pick models of the same family"
+        )
     return base
 
 
@@ -94,8 +99,16 @@ def token_name(tokenizer, i: int) -> str | None:
     return tokenizer.convert_ids_to_tokens(i) if i < len(tokenizer) else None
 
 
-def pair_tokens(student, teacher, *, student_stops: list[int], chat_template: bool, teacher_end: str | None = None,
-                mismatched: str = "error", names: tuple[str, str] = ("student", "teacher")) -> TokenPair:
+def pair_tokens(
+    student,
+    teacher,
+    *,
+    student_stops: list[int],
+    chat_template: bool,
+    teacher_end: str | None = None,
+    mismatched: str = "error",
+    names: tuple[str, str] = ("student", "teacher"),
+) -> TokenPair:
     """Check that `teacher` can score what `student` samples, token by token; say how (TokenPair)."""
     a, b = names
     base = check_base_vocab(student, teacher, f"student '{a}'", f"teacher '{b}'")
@@ -110,8 +123,11 @@ def pair_tokens(student, teacher, *, student_stops: list[int], chat_template: bo
         if end is None:
             raise UserError(f"teacher '{b}' has no end-of-sequence token; name one with teacher.end_token")
     stop_map = {s: end for s in student_stops}
-    differing = [i for i in range(base, len(student))
-                 if i not in stop_map and token_name(student, i) != token_name(teacher, i)]
+    differing = [
+        i
+        for i in range(base, len(student))
+        if i not in stop_map and token_name(student, i) != token_name(teacher, i)
+    ]
     banned: tuple[int, ...] = ()
     if differing:
         i = differing[0]
@@ -120,9 +136,16 @@ def pair_tokens(student, teacher, *, student_stops: list[int], chat_template: bo
                 f"student '{a}' and teacher '{b}' disagree on {len(differing)} token id(s) a response can hold: "
                 f"id {i} is {token_name(student, i)!r} for the student and {token_name(teacher, i)!r} for the "
                 "teacher; set teacher.mismatched_tokens=suppress so the student never samples them, or pick "
-                "a teacher with the student's tokens")
+                "a teacher with the student's tokens"
+            )
         banned = tuple(differing)
     primary = student.eos_token_id if student.eos_token_id in student_stops else student_stops[0]
     swaps = ((primary, end),) if end not in student_stops else ()
-    return TokenPair(vocab_size=min(len(student), len(teacher)), student_stops=tuple(student_stops),
-                     teacher_end=end, stop_map=stop_map, swaps=swaps, banned=banned)
+    return TokenPair(
+        vocab_size=min(len(student), len(teacher)),
+        student_stops=tuple(student_stops),
+        teacher_end=end,
+        stop_map=stop_map,
+        swaps=swaps,
+        banned=banned,
+    )

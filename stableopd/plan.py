@@ -74,8 +74,13 @@ def locate(role: str, spec, *, config_key: str) -> ModelInfo:
         info.source += f", a LoRA adapter on {adapter_base(path)}"
         path = adapter_base(path)
     try:
-        info.config, _ = overridden_config(path, spec.config_overrides, revision=spec.revision,
-                                           trust_remote_code=spec.trust_remote_code, key=config_key)
+        info.config, _ = overridden_config(
+            path,
+            spec.config_overrides,
+            revision=spec.revision,
+            trust_remote_code=spec.trust_remote_code,
+            key=config_key,
+        )
     except UserError as exc:
         if "config_overrides" in str(exc) or Path(path).exists():
             raise
@@ -134,8 +139,10 @@ def run_plan(cfg: Config, *, command: str, world: int, resume: bool, print_line)
     models = [locate("student", cfg.student, config_key="student.config_overrides")]
     if command == "distill":
         models.append(locate("teacher", cfg.teacher, config_key="teacher.config_overrides"))
-    lines = [f"plan: stableopd {command}, dry run (nothing loaded, built or written)",
-             f"  objective     {objective_terms(cfg, command)}"]
+    lines = [
+        f"plan: stableopd {command}, dry run (nothing loaded, built or written)",
+        f"  objective     {objective_terms(cfg, command)}",
+    ]
     for m in models:
         lines.append(f"  {m.role:<13} {m.name}: {m.source}")
         if m.role == "student" and cfg.student.config_overrides:
@@ -144,44 +151,73 @@ def run_plan(cfg: Config, *, command: str, world: int, resume: bool, print_line)
         ref = "the student with its LoRA adapter off" if cfg.student.lora else "a frozen copy of the student"
         lines.append(f"  {'reference':<13} {ref}")
     lines.append(f"  {'data':<13} {describe_data(cfg, command)}")
-    lines.append(f"  {'processes':<13} {world}" + (f" (global batch {tr.prompts_per_step} prompts, "
-                                                    f"{tr.prompts_per_step // world} per rank)" if world > 1 else ""))
+    lines.append(
+        f"  {'processes':<13} {world}"
+        + (
+            f" (global batch {tr.prompts_per_step} prompts, {tr.prompts_per_step // world} per rank)"
+            if world > 1
+            else ""
+        )
+    )
     if command == "distill":
         engine = f", teacher scored by {cfg.teacher.engine}"
-        lines.append(f"  {'sampling':<13} {s.backend} backend{engine}; {tr.prompts_per_step} prompts x {s.n} "
-                     f"rollouts of up to {s.max_new_tokens:,} new tokens = up to "
-                     f"{tr.prompts_per_step * s.n * s.max_new_tokens:,} sampled tokens a step"
-                     + (f" ({tr.prompts_per_step * s.n * s.max_new_tokens // world:,} per rank)" if world > 1 else ""))
+        lines.append(
+            f"  {'sampling':<13} {s.backend} backend{engine}; {tr.prompts_per_step} prompts x {s.n} "
+            f"rollouts of up to {s.max_new_tokens:,} new tokens = up to "
+            f"{tr.prompts_per_step * s.n * s.max_new_tokens:,} sampled tokens a step"
+            + (f" ({tr.prompts_per_step * s.n * s.max_new_tokens // world:,} per rank)" if world > 1 else "")
+        )
     budget = d.max_prompt_tokens + max(s.max_new_tokens, cfg.eval.max_new_tokens or 0)
     for m in models:
         ctx = getattr(m.config, "max_position_embeddings", None)
         if ctx is not None and ctx < budget:
-            lines.append(f"  warning: the {m.role}'s context is {ctx:,} tokens; a prompt longer than "
-                         f"{ctx - budget + d.max_prompt_tokens:,} tokens would not fit its new tokens (the run "
-                         f"stops before any compute if one does; see {m.role}.config_overrides)")
+            lines.append(
+                f"  warning: the {m.role}'s context is {ctx:,} tokens; a prompt longer than "
+                f"{ctx - budget + d.max_prompt_tokens:,} tokens would not fit its new tokens (the run "
+                f"stops before any compute if one does; see {m.role}.config_overrides)"
+            )
     student = models[0]
     if student.config is not None:
-        frozen_infos = [m for m in models[1:] if m.config is not None and not (m.role == "teacher"
-                                                                             and cfg.teacher.engine == "vllm")]
+        frozen_infos = [
+            m
+            for m in models[1:]
+            if m.config is not None and not (m.role == "teacher" and cfg.teacher.engine == "vllm")
+        ]
         uncounted = [m for m in models[1:] if m.config is None and cfg.teacher.engine != "vllm"]
         try:
-            smodel = meta_model(student, cfg.student.dtype, cfg.student.device, trainable=True, lora=cfg.student.lora)
-            frozen = [meta_model(m, cfg.teacher.dtype, cfg.teacher.device, trainable=False) for m in frozen_infos]
+            smodel = meta_model(
+                student, cfg.student.dtype, cfg.student.device, trainable=True, lora=cfg.student.lora
+            )
+            frozen = [
+                meta_model(m, cfg.teacher.dtype, cfg.teacher.device, trainable=False) for m in frozen_infos
+            ]
             if need_ref and not cfg.student.lora:
                 frozen.append(meta_model(student, cfg.student.dtype, cfg.student.device, trainable=False))
-            lines.append("  " + memory_plan(smodel, frozen, world=world, micro_batch=tr.micro_batch,
-                                            seq_len=budget, chunk_size=cfg.loss.chunk_size,
-                                            shard_frozen=tr.shard_frozen,
-                                            gathered_sampling=s.backend != "vllm",
-                                            checkpointing=tr.gradient_checkpointing).replace("\n", "\n  "))
+            lines.append(
+                "  "
+                + memory_plan(
+                    smodel,
+                    frozen,
+                    world=world,
+                    micro_batch=tr.micro_batch,
+                    seq_len=budget,
+                    chunk_size=cfg.loss.chunk_size,
+                    shard_frozen=tr.shard_frozen,
+                    gathered_sampling=s.backend != "vllm",
+                    checkpointing=tr.gradient_checkpointing,
+                ).replace("\n", "\n  ")
+            )
             if uncounted:
-                lines.append(f"    (the {uncounted[0].role} is not counted: its config is not on this "
-                             "machine)")
+                lines.append(
+                    f"    (the {uncounted[0].role} is not counted: its config is not on this machine)"
+                )
             params = list(smodel.parameters())
             ckpt = sum(p.numel() * (p.element_size() + (8 if p.requires_grad else 0)) for p in params)
-            lines.append(f"  {'student size':<13} {count(sum(p.numel() for p in params))} parameters "
-                         f"({count(sum(p.numel() for p in params if p.requires_grad))} trained); a "
-                         f"checkpoint is about {human_bytes(ckpt)}")
+            lines.append(
+                f"  {'student size':<13} {count(sum(p.numel() for p in params))} parameters "
+                f"({count(sum(p.numel() for p in params if p.requires_grad))} trained); a "
+                f"checkpoint is about {human_bytes(ckpt)}"
+            )
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             lines.append(f"  memory plan not available: the model cannot be built from its config ({exc})")
     else:
@@ -194,7 +230,9 @@ def run_plan(cfg: Config, *, command: str, world: int, resume: bool, print_line)
         lacking.append(f"dataset {d.source} (loaded from the Hugging Face hub or its cache at run time)")
     state = f"resumes from {done[-1].name}" if resume else "starts a new run"
     lines.append(f"  {'run dir':<13} {run_dir} ({state})")
-    lines.append("ready to launch" if not lacking else "ready to launch once this machine has: " + "; ".join(lacking))
+    lines.append(
+        "ready to launch" if not lacking else "ready to launch once this machine has: " + "; ".join(lacking)
+    )
     for line in lines:
         print_line(line)
     return 0

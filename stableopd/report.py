@@ -163,8 +163,13 @@ def _profile_table(diag: Diagnosis) -> Table | None:
     for col in ("part", "median", "mean", "share"):
         table.add_column(col, justify="left" if col == "part" else "right")
     for r in rows:
-        table.add_row(r.part, f"{r.median_s:.3f}", f"{r.mean_s:.3f}", f"{100 * r.share:.0f}%",
-                      style="bold" if r.part == "step" else "")
+        table.add_row(
+            r.part,
+            f"{r.median_s:.3f}",
+            f"{r.mean_s:.3f}",
+            f"{100 * r.share:.0f}%",
+            style="bold" if r.part == "step" else "",
+        )
     return table
 
 
@@ -172,8 +177,14 @@ def markdown_profile(diag: Diagnosis) -> list[str]:
     rows = step_profile(diag.series)
     if not rows:
         return []
-    return ["## Time per step", "", "| part | median s | mean s | share |", "|---|---|---|---|",
-            *(f"| {r.part} | {r.median_s:.3f} | {r.mean_s:.3f} | {100 * r.share:.0f}% |" for r in rows), ""]
+    return [
+        "## Time per step",
+        "",
+        "| part | median s | mean s | share |",
+        "|---|---|---|---|",
+        *(f"| {r.part} | {r.median_s:.3f} | {r.mean_s:.3f} | {100 * r.share:.0f}% |" for r in rows),
+        "",
+    ]
 
 
 def print_report(diag: Diagnosis, console: Console | None, written: list[Path] | None = None) -> None:

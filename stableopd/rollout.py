@@ -23,16 +23,33 @@ from stableopd.progress import progress_bar
 from stableopd.repetition import is_repetitive
 
 
-def make_record(ex: Example, prompt_ids: list[int], idx: int, sample: Sample, tokenizer, stop_ids: list[int], *,
-                rep_tail_chars: int, rep_ratio: float) -> dict[str, Any]:
+def make_record(
+    ex: Example,
+    prompt_ids: list[int],
+    idx: int,
+    sample: Sample,
+    tokenizer,
+    stop_ids: list[int],
+    *,
+    rep_tail_chars: int,
+    rep_ratio: float,
+) -> dict[str, Any]:
     ids, lps, truncated = split_stop(sample, stop_ids)
     text = tokenizer.decode(ids, skip_special_tokens=True)
     repetitive, ratio = is_repetitive(text, rep_tail_chars, rep_ratio)
     rec: dict[str, Any] = {
-        "prompt_id": ex.id, "sample_idx": idx, "prompt": ex.prompt, "prompt_token_ids": list(prompt_ids),
-        "response": text, "response_token_ids": ids, "sampler_logprobs": lps, "n_tokens": len(ids),
-        "finish_reason": "length" if truncated else "stop", "truncated": truncated,
-        "repetitive": repetitive, "compression_ratio": round(ratio, 4),
+        "prompt_id": ex.id,
+        "sample_idx": idx,
+        "prompt": ex.prompt,
+        "prompt_token_ids": list(prompt_ids),
+        "response": text,
+        "response_token_ids": ids,
+        "sampler_logprobs": lps,
+        "n_tokens": len(ids),
+        "finish_reason": "length" if truncated else "stop",
+        "truncated": truncated,
+        "repetitive": repetitive,
+        "compression_ratio": round(ratio, 4),
         "stop_token_id": None if truncated else sample.token_ids[-1],
         "stop_logprob": None if truncated else sample.logprobs[-1],
     }
@@ -41,10 +58,20 @@ def make_record(ex: Example, prompt_ids: list[int], idx: int, sample: Sample, to
     return rec
 
 
-def sample_records(backend: Backend, tokenizer, examples: list[Example], prompt_ids: list[list[int]],
-                   params: SamplingParams, stop_ids: list[int], *, rep_tail_chars: int, rep_ratio: float,
-                   chunk: int | None = None, progress: bool = True, label: str = "sampling"
-                   ) -> list[dict[str, Any]]:
+def sample_records(
+    backend: Backend,
+    tokenizer,
+    examples: list[Example],
+    prompt_ids: list[list[int]],
+    params: SamplingParams,
+    stop_ids: list[int],
+    *,
+    rep_tail_chars: int,
+    rep_ratio: float,
+    chunk: int | None = None,
+    progress: bool = True,
+    label: str = "sampling",
+) -> list[dict[str, Any]]:
     """Sample params.n responses for every prompt; records come back in (prompt, sample) order.
 
     Without a progress bar every prompt goes to the backend in one call, which batches them as its options
@@ -55,13 +82,17 @@ def sample_records(backend: Backend, tokenizer, examples: list[Example], prompt_
     records: list[dict[str, Any]] = []
     with progress_bar(label, total=len(examples), enabled=progress) as advance:
         for start in range(0, len(examples), chunk):
-            exs, pids = examples[start:start + chunk], prompt_ids[start:start + chunk]
+            exs, pids = examples[start : start + chunk], prompt_ids[start : start + chunk]
             sub = SamplingParams(**{**params.__dict__, "seed": params.seed * 7919 + start})
             batch = backend.generate(pids, sub)
             check_banned(backend, batch, params.banned_token_ids)
             for ex, pid, samples in zip(exs, pids, batch):
-                records.extend(make_record(ex, pid, i, s, tokenizer, stop_ids, rep_tail_chars=rep_tail_chars,
-                                           rep_ratio=rep_ratio) for i, s in enumerate(samples))
+                records.extend(
+                    make_record(
+                        ex, pid, i, s, tokenizer, stop_ids, rep_tail_chars=rep_tail_chars, rep_ratio=rep_ratio
+                    )
+                    for i, s in enumerate(samples)
+                )
             advance(len(exs))
     return records
 
@@ -75,9 +106,11 @@ def check_banned(backend: Backend, batch: list[list[Sample]], banned: tuple[int,
         for s in samples:
             hit = next((t for t in s.token_ids if t in bad), None)
             if hit is not None:
-                raise UserError(f"sampling backend '{getattr(backend, 'name', type(backend).__name__)}' produced "
-                                f"token id {hit}, which SamplingParams.banned_token_ids forbids (the teacher reads "
-                                "it as another token); the backend must honour banned_token_ids")
+                raise UserError(
+                    f"sampling backend '{getattr(backend, 'name', type(backend).__name__)}' produced "
+                    f"token id {hit}, which SamplingParams.banned_token_ids forbids (the teacher reads "
+                    "it as another token); the backend must honour banned_token_ids"
+                )
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, float]:
@@ -90,8 +123,11 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, float]:
         return float(lengths[min(len(lengths) - 1, int(q * len(lengths)))])
 
     return {
-        "count": len(records), "length_mean": statistics.fmean(lengths), "length_p50": pct(0.5),
-        "length_p90": pct(0.9), "length_max": float(lengths[-1]),
+        "count": len(records),
+        "length_mean": statistics.fmean(lengths),
+        "length_p50": pct(0.5),
+        "length_p90": pct(0.9),
+        "length_max": float(lengths[-1]),
         "trunc_rate": sum(r["truncated"] for r in records) / len(records),
         "rep_rate": sum(r["repetitive"] for r in records) / len(records),
     }
@@ -116,21 +152,51 @@ def run_rollout(cfg, *, out: Path) -> dict[str, float]:
     check_output_file(out, "rollout output")
     d = cfg.data
     examples = examples_for(d, limit=d.limit)
-    loaded = load_model(cfg.student.name, dtype=cfg.student.dtype, device=cfg.student.device,
-                        revision=cfg.student.revision, trust_remote_code=cfg.student.trust_remote_code,
-                        config_overrides=cfg.student.config_overrides,
-                        overrides_key="student.config_overrides")
-    prompt_ids = encode_prompts(loaded.tokenizer, examples, chat_template=d.chat_template,
-                                system_prompt=d.system_prompt, max_tokens=d.max_prompt_tokens)
+    loaded = load_model(
+        cfg.student.name,
+        dtype=cfg.student.dtype,
+        device=cfg.student.device,
+        revision=cfg.student.revision,
+        trust_remote_code=cfg.student.trust_remote_code,
+        config_overrides=cfg.student.config_overrides,
+        overrides_key="student.config_overrides",
+    )
+    prompt_ids = encode_prompts(
+        loaded.tokenizer,
+        examples,
+        chat_template=d.chat_template,
+        system_prompt=d.system_prompt,
+        max_tokens=d.max_prompt_tokens,
+    )
     stop_ids = stop_token_ids(loaded.tokenizer, loaded.model)
-    backend = build_backend(cfg.sampling.backend, model=loaded.model, tokenizer=loaded.tokenizer,
-                            model_path=loaded.path, stop_ids=stop_ids, options=cfg.sampling.options)
+    backend = build_backend(
+        cfg.sampling.backend,
+        model=loaded.model,
+        tokenizer=loaded.tokenizer,
+        model_path=loaded.path,
+        stop_ids=stop_ids,
+        options=cfg.sampling.options,
+    )
     s = cfg.sampling
-    params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                            max_new_tokens=s.max_new_tokens, seed=s.seed)
-    records = sample_records(backend, loaded.tokenizer, examples, prompt_ids, params, stop_ids,
-                             rep_tail_chars=cfg.diagnose.rep_tail_chars, rep_ratio=cfg.diagnose.rep_ratio,
-                             progress=cfg.logging.progress)
+    params = SamplingParams(
+        n=s.n,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        max_new_tokens=s.max_new_tokens,
+        seed=s.seed,
+    )
+    records = sample_records(
+        backend,
+        loaded.tokenizer,
+        examples,
+        prompt_ids,
+        params,
+        stop_ids,
+        rep_tail_chars=cfg.diagnose.rep_tail_chars,
+        rep_ratio=cfg.diagnose.rep_ratio,
+        progress=cfg.logging.progress,
+    )
     write_jsonl_atomic(out, records)
     return summarize(records)
 
@@ -143,7 +209,18 @@ def print_rollout_summary(summary: dict[str, float], out: Path) -> None:
     table = Table(title=f"rollouts -> {out}", show_header=True)
     for key in ("count", "length_mean", "length_p50", "length_p90", "length_max", "trunc_rate", "rep_rate"):
         table.add_column(key.replace("_", " "), justify="right")
-    table.add_row(*(f"{summary.get(k, 0):.3g}" if isinstance(summary.get(k), float) else str(summary.get(k, 0))
-                    for k in ("count", "length_mean", "length_p50", "length_p90", "length_max", "trunc_rate",
-                              "rep_rate")))
+    table.add_row(
+        *(
+            f"{summary.get(k, 0):.3g}" if isinstance(summary.get(k), float) else str(summary.get(k, 0))
+            for k in (
+                "count",
+                "length_mean",
+                "length_p50",
+                "length_p90",
+                "length_max",
+                "trunc_rate",
+                "rep_rate",
+            )
+        )
+    )
     console.print(table)

@@ -54,8 +54,10 @@ class RunLock:
             fh.seek(0)
             holder = fh.read().strip() or "unknown"
             fh.close()
-            raise UserError(f"run directory '{self.run_dir}' is in use by another stableopd process (pid "
-                            f"{holder}); wait for it to end, or pass another --out") from None
+            raise UserError(
+                f"run directory '{self.run_dir}' is in use by another stableopd process (pid "
+                f"{holder}); wait for it to end, or pass another --out"
+            ) from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"{os.getpid()}\n")
@@ -87,7 +89,9 @@ class Stopped(Exception):
         self.signum, self.step = signum, step
         self.exit_code = 128 + signum
         name = signal.Signals(signum).name
-        super().__init__(f"stopped by {name} after step {step}; checkpoint saved. Resume with: {resume_command()}")
+        super().__init__(
+            f"stopped by {name} after step {step}; checkpoint saved. Resume with: {resume_command()}"
+        )
 
 
 def resume_command() -> str:
@@ -127,14 +131,19 @@ class GracefulStop:
         if not self.armed:
             raise Interrupted(signum, f"interrupted by {name} before training started")
         if self.signum is not None:
-            if now - self._first < REPEAT_S:  # one Ctrl-C reaches a rank twice under torchrun (terminal, relay)
+            if (
+                now - self._first < REPEAT_S
+            ):  # one Ctrl-C reaches a rank twice under torchrun (terminal, relay)
                 return
-            raise Interrupted(signum, f"interrupted by {name}; continue from the last checkpoint with: "
-                                      f"{resume_command()}")
+            raise Interrupted(
+                signum, f"interrupted by {name}; continue from the last checkpoint with: {resume_command()}"
+            )
         self.signum, self._first = signum, now
         if self._announce is not None:
-            self._announce(f"{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-                           "(send it again to stop at once)")
+            self._announce(
+                f"{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+                "(send it again to stop at once)"
+            )
 
     def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():

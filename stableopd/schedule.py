@@ -13,8 +13,9 @@ import math
 SCHEDULES = ("constant", "linear", "cosine")
 
 
-def lr_at_step(lr: float, *, step: int, total: int, schedule: str = "constant", warmup: int = 0,
-               floor: float = 0.0) -> float:
+def lr_at_step(
+    lr: float, *, step: int, total: int, schedule: str = "constant", warmup: int = 0, floor: float = 0.0
+) -> float:
     """The rate of `step` (1-based) of `total`: linear warmup over `warmup` steps, then `schedule` from `lr`
     down to `floor * lr` at the last step (constant stays at `lr`)."""
     if schedule not in SCHEDULES:

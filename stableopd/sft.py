@@ -47,12 +47,21 @@ from stableopd.validation import validate
 
 def sft_settings(chunk_size: int, vocab_size: int | None) -> LossSettings:
     """The SFT loss as a special case of the step loss: only the golden term, at weight 1."""
-    return LossSettings(objective="stableopd", gold_coef=1.0, ref_kl_coef=0.0, chunk_size=chunk_size,
-                        vocab_size=vocab_size)
+    return LossSettings(
+        objective="stableopd", gold_coef=1.0, ref_kl_coef=0.0, chunk_size=chunk_size, vocab_size=vocab_size
+    )
 
 
-def sft_step(model, optimizer, golds: list[GoldSeq], settings: LossSettings, *, pad_id: int, micro_batch: int,
-             grad_clip: float) -> dict[str, Any]:
+def sft_step(
+    model,
+    optimizer,
+    golds: list[GoldSeq],
+    settings: LossSettings,
+    *,
+    pad_id: int,
+    micro_batch: int,
+    grad_clip: float,
+) -> dict[str, Any]:
     """One supervised step on golden solutions (also used by stableopd.toy to build the arith models)."""
     t0 = time.perf_counter()
     model.train()
@@ -61,15 +70,22 @@ def sft_step(model, optimizer, golds: list[GoldSeq], settings: LossSettings, *, 
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
     if torch.isfinite(norm):
         optimizer.step()
-    return {"loss/total": m.get("loss/gold_sft"), "loss/gold_sft": m.get("loss/gold_sft"),
-            "optim/grad_norm": float(norm), "optim/lr": optimizer.param_groups[0]["lr"],
-            "optim/skipped": int(not torch.isfinite(norm)), "time/train_s": time.perf_counter() - t0}
+    return {
+        "loss/total": m.get("loss/gold_sft"),
+        "loss/gold_sft": m.get("loss/gold_sft"),
+        "optim/grad_norm": float(norm),
+        "optim/lr": optimizer.param_groups[0]["lr"],
+        "optim/skipped": int(not torch.isfinite(norm)),
+        "time/train_s": time.perf_counter() - t0,
+    }
 
 
 def no_solutions(d) -> UserError:
     """The error of an sft run whose data (`DataConfig` d) holds no golden solution."""
-    return UserError(f"sft needs golden solutions: no example in '{d.source}' has a '{d.solution_field}' field "
-                     "(set data.solution_field)")
+    return UserError(
+        f"sft needs golden solutions: no example in '{d.source}' has a '{d.solution_field}' field "
+        "(set data.solution_field)"
+    )
 
 
 def run_sft(cfg: Config, *, resume: bool = False) -> int:
@@ -85,9 +101,14 @@ def _run_sft(cfg: Config, resume: bool, run_dir: Path, stop: GracefulStop) -> in
     restored = _start(cfg, run_dir, resume)
     t0 = time.perf_counter()
     note(f"loading student '{cfg.student.name}' ...", enabled=cfg.logging.progress)
-    setup = prepare(cfg, student_path=str(restored.path) if restored else None, need_teacher=False, need_ref=False)
-    note(f"loaded in {duration(time.perf_counter() - t0)}: {len(setup.train)} training examples, "
-         f"{len(setup.val)} validation prompts", enabled=cfg.logging.progress)
+    setup = prepare(
+        cfg, student_path=str(restored.path) if restored else None, need_teacher=False, need_ref=False
+    )
+    note(
+        f"loaded in {duration(time.perf_counter() - t0)}: {len(setup.train)} training examples, "
+        f"{len(setup.val)} validation prompts",
+        enabled=cfg.logging.progress,
+    )
     tok = setup.student.tokenizer
     golds_all = setup.golds
     keep = [i for i, g in enumerate(golds_all) if g is not None]
@@ -96,8 +117,11 @@ def _run_sft(cfg: Config, resume: bool, run_dir: Path, stop: GracefulStop) -> in
     model = setup.student.model
     check_free_space(run_dir, checkpoint_bytes(model), "a checkpoint")
     write_config(run_dir, cfg)
-    optimizer = make_adamw([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
-                           weight_decay=cfg.train.weight_decay)
+    optimizer = make_adamw(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+    )
     start = 0
     if restored:
         optimizer.load_state_dict(restored.optimizer_state)
@@ -113,12 +137,37 @@ def _run_sft(cfg: Config, resume: bool, run_dir: Path, stop: GracefulStop) -> in
     log = MetricsLog.open(run_dir / "metrics.jsonl", keep_until=start if start else None)
     with open_trackers(cfg, run_dir, start, enabled=True) as trackers:
         log.mirrors.append(trackers.log)
-        return _sft_steps(cfg, setup, optimizer, backend, run_dir, start=start, stop=stop, log=log, keep=keep,
-                          golds_all=golds_all, settings=settings, pad=pad)
+        return _sft_steps(
+            cfg,
+            setup,
+            optimizer,
+            backend,
+            run_dir,
+            start=start,
+            stop=stop,
+            log=log,
+            keep=keep,
+            golds_all=golds_all,
+            settings=settings,
+            pad=pad,
+        )
 
 
-def _sft_steps(cfg: Config, setup, optimizer, backend, run_dir: Path, *, start: int, stop: GracefulStop,
-               log: MetricsLog, keep: list[int], golds_all, settings, pad: int) -> int:
+def _sft_steps(
+    cfg: Config,
+    setup,
+    optimizer,
+    backend,
+    run_dir: Path,
+    *,
+    start: int,
+    stop: GracefulStop,
+    log: MetricsLog,
+    keep: list[int],
+    golds_all,
+    settings,
+    pad: int,
+) -> int:
     tcfg = cfg.train
     model, tok = setup.student.model, setup.student.tokenizer
     if start == 0 and tcfg.eval_every and tcfg.eval_at_start:
@@ -131,19 +180,36 @@ def _sft_steps(cfg: Config, setup, optimizer, backend, run_dir: Path, *, start: 
             idx = [keep[i] for i in step_indices(len(keep), step, tcfg.prompts_per_step, cfg.data.seed)]
             golds = [GoldSeq(prompt=setup.train_ids[i], target=golds_all[i]) for i in idx]
             set_lr(optimizer, train_lr(cfg, step))
-            metrics = sft_step(model, optimizer, golds, settings, pad_id=pad, micro_batch=tcfg.micro_batch,
-                               grad_clip=tcfg.grad_clip)
+            metrics = sft_step(
+                model,
+                optimizer,
+                golds,
+                settings,
+                pad_id=pad,
+                micro_batch=tcfg.micro_batch,
+                grad_clip=tcfg.grad_clip,
+            )
             if tcfg.eval_every and step % tcfg.eval_every == 0:
                 metrics.update(validate(cfg, setup, backend, step, run_dir))
             log.write({"step": step, **metrics})
             show(step, metrics, guard.verdict)
             signum = agreed_signal(stop, None) if step < tcfg.steps else None
             if step % tcfg.save_every == 0 or step == tcfg.steps or signum:
-                save_checkpoint(run_dir, step, model=model, tokenizer=tok, optimizer=optimizer,
-                                state={"data_position": step * tcfg.prompts_per_step}, keep_last=tcfg.keep_last)
+                save_checkpoint(
+                    run_dir,
+                    step,
+                    model=model,
+                    tokenizer=tok,
+                    optimizer=optimizer,
+                    state={"data_position": step * tcfg.prompts_per_step},
+                    keep_last=tcfg.keep_last,
+                )
             if signum:
                 raise Stopped(signum, step)
     print_summary(cfg, log.rows, first_step=start + 1, wall_s=time.perf_counter() - t_loop, run_dir=run_dir)
-    console.print(f"run directory: {run_dir}\nthe fine-tuned student: {run_dir}/checkpoints/step_{tcfg.steps:06d}",
-                  highlight=False, soft_wrap=True)
+    console.print(
+        f"run directory: {run_dir}\nthe fine-tuned student: {run_dir}/checkpoints/step_{tcfg.steps:06d}",
+        highlight=False,
+        soft_wrap=True,
+    )
     return 0

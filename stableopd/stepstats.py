@@ -61,8 +61,9 @@ def iter_jsonl(path: Path, problems: LineProblems, *, max_line_mb: int = 64) -> 
     Bytes that are not UTF-8 are replaced (another tool's log is read as far as it goes); a line over
     `max_line_mb` MiB is an error (diagnose.max_line_mb)."""
     blanks: list[int] = []
-    for no, line, newline in iter_lines(path, max_line_bytes=max_line_mb * MIB, key="diagnose.max_line_mb",
-                                        errors="replace"):
+    for no, line, newline in iter_lines(
+        path, max_line_bytes=max_line_mb * MIB, key="diagnose.max_line_mb", errors="replace"
+    ):
         if "\ufffd" in line:
             problems.bad_utf8 += 1
         if not line.strip():
@@ -125,10 +126,24 @@ class StepStats:
     """Running sums of one step's response metrics: records are added one at a time and dropped, so a step of
     any size costs the same memory. `metrics()` gives what `response_metrics` documents."""
 
-    def __init__(self, prefix: str, *, text_field: str, finish_field: str, truncated_field: str,
-                 tail_chars: int, ratio: float, ngram: int, step: int | None = None) -> None:
-        self.prefix, self.text_field, self.finish_field, self.truncated_field = (prefix, text_field, finish_field,
-                                                                                 truncated_field)
+    def __init__(
+        self,
+        prefix: str,
+        *,
+        text_field: str,
+        finish_field: str,
+        truncated_field: str,
+        tail_chars: int,
+        ratio: float,
+        ngram: int,
+        step: int | None = None,
+    ) -> None:
+        self.prefix, self.text_field, self.finish_field, self.truncated_field = (
+            prefix,
+            text_field,
+            finish_field,
+            truncated_field,
+        )
         self.tail_chars, self.ratio, self.ngram, self.step = tail_chars, ratio, ngram, step
         self.warnings: list[str] = []
         self.more_warnings = 0
@@ -137,8 +152,9 @@ class StepStats:
         self.len_tokens = self.len_words = 0.0
         self.max_tokens = self.max_words = 0
         self.correct_sum, self.n_correct = 0.0, 0
-        self.sums = dict.fromkeys(("tokens", "rep_tokens", "adv_regular", "adv_repetitive", "teacher",
-                                   "student"), 0.0) | {"n_regular": 0, "n_repetitive": 0}
+        self.sums = dict.fromkeys(
+            ("tokens", "rep_tokens", "adv_regular", "adv_repetitive", "teacher", "student"), 0.0
+        ) | {"n_regular": 0, "n_repetitive": 0}
 
     def _warn(self, text: str) -> None:
         if len(self.warnings) < MAX_LINE_WARNINGS:
@@ -188,9 +204,14 @@ class StepStats:
         if not self.n:
             return {}
         p, sums = self.prefix, self.sums
-        total, longest = (self.len_tokens, self.max_tokens) if self.tokens_all else (self.len_words, self.max_words)
-        m = {f"{p}/length_mean": total / self.n, f"{p}/length_max": float(longest),
-             f"{p}/rep_rate": self.n_rep / self.n}
+        total, longest = (
+            (self.len_tokens, self.max_tokens) if self.tokens_all else (self.len_words, self.max_words)
+        )
+        m = {
+            f"{p}/length_mean": total / self.n,
+            f"{p}/length_max": float(longest),
+            f"{p}/rep_rate": self.n_rep / self.n,
+        }
         if self.n_trunc_known:
             m[f"{p}/trunc_rate"] = self.n_trunc / self.n_trunc_known
         if sums["tokens"]:
@@ -226,8 +247,18 @@ def response_metrics(
     `records` are (source label, record) pairs; records without a string `text_field` are skipped with a
     warning. Rates are means over responses; rep_token_frac and the advantage means are token-weighted.
     """
-    stats = StepStats(prefix, text_field=text_field, finish_field=finish_field, truncated_field=truncated_field,
-                      tail_chars=tail_chars, ratio=ratio, ngram=ngram, step=step)
+    stats = StepStats(
+        prefix,
+        text_field=text_field,
+        finish_field=finish_field,
+        truncated_field=truncated_field,
+        tail_chars=tail_chars,
+        ratio=ratio,
+        ngram=ngram,
+        step=step,
+    )
     examples = [ex for label, rec in records if (ex := stats.add(label, rec)) is not None]
-    warnings = stats.warnings + ([f"{stats.more_warnings} more record warnings"] if stats.more_warnings else [])
+    warnings = stats.warnings + (
+        [f"{stats.more_warnings} more record warnings"] if stats.more_warnings else []
+    )
     return stats.metrics(), examples, warnings, stats.unit

@@ -18,22 +18,39 @@ from stableopd.kernels import linear_kl, linear_logprobs
 
 
 @torch.no_grad()
-def score_targets(model, prompts: list[list[int]], targets: list[list[int]], *, pad_id: int, micro_batch: int,
-                  chunk_size: int, vocab_size: int, temperature: float = 1.0) -> list[list[float]]:
+def score_targets(
+    model,
+    prompts: list[list[int]],
+    targets: list[list[int]],
+    *,
+    pad_id: int,
+    micro_batch: int,
+    chunk_size: int,
+    vocab_size: int,
+    temperature: float = 1.0,
+) -> list[list[float]]:
     """Per-sequence lists of log p(target_t | prefix) under `model`."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out: list[list[float]] = []
     for start in range(0, len(prompts), micro_batch):
-        packed = pack(prompts[start:start + micro_batch], targets[start:start + micro_batch], pad_id, device)
+        packed = pack(
+            prompts[start : start + micro_batch], targets[start : start + micro_batch], pad_id, device
+        )
         hidden = target_hidden(model, packed)  # (N, d)
-        lp, _ = linear_logprobs(hidden, output_weight(model), packed.targets, chunk_size=chunk_size,
-                                temperature=temperature, vocab_size=vocab_size)  # (N,)
+        lp, _ = linear_logprobs(
+            hidden,
+            output_weight(model),
+            packed.targets,
+            chunk_size=chunk_size,
+            temperature=temperature,
+            vocab_size=vocab_size,
+        )  # (N,)
         flat = lp.float().cpu().tolist()
         pos = 0
         for n in packed.lengths:
-            out.append(flat[pos:pos + n])
+            out.append(flat[pos : pos + n])
             pos += n
     if was_training:
         model.train()
@@ -41,10 +58,20 @@ def score_targets(model, prompts: list[list[int]], targets: list[list[int]], *, 
 
 
 @torch.no_grad()
-def reverse_kl_sums(student, teacher, prompts: list[list[int]], targets: list[list[int]], *, pad_id: int,
-                    micro_batch: int, chunk_size: int, vocab_size: int, n_batches: int | None = None,
-                    teacher_prompts: list[list[int]] | None = None,
-                    swaps: tuple[tuple[int, int], ...] = ()) -> tuple[float, int]:
+def reverse_kl_sums(
+    student,
+    teacher,
+    prompts: list[list[int]],
+    targets: list[list[int]],
+    *,
+    pad_id: int,
+    micro_batch: int,
+    chunk_size: int,
+    vocab_size: int,
+    n_batches: int | None = None,
+    teacher_prompts: list[list[int]] | None = None,
+    swaps: tuple[tuple[int, int], ...] = (),
+) -> tuple[float, int]:
     """(sum, count) over target tokens of KL(student || teacher). The teacher reads `teacher_prompts` (its
     own template; default `prompts`) before the same targets, and its distribution has the `swaps` columns
     exchanged (its end token where the student's is). With `n_batches`, exactly that many forwards run
@@ -69,9 +96,16 @@ def reverse_kl_sums(student, teacher, prompts: list[list[int]], targets: list[li
             p, tp, t = [[pad_id]], [[pad_id]], [[pad_id]]
         packed = pack(p, t, pad_id, device)
         t_packed = packed if tp == p else pack(tp, t, pad_id, device)
-        kl = linear_kl(target_hidden(student, packed), output_weight(student), target_hidden(teacher, t_packed),
-                       output_weight(teacher), None, chunk_size=chunk_size, vocab_size=vocab_size,
-                       swap_other=swaps)  # (N,)
+        kl = linear_kl(
+            target_hidden(student, packed),
+            output_weight(student),
+            target_hidden(teacher, t_packed),
+            output_weight(teacher),
+            None,
+            chunk_size=chunk_size,
+            vocab_size=vocab_size,
+            swap_other=swaps,
+        )  # (N,)
         if real:
             total += float(kl.sum())
             count += kl.numel()

@@ -143,8 +143,14 @@ def recipe_key(recipe: ToyRecipe) -> str:
 
 def lr_at(recipe: ToyRecipe, step: int) -> float:
     """Learning rate of `step` (1-based): linear warmup, then cosine from `lr` down to `final_lr_frac * lr`."""
-    return lr_at_step(recipe.lr, step=step, total=recipe.steps, schedule="cosine", warmup=recipe.warmup,
-                      floor=recipe.final_lr_frac)
+    return lr_at_step(
+        recipe.lr,
+        step=step,
+        total=recipe.steps,
+        schedule="cosine",
+        warmup=recipe.warmup,
+        floor=recipe.final_lr_frac,
+    )
 
 
 def train_on_golden(
@@ -173,8 +179,13 @@ def train_on_golden(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with torch.random.fork_rng(devices=[]), progress_bar(label, recipe.steps, enabled=progress) as advance:
-            torch.manual_seed(recipe.spec.seed)  # nothing draws today (no dropout); a future recipe stays seeded
+        with (
+            torch.random.fork_rng(devices=[]),
+            progress_bar(label, recipe.steps, enabled=progress) as advance,
+        ):
+            torch.manual_seed(
+                recipe.spec.seed
+            )  # nothing draws today (no dropout); a future recipe stays seeded
             for step in range(1, recipe.steps + 1):
                 set_lr(optimizer, lr_at(recipe, step))
                 idx = step_indices(len(examples), step, recipe.prompts_per_step, recipe.data_seed)
@@ -232,8 +243,10 @@ def install_shipped(name: str, weights: Path, out_dir: Path, *, progress: bool =
     build_tiny_model(name, out_dir, spec=TOY_FAMILY[name].spec)
     shutil.copyfile(weights, out_dir / "model.safetensors")
     info = {"name": name, "recipe": asdict(TOY_FAMILY[name]), "source": "shipped", **entry}
-    message = (f"installed {name}: weights shipped with stableopd, built by its recipe with torch {entry['torch']}'s "
-               f"{entry['cpu_capability']} kernels (STABLEOPD_BUILD_TOYS=1 builds it on this machine instead)")
+    message = (
+        f"installed {name}: weights shipped with stableopd, built by its recipe with torch {entry['torch']}'s "
+        f"{entry['cpu_capability']} kernels (STABLEOPD_BUILD_TOYS=1 builds it on this machine instead)"
+    )
     return _record(out_dir, info, message if progress else None)
 
 
@@ -287,6 +300,8 @@ def build_toy_model(
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels that rounded the sums
     }
-    message = (f"built {name} in {seconds:.0f} s with torch's {info['cpu_capability']} kernels (final SFT loss "
-               f"{metrics.get('loss/gold_sft', 0):.4f})")
+    message = (
+        f"built {name} in {seconds:.0f} s with torch's {info['cpu_capability']} kernels (final SFT loss "
+        f"{metrics.get('loss/gold_sft', 0):.4f})"
+    )
     return _record(out_dir, info, message if progress else None)

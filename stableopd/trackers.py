@@ -32,8 +32,12 @@ from stableopd.errors import UserError
 from stableopd.progress import console
 
 # tracker -> (module it needs, the pip extra that installs it)
-MODULES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
-           "trackio": ("trackio", "trackio"), "mlflow": ("mlflow", "mlflow")}
+MODULES = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "trackio": ("trackio", "trackio"),
+    "mlflow": ("mlflow", "mlflow"),
+}
 TABLE_COLUMNS = ("step", "prompt_id", "prompt", "response", "n_tokens", "truncated", "repetitive")
 
 
@@ -42,14 +46,18 @@ def check_installed(names: list[str]) -> None:
     for name in names:
         module, extra = MODULES[name]
         if importlib.util.find_spec(module) is None:
-            raise UserError(f"logging.report_to names {name}, which is not installed: "
-                            f"pip install 'stableopd[{extra}]'")
+            raise UserError(
+                f"logging.report_to names {name}, which is not installed: pip install 'stableopd[{extra}]'"
+            )
 
 
 def scalars(row: dict[str, Any]) -> dict[str, float]:
     """The row's finite numbers (strings such as guard/verdict, nulls and infinities are left out)."""
-    return {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float))
-            and not isinstance(v, bool) and math.isfinite(v)}
+    return {
+        k: float(v)
+        for k, v in row.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -69,8 +77,15 @@ def table_rows(step: int, records: list[dict[str, Any]], limit: int) -> list[lis
 
 
 class TensorBoard:
-    def __init__(self, run_dir: Path, config: dict[str, Any], name: str, project: str, state: dict[str, Any],
-                 start: int) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict[str, Any],
+        name: str,
+        project: str,
+        state: dict[str, Any],
+        start: int,
+    ) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step: a resumed run drops the events a killed run wrote after its checkpoint
@@ -93,13 +108,21 @@ class TensorBoard:
 
 
 class WandB:
-    def __init__(self, run_dir: Path, config: dict[str, Any], name: str, project: str, state: dict[str, Any],
-                 start: int) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict[str, Any],
+        name: str,
+        project: str,
+        state: dict[str, Any],
+        start: int,
+    ) -> None:
         import wandb
 
         self.wandb = wandb
-        self.run = wandb.init(project=project, name=name, dir=str(run_dir), config=config,
-                              id=state.get("wandb"), resume="allow")
+        self.run = wandb.init(
+            project=project, name=name, dir=str(run_dir), config=config, id=state.get("wandb"), resume="allow"
+        )
         # every series is plotted against the row's step, so a resumed run may send a step again
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
@@ -116,13 +139,27 @@ class WandB:
 
 
 class Trackio:
-    def __init__(self, run_dir: Path, config: dict[str, Any], name: str, project: str, state: dict[str, Any],
-                 start: int) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict[str, Any],
+        name: str,
+        project: str,
+        state: dict[str, Any],
+        start: int,
+    ) -> None:
         import trackio
 
         self.trackio = trackio
-        self.run = trackio.init(project=project, name=state.get("trackio", name), config=config, resume="allow",
-                                embed=False, auto_log_cpu=False, auto_log_gpu=False)
+        self.run = trackio.init(
+            project=project,
+            name=state.get("trackio", name),
+            config=config,
+            resume="allow",
+            embed=False,
+            auto_log_cpu=False,
+            auto_log_gpu=False,
+        )
         state["trackio"] = self.run.name
 
     def log(self, step: int, values: dict[str, float]) -> None:
@@ -139,8 +176,15 @@ class Trackio:
 
 
 class MLflow:
-    def __init__(self, run_dir: Path, config: dict[str, Any], name: str, project: str, state: dict[str, Any],
-                 start: int) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict[str, Any],
+        name: str,
+        project: str,
+        state: dict[str, Any],
+        start: int,
+    ) -> None:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
@@ -151,13 +195,20 @@ class MLflow:
             self.client.update_run(run_id, status="RUNNING")
         else:
             exp = self.client.get_experiment_by_name(project)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(
-                project, artifact_location=None if "MLFLOW_TRACKING_URI" in os.environ
-                else (run_dir / "mlruns").resolve().as_uri())
+            exp_id = (
+                exp.experiment_id
+                if exp
+                else self.client.create_experiment(
+                    project,
+                    artifact_location=None
+                    if "MLFLOW_TRACKING_URI" in os.environ
+                    else (run_dir / "mlruns").resolve().as_uri(),
+                )
+            )
             self.run_id = self.client.create_run(exp_id, run_name=name).info.run_id
             params = [Param(k, v[:6000]) for k, v in flat_params(config).items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters a batch
-                self.client.log_batch(self.run_id, params=params[i:i + 100])
+                self.client.log_batch(self.run_id, params=params[i : i + 100])
         state["mlflow"] = self.run_id
 
     def log(self, step: int, values: dict[str, float]) -> None:
@@ -166,7 +217,7 @@ class MLflow:
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in values.items()]
         for i in range(0, len(metrics), 1000):
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
 
     def table(self, step: int, rows: list[list[Any]]) -> None:
         data = {c: [row[i] for row in rows] for i, c in enumerate(TABLE_COLUMNS)}
@@ -191,16 +242,26 @@ class Trackers:
         return cls({})
 
     @classmethod
-    def open(cls, names: list[str], *, run_dir: Path, config: dict[str, Any], project: str, run_name: str | None,
-             start: int, table_limit: int) -> Trackers:
+    def open(
+        cls,
+        names: list[str],
+        *,
+        run_dir: Path,
+        config: dict[str, Any],
+        project: str,
+        run_name: str | None,
+        start: int,
+        table_limit: int,
+    ) -> Trackers:
         check_installed(names)
         state_file = run_dir / "trackers.json"
         state = json.loads(state_file.read_text()) if start and state_file.exists() else {}
         active = {}
         for name in names:
             try:
-                active[name] = KINDS[name](run_dir, config, run_name or run_dir.resolve().name, project, state,
-                                           start)
+                active[name] = KINDS[name](
+                    run_dir, config, run_name or run_dir.resolve().name, project, state, start
+                )
             except Exception as exc:  # a tracker that cannot start never stops the run
                 _warn(name, "could not start", exc)
         tmp = state_file.with_name(state_file.name + ".tmp")
@@ -236,8 +297,12 @@ class Trackers:
 
 
 def _warn(name: str, what: str, exc: Exception) -> None:
-    console.print(f"[yellow]warning:[/] tracker {name} {what} ({type(exc).__name__}: {exc}); it is switched off, "
-                  "metrics.jsonl has every row", highlight=False, soft_wrap=True)
+    console.print(
+        f"[yellow]warning:[/] tracker {name} {what} ({type(exc).__name__}: {exc}); it is switched off, "
+        "metrics.jsonl has every row",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _yaml(config: dict[str, Any]) -> str:

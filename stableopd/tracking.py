@@ -40,7 +40,9 @@ class MetricsLog:
         self.path = path
         self.rows: list[dict[str, Any]] = []
         self.read_only = False
-        self.mirrors: list[Callable[[dict[str, Any]], None]] = []  # each written row also goes here (trackers)
+        self.mirrors: list[
+            Callable[[dict[str, Any]], None]
+        ] = []  # each written row also goes here (trackers)
 
     @classmethod
     def open(cls, path: Path, *, keep_until: int | None) -> MetricsLog:

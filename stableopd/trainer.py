@@ -90,7 +90,9 @@ class Setup:
     pair: TokenPair | None = None  # how the teacher reads the student's tokens (stableopd/pairing.py)
     teacher_train_ids: list[list[int]] | None = None  # the prompts in the teacher's own chat template
     teacher_val_ids: list[list[int]] | None = None
-    golds: list[list[int] | None] | None = None  # each training example's golden target (stop token last) or None
+    golds: list[list[int] | None] | None = (
+        None  # each training example's golden target (stop token last) or None
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -111,9 +113,16 @@ def step_indices(n_examples: int, step: int, per_step: int, seed: int) -> list[i
 
 def _load(spec, *, device: str | None = None, name: str | None = None, tokenizer: Any = None) -> Loaded:
     role = "teacher" if isinstance(spec, TeacherSpec) else "student"
-    return load_model(name or spec.name, dtype=spec.dtype, device=device or spec.device, revision=spec.revision,
-                      trust_remote_code=spec.trust_remote_code, tokenizer=tokenizer,
-                      config_overrides=spec.config_overrides, overrides_key=f"{role}.config_overrides")
+    return load_model(
+        name or spec.name,
+        dtype=spec.dtype,
+        device=device or spec.device,
+        revision=spec.revision,
+        trust_remote_code=spec.trust_remote_code,
+        tokenizer=tokenizer,
+        config_overrides=spec.config_overrides,
+        overrides_key=f"{role}.config_overrides",
+    )
 
 
 def _examples(cfg: Config, split: str, source: str, limit: int | None) -> list[Example]:
@@ -137,11 +146,12 @@ def prepare(cfg: Config, *, student_path: str | None, need_teacher: bool, need_r
     pair, t_tok = _pair(cfg, s_name, s_tok) if need_teacher else (None, None)
     student = _load(cfg.student, name=s_name, tokenizer=s_tok)
     if spec.lora:
-        student.model = lora.attach(student.model, spec.lora, base_name=spec.name, adapter_dir=student_path,
-                                    seed=cfg.train.seed)
+        student.model = lora.attach(
+            student.model, spec.lora, base_name=spec.name, adapter_dir=student_path, seed=cfg.train.seed
+        )
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(student)
-    teacher, scorer = (_load_teacher(cfg, t_tok) if need_teacher else (None, None))
+    teacher, scorer = _load_teacher(cfg, t_tok) if need_teacher else (None, None)
     ref = _load(cfg.student) if need_ref and not spec.lora else None
     vocab = len(student.tokenizer) if pair is None else pair.vocab_size
     if ref is not None:
@@ -150,28 +160,39 @@ def prepare(cfg: Config, *, student_path: str | None, need_teacher: bool, need_r
         if m is not None and m.model is not None:
             m.model.requires_grad_(False)
     if need_ref and spec.lora:  # the initial student is the student with its adapter off: no second copy
-        ref = Loaded(name=spec.name, path=student.path, model=lora.AdapterOff(student.model),
-                     tokenizer=student.tokenizer)
+        ref = Loaded(
+            name=spec.name,
+            path=student.path,
+            model=lora.AdapterOff(student.model),
+            tokenizer=student.tokenizer,
+        )
     if teacher is not None:
         check_scorer(student, "student", vocab, chat_template=d.chat_template)
         check_scorer(teacher, "teacher", vocab, chat_template=d.chat_template)
     enc = dict(chat_template=d.chat_template, system_prompt=d.system_prompt, max_tokens=d.max_prompt_tokens)
     train_ids = encode_prompts(student.tokenizer, train, **enc)
     val_ids = encode_prompts(student.tokenizer, val, **enc)
-    t_ids = (encode_prompts(teacher.tokenizer, train, **enc), encode_prompts(teacher.tokenizer, val, **enc)) \
-        if teacher is not None else (None, None)
+    t_ids = (
+        (encode_prompts(teacher.tokenizer, train, **enc), encode_prompts(teacher.tokenizer, val, **enc))
+        if teacher is not None
+        else (None, None)
+    )
     sides = [("student", student, train_ids, val_ids)]
     if teacher is not None and teacher.model is not None:  # it reads its own (possibly longer) prompts
         sides.append(("teacher", teacher, *t_ids))
     for role, m, tr_ids, v_ids in sides:
         limit = getattr(m.model.config, "max_position_embeddings", None)
-        budgets = (("sampling.max_new_tokens", tr_ids, cfg.sampling.max_new_tokens),  # validation samples
-                   ("eval.max_new_tokens", v_ids, cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens))
+        budgets = (
+            ("sampling.max_new_tokens", tr_ids, cfg.sampling.max_new_tokens),  # validation samples
+            ("eval.max_new_tokens", v_ids, cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens),
+        )
         for key, ids, budget in budgets:
             longest = max((len(p) for p in ids), default=0) + budget
             if limit and ids and longest > limit:
-                raise UserError(f"prompt + {key} reaches {longest} tokens, over the {role}'s context of {limit}; "
-                                f"shorten prompts (data.max_prompt_tokens) or lower {key}")
+                raise UserError(
+                    f"prompt + {key} reaches {longest} tokens, over the {role}'s context of {limit}; "
+                    f"shorten prompts (data.max_prompt_tokens) or lower {key}"
+                )
     stops = list(pair.student_stops) if pair else stop_token_ids(student.tokenizer, student.model)
     if t_ids == (train_ids, val_ids):  # the same template: the teacher reads the student's own prompt ids
         t_ids = (None, None)
@@ -179,8 +200,22 @@ def prepare(cfg: Config, *, student_path: str | None, need_teacher: bool, need_r
     if solutions is None:
         solutions = solution_ids(student.tokenizer, train)
     golds = [None if ids is None else ids + [eos] for ids in solutions]
-    return Setup(student, teacher, ref, vocab, stops, train, train_ids, val, val_ids, scorer, pair=pair,
-                 teacher_train_ids=t_ids[0], teacher_val_ids=t_ids[1], golds=golds)
+    return Setup(
+        student,
+        teacher,
+        ref,
+        vocab,
+        stops,
+        train,
+        train_ids,
+        val,
+        val_ids,
+        scorer,
+        pair=pair,
+        teacher_train_ids=t_ids[0],
+        teacher_val_ids=t_ids[1],
+        golds=golds,
+    )
 
 
 def _pair(cfg: Config, student_name: str, student_tok) -> tuple[TokenPair, Any]:
@@ -188,15 +223,32 @@ def _pair(cfg: Config, student_name: str, student_tok) -> tuple[TokenPair, Any]:
     teacher's tokenizer."""
     t, spec = cfg.teacher, cfg.student
     t_tok = load_tokenizer(t.name, revision=t.revision, trust_remote_code=t.trust_remote_code)
-    gen = load_generation_config(student_name, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-    pair = pair_tokens(student_tok, t_tok, student_stops=stop_ids(student_tok, gen),
-                       chat_template=cfg.data.chat_template, teacher_end=t.end_token,
-                       mismatched=t.mismatched_tokens, names=(spec.name, t.name))
+    gen = load_generation_config(
+        student_name, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+    )
+    pair = pair_tokens(
+        student_tok,
+        t_tok,
+        student_stops=stop_ids(student_tok, gen),
+        chat_template=cfg.data.chat_template,
+        teacher_end=t.end_token,
+        mismatched=t.mismatched_tokens,
+        names=(spec.name, t.name),
+    )
     if not pair.identity or pair.banned:
-        mapped = ", ".join(f"{student_tok.convert_ids_to_tokens(a)} -> {t_tok.convert_ids_to_tokens(b)}"
-                           for a, b in pair.stop_map.items() if a != b)
-        note(f"teacher '{t.name}' is scored on its own end token where the student stops ({mapped or 'same ids'})"
-             + (f"; {len(pair.banned)} token ids the two read differently are never sampled" if pair.banned else ""))
+        mapped = ", ".join(
+            f"{student_tok.convert_ids_to_tokens(a)} -> {t_tok.convert_ids_to_tokens(b)}"
+            for a, b in pair.stop_map.items()
+            if a != b
+        )
+        note(
+            f"teacher '{t.name}' is scored on its own end token where the student stops ({mapped or 'same ids'})"
+            + (
+                f"; {len(pair.banned)} token ids the two read differently are never sampled"
+                if pair.banned
+                else ""
+            )
+        )
     return pair, t_tok
 
 
@@ -205,8 +257,10 @@ def enable_checkpointing(loaded: Loaded) -> None:
     non-reentrant checkpointing; it acts in train mode only, so sampling and scoring are unchanged)."""
     model = loaded.model
     if not getattr(model, "supports_gradient_checkpointing", False):
-        raise UserError(f"train.gradient_checkpointing: the student '{loaded.name}' "
-                        f"({type(model).__name__}) does not support gradient checkpointing")
+        raise UserError(
+            f"train.gradient_checkpointing: the student '{loaded.name}' "
+            f"({type(model).__name__}) does not support gradient checkpointing"
+        )
     if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
         model.activation_checkpointing_enable({"use_reentrant": False})
     else:
@@ -221,23 +275,42 @@ def _load_teacher(cfg: Config, tokenizer) -> tuple[Loaded, Any]:
     from stableopd.backends.vllm import VLLMScorer
 
     path = resolve_model_path(spec.name)
-    overrides = overridden_config(path, spec.config_overrides, revision=spec.revision,
-                                  trust_remote_code=spec.trust_remote_code,
-                                  key="teacher.config_overrides")[1] if spec.config_overrides else {}
-    return (Loaded(name=spec.name, path=path, model=None, tokenizer=tokenizer),
-            VLLMScorer(path, spec.engine_options, hf_overrides=overrides))
+    overrides = (
+        overridden_config(
+            path,
+            spec.config_overrides,
+            revision=spec.revision,
+            trust_remote_code=spec.trust_remote_code,
+            key="teacher.config_overrides",
+        )[1]
+        if spec.config_overrides
+        else {}
+    )
+    return (
+        Loaded(name=spec.name, path=path, model=None, tokenizer=tokenizer),
+        VLLMScorer(path, spec.engine_options, hf_overrides=overrides),
+    )
 
 
 def loss_settings(cfg: Config, vocab_size: int, pair: TokenPair | None = None) -> LossSettings:
     lo = cfg.loss
     return LossSettings(
-        objective=lo.objective, advantage=lo.advantage, power_alpha=lo.power_alpha, adv_clip=lo.adv_clip,
-        clip_eps=lo.clip_eps if cfg.train.epochs_per_batch > 1 else None, aggregation=lo.aggregation,
+        objective=lo.objective,
+        advantage=lo.advantage,
+        power_alpha=lo.power_alpha,
+        adv_clip=lo.adv_clip,
+        clip_eps=lo.clip_eps if cfg.train.epochs_per_batch > 1 else None,
+        aggregation=lo.aggregation,
         ref_kl_coef=lo.ref_kl_coef if lo.objective != "opd" else 0.0,
-        gold_coef=lo.gold_coef if lo.objective == "stableopd" else 0.0, jsd_beta=lo.jsd_beta,
-        reward_to_go=lo.reward_to_go, teacher_temperature=lo.teacher_temperature, chunk_size=lo.chunk_size,
-        vocab_size=vocab_size, teacher_swaps=pair.swaps if pair else (),
-        sampler_is_policy=sampler_is_policy(cfg, pair))
+        gold_coef=lo.gold_coef if lo.objective == "stableopd" else 0.0,
+        jsd_beta=lo.jsd_beta,
+        reward_to_go=lo.reward_to_go,
+        teacher_temperature=lo.teacher_temperature,
+        chunk_size=lo.chunk_size,
+        vocab_size=vocab_size,
+        teacher_swaps=pair.swaps if pair else (),
+        sampler_is_policy=sampler_is_policy(cfg, pair),
+    )
 
 
 def sampler_is_policy(cfg: Config, pair: TokenPair | None) -> bool:
@@ -251,8 +324,11 @@ def solution_ids(tokenizer, examples: list[Example], chunk: int = 1024) -> list[
     """Each golden solution's token ids (the gold target without its stop token), None where there is none;
     tokenised in batches, which a fast tokenizer spreads over threads."""
     texts = [ex.solution for ex in examples if ex.solution is not None]
-    ids = [row for i in range(0, len(texts), chunk)
-           for row in tokenizer(texts[i:i + chunk], add_special_tokens=False)["input_ids"]]
+    ids = [
+        row
+        for i in range(0, len(texts), chunk)
+        for row in tokenizer(texts[i : i + chunk], add_special_tokens=False)["input_ids"]
+    ]
     rows = iter(ids)
     return [None if ex.solution is None else list(next(rows)) for ex in examples]
 
@@ -261,8 +337,9 @@ def gold_targets(tokenizer, examples: list[Example], eos: int) -> list[list[int]
     return [None if ids is None else ids + [eos] for ids in solution_ids(tokenizer, examples)]
 
 
-def keep_training(cfg: Config, train: list[Example], tokenizer
-                  ) -> tuple[list[Example], list[list[int] | None] | None]:
+def keep_training(
+    cfg: Config, train: list[Example], tokenizer
+) -> tuple[list[Example], list[list[int] | None] | None]:
     """The training examples that data.solution_correct_field and data.max_solution_tokens keep, with one note
     line, and the kept solutions' token ids when the length rule tokenised them (else None); with both keys
     unset, `train` itself and nothing tokenised."""
@@ -273,8 +350,10 @@ def keep_training(cfg: Config, train: list[Example], tokenizer
     solutions = None if max_tokens is None else solution_ids(tokenizer, train)
     n_tokens = None if solutions is None else [None if ids is None else len(ids) for ids in solutions]
     kept = keep_for_training(train, n_tokens, verified_only=verified_only, max_tokens=max_tokens)
-    note(kept_note(kept, verified_only=verified_only, max_tokens=max_tokens),
-         enabled=cfg.logging.progress and os.environ.get("RANK", "0") == "0")  # one line, not one per rank
+    note(
+        kept_note(kept, verified_only=verified_only, max_tokens=max_tokens),
+        enabled=cfg.logging.progress and os.environ.get("RANK", "0") == "0",
+    )  # one line, not one per rank
     if solutions is not None:
         chosen = {id(ex) for ex in kept.examples}
         solutions = [ids for ex, ids in zip(train, solutions) if id(ex) in chosen]
@@ -283,9 +362,15 @@ def keep_training(cfg: Config, train: list[Example], tokenizer
 
 def sampling_params(cfg: Config, step: int, pair: TokenPair | None = None) -> SamplingParams:
     s = cfg.sampling
-    return SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                          max_new_tokens=s.max_new_tokens, seed=s.seed * 1_000_003 + step,
-                          banned_token_ids=pair.banned if pair else ())
+    return SamplingParams(
+        n=s.n,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        max_new_tokens=s.max_new_tokens,
+        seed=s.seed * 1_000_003 + step,
+        banned_token_ids=pair.banned if pair else (),
+    )
 
 
 def _start(cfg: Config, run_dir: Path, resume: bool):
@@ -300,11 +385,17 @@ def _start(cfg: Config, run_dir: Path, resume: bool):
 def check_fresh(run_dir: Path) -> None:
     """A new run may start in `run_dir`: it holds no run (with or without checkpoints)."""
     if list_checkpoints(run_dir):
-        raise UserError(f"run directory '{run_dir}' already holds a run; pass --resume to continue it "
-                        "or --out to start a new one")
-    if (run_dir / "metrics.jsonl").exists():  # --resume would fail too: say so rather than send the user there
-        raise UserError(f"run directory '{run_dir}' holds a run that stopped before its first checkpoint, so it "
-                        "cannot be resumed; pass another --out, or delete the directory to start over")
+        raise UserError(
+            f"run directory '{run_dir}' already holds a run; pass --resume to continue it "
+            "or --out to start a new one"
+        )
+    if (
+        run_dir / "metrics.jsonl"
+    ).exists():  # --resume would fail too: say so rather than send the user there
+        raise UserError(
+            f"run directory '{run_dir}' holds a run that stopped before its first checkpoint, so it "
+            "cannot be resumed; pass another --out, or delete the directory to start over"
+        )
 
 
 def announce(line: str) -> None:
@@ -348,8 +439,10 @@ def _run_distill(cfg: Config, resume: bool, dist: Dist) -> int:
     check_installed(cfg.logging.report_to)
     if dist.is_main:
         check_output_dir(run_dir, "run directory")
-    with RunLock(run_dir) if dist.is_main else nullcontext(), \
-            GracefulStop(announce=announce if dist.is_main else None) as stop:
+    with (
+        RunLock(run_dir) if dist.is_main else nullcontext(),
+        GracefulStop(announce=announce if dist.is_main else None) as stop,
+    ):
         return _run_distill_locked(cfg, resume, dist, run_dir, stop)
 
 
@@ -360,29 +453,48 @@ def _run_distill_locked(cfg: Config, resume: bool, dist: Dist, run_dir: Path, st
     maybe_delay(dist.rank)
     chatty = cfg.logging.progress and dist.is_main
     t0 = time.perf_counter()
-    ref_note = (" (the reference: the student with its LoRA adapter off)" if cfg.student.lora
-                else " and the reference (a frozen copy of the student)")
-    note(f"loading student '{cfg.student.name}', teacher '{cfg.teacher.name}'{ref_note if need_ref else ''} ...",
-         enabled=chatty)
-    setup = prepare(cfg, student_path=str(restored.path) if restored else None, need_teacher=True,
-                    need_ref=need_ref)
-    note(f"loaded in {duration(time.perf_counter() - t0)}: {len(setup.train)} training prompts, "
-         f"{len(setup.val)} validation prompts", enabled=chatty)
+    ref_note = (
+        " (the reference: the student with its LoRA adapter off)"
+        if cfg.student.lora
+        else " and the reference (a frozen copy of the student)"
+    )
+    note(
+        f"loading student '{cfg.student.name}', teacher '{cfg.teacher.name}'{ref_note if need_ref else ''} ...",
+        enabled=chatty,
+    )
+    setup = prepare(
+        cfg, student_path=str(restored.path) if restored else None, need_teacher=True, need_ref=need_ref
+    )
+    note(
+        f"loaded in {duration(time.perf_counter() - t0)}: {len(setup.train)} training prompts, "
+        f"{len(setup.val)} validation prompts",
+        enabled=chatty,
+    )
     if cfg.student.lora:
         trainable, total = lora.trainable_count(setup.student.model)
-        note(f"LoRA adapter (r={cfg.student.lora.r}): {trainable:,} trainable parameters of {total:,} "
-             f"({100 * trainable / total:.2f}%)", enabled=chatty)
+        note(
+            f"LoRA adapter (r={cfg.student.lora.r}): {trainable:,} trainable parameters of {total:,} "
+            f"({100 * trainable / total:.2f}%)",
+            enabled=chatty,
+        )
     setup.dist = dist
     if dist.active:
         frozen = [m.model for m in (setup.teacher, setup.ref) if m is not None and m.model is not None]
         if dist.is_main:
-            console.print(memory_plan(setup.student.model, frozen, world=dist.world,
-                                      micro_batch=cfg.train.micro_batch,
-                                      seq_len=cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens,
-                                      chunk_size=cfg.loss.chunk_size, shard_frozen=cfg.train.shard_frozen,
-                                      gathered_sampling=cfg.sampling.backend != "vllm",
-                                      checkpointing=cfg.train.gradient_checkpointing),
-                          highlight=False)
+            console.print(
+                memory_plan(
+                    setup.student.model,
+                    frozen,
+                    world=dist.world,
+                    micro_batch=cfg.train.micro_batch,
+                    seq_len=cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens,
+                    chunk_size=cfg.loss.chunk_size,
+                    shard_frozen=cfg.train.shard_frozen,
+                    gathered_sampling=cfg.sampling.backend != "vllm",
+                    checkpointing=cfg.train.gradient_checkpointing,
+                ),
+                highlight=False,
+            )
         dist.wrap(setup.student.model)
         if cfg.train.shard_frozen:
             for model in frozen:
@@ -390,8 +502,11 @@ def _run_distill_locked(cfg: Config, resume: bool, dist: Dist, run_dir: Path, st
     if dist.is_main:
         check_free_space(run_dir, checkpoint_bytes(setup.student.model), "a checkpoint")
         write_config(run_dir, cfg)
-    optimizer = make_adamw([p for p in setup.student.model.parameters() if p.requires_grad], lr=cfg.train.lr,
-                           weight_decay=cfg.train.weight_decay)
+    optimizer = make_adamw(
+        [p for p in setup.student.model.parameters() if p.requires_grad],
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+    )
     start = 0
     if restored:
         dist.load_optimizer(setup.student.model, optimizer, restored.optimizer_state)
@@ -400,12 +515,27 @@ def _run_distill_locked(cfg: Config, resume: bool, dist: Dist, run_dir: Path, st
     else:
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
-    return distill_loop(cfg, setup, optimizer, run_dir, start=start, restored_state=restored.state if restored else {},
-                        stop=stop)
+    return distill_loop(
+        cfg,
+        setup,
+        optimizer,
+        run_dir,
+        start=start,
+        restored_state=restored.state if restored else {},
+        stop=stop,
+    )
 
 
-def train_step(cfg: Config, setup: Setup, backend, optimizer, step: int, *, settings: LossSettings,
-               golds_all: list[list[int] | None]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def train_step(
+    cfg: Config,
+    setup: Setup,
+    backend,
+    optimizer,
+    step: int,
+    *,
+    settings: LossSettings,
+    golds_all: list[list[int] | None],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One distillation step: sample, score, update. Returns (metrics, rollout records)."""
     tok, model = setup.student.tokenizer, setup.student.model
     dist = setup.dist
@@ -413,9 +543,17 @@ def train_step(cfg: Config, setup: Setup, backend, optimizer, step: int, *, sett
     idx = dist.split(step_indices(len(setup.train), step, cfg.train.prompts_per_step, cfg.data.seed))
     exs, pids = [setup.train[i] for i in idx], [setup.train_ids[i] for i in idx]
     t0 = time.perf_counter()
-    records = sample_records(backend, tok, exs, pids, sampling_params(cfg, step, setup.pair), setup.stop_ids,
-                             rep_tail_chars=cfg.diagnose.rep_tail_chars, rep_ratio=cfg.diagnose.rep_ratio,
-                             progress=False)
+    records = sample_records(
+        backend,
+        tok,
+        exs,
+        pids,
+        sampling_params(cfg, step, setup.pair),
+        setup.stop_ids,
+        rep_tail_chars=cfg.diagnose.rep_tail_chars,
+        rep_ratio=cfg.diagnose.rep_ratio,
+        progress=False,
+    )
     t1 = time.perf_counter()
     targets = [r["response_token_ids"] + ([] if r["truncated"] else [r["stop_token_id"]]) for r in records]
     prompts = [r["prompt_token_ids"] for r in records]
@@ -423,24 +561,41 @@ def train_step(cfg: Config, setup: Setup, backend, optimizer, step: int, *, sett
     if settings.objective == "jsd":  # the update runs the teacher for the JSD and reads its log-probs there
         teacher_lp = [None] * len(records)
     elif setup.teacher_scorer is not None:
-        teacher_lp = setup.teacher_scorer.score(t_prompts, t_targets, temperature=cfg.loss.teacher_temperature)
+        teacher_lp = setup.teacher_scorer.score(
+            t_prompts, t_targets, temperature=cfg.loss.teacher_temperature
+        )
     else:
         with dist.gathered_root(setup.teacher.model):
-            teacher_lp = score_targets(setup.teacher.model, t_prompts, t_targets, pad_id=_pad(tok),
-                                       micro_batch=cfg.train.micro_batch, chunk_size=cfg.loss.chunk_size,
-                                       vocab_size=setup.vocab_size, temperature=cfg.loss.teacher_temperature)
+            teacher_lp = score_targets(
+                setup.teacher.model,
+                t_prompts,
+                t_targets,
+                pad_id=_pad(tok),
+                micro_batch=cfg.train.micro_batch,
+                chunk_size=cfg.loss.chunk_size,
+                vocab_size=setup.vocab_size,
+                temperature=cfg.loss.teacher_temperature,
+            )
     t2 = time.perf_counter()
     ngram = cfg.diagnose.rep_token_ngram
-    rollouts = [RolloutSeq(prompt=p, target=t, teacher_lp=tl, repetitive=repetitive_token_mask(t, ngram),
-                           sampler_lp=r["sampler_logprobs"] + ([] if r["truncated"] else [r["stop_logprob"]]),
-                           teacher_prompt=None if tp == p else tp, teacher_target=None if tt == t else tt)
-                for p, t, tl, r, tp, tt in zip(prompts, targets, teacher_lp, records, t_prompts, t_targets)]
+    rollouts = [
+        RolloutSeq(
+            prompt=p,
+            target=t,
+            teacher_lp=tl,
+            repetitive=repetitive_token_mask(t, ngram),
+            sampler_lp=r["sampler_logprobs"] + ([] if r["truncated"] else [r["stop_logprob"]]),
+            teacher_prompt=None if tp == p else tp,
+            teacher_target=None if tt == t else tt,
+        )
+        for p, t, tl, r, tp, tt in zip(prompts, targets, teacher_lp, records, t_prompts, t_targets)
+    ]
     golds = [GoldSeq(prompt=setup.train_ids[i], target=g) for i in idx if (g := golds_all[i]) is not None]
     set_lr(optimizer, train_lr(cfg, step))
     metrics = _update(cfg, setup, optimizer, rollouts, golds, settings, prompts, targets)
     t3 = time.perf_counter()
     for r, q, tp, tt in zip(records, rollouts, t_prompts, t_targets):
-        r["teacher_logprobs"] = q.teacher_lp[:r["n_tokens"]]
+        r["teacher_logprobs"] = q.teacher_lp[: r["n_tokens"]]
         r["teacher_prompt_token_ids"] = tp
         r["teacher_stop_token_id"] = None if r["truncated"] else tt[-1]
         r["step"] = step
@@ -449,18 +604,26 @@ def train_step(cfg: Config, setup: Setup, backend, optimizer, step: int, *, sett
     n_gold, n_idx = dist.all_sum([len(golds), len(idx)])
     in_update = metrics.pop("time/teacher_s")  # the teacher's forwards inside the update (JSD)
     times = dist.all_max([t1 - t0, t2 - t1 + in_update, t3 - t2 - in_update])
-    metrics.update({
-        "rollout/length_mean": summary["length_mean"], "rollout/length_max": summary["length_max"],
-        "rollout/trunc_rate": summary["trunc_rate"], "rollout/rep_rate": summary["rep_rate"],
-        "data/gold_count": int(n_gold), "data/gold_missing": int(n_idx - n_gold),
-        "time/rollout_s": times[0], "time/teacher_s": times[1], "time/train_s": times[2],
-    })
+    metrics.update(
+        {
+            "rollout/length_mean": summary["length_mean"],
+            "rollout/length_max": summary["length_max"],
+            "rollout/trunc_rate": summary["trunc_rate"],
+            "rollout/rep_rate": summary["rep_rate"],
+            "data/gold_count": int(n_gold),
+            "data/gold_missing": int(n_idx - n_gold),
+            "time/rollout_s": times[0],
+            "time/teacher_s": times[1],
+            "time/train_s": times[2],
+        }
+    )
     model.train()
     return metrics, records
 
 
-def teacher_view(setup: Setup, idx: list[int], records: list[dict[str, Any]], targets: list[list[int]],
-                 n: int) -> tuple[list[list[int]], list[list[int]]]:
+def teacher_view(
+    setup: Setup, idx: list[int], records: list[dict[str, Any]], targets: list[list[int]], n: int
+) -> tuple[list[list[int]], list[list[int]]]:
     """Each record's prompt in the teacher's own template and its target with the stop token mapped
     (records come n per prompt, in the order of idx)."""
     if setup.teacher_train_ids is None:
@@ -477,8 +640,9 @@ def teacher_view(setup: Setup, idx: list[int], records: list[dict[str, Any]], ta
 def train_lr(cfg: Config, step: int) -> float:
     """The learning rate of `step` under train.lr, train.lr_schedule, train.warmup_steps, train.min_lr_ratio."""
     t = cfg.train
-    return lr_at_step(t.lr, step=step, total=t.steps, schedule=t.lr_schedule, warmup=t.warmup_steps,
-                      floor=t.min_lr_ratio)
+    return lr_at_step(
+        t.lr, step=step, total=t.steps, schedule=t.lr_schedule, warmup=t.warmup_steps, floor=t.min_lr_ratio
+    )
 
 
 def _pad(tok) -> int:
@@ -490,9 +654,15 @@ def _update(cfg: Config, setup: Setup, optimizer, rollouts, golds, settings: Los
     tcfg = cfg.train
     if tcfg.epochs_per_batch > 1:  # freeze pi_old before the first pass over this batch
         with setup.dist.unsharded(model):
-            old = score_targets(model, prompts, targets, pad_id=_pad(setup.student.tokenizer),
-                                micro_batch=tcfg.micro_batch, chunk_size=settings.chunk_size,
-                                vocab_size=setup.vocab_size)
+            old = score_targets(
+                model,
+                prompts,
+                targets,
+                pad_id=_pad(setup.student.tokenizer),
+                micro_batch=tcfg.micro_batch,
+                chunk_size=settings.chunk_size,
+                vocab_size=setup.vocab_size,
+            )
         for r, o in zip(rollouts, old):
             r.old_lp = o
     model.train()
@@ -503,8 +673,17 @@ def _update(cfg: Config, setup: Setup, optimizer, rollouts, golds, settings: Los
     for _ in range(tcfg.epochs_per_batch):
         optimizer.zero_grad(set_to_none=True)
         with setup.dist.gathered_root(ref_model), setup.dist.gathered_root(teacher_model):
-            metrics = accumulate(model, ref_model, teacher_model, rollouts, golds, settings,
-                                 pad_id=_pad(setup.student.tokenizer), micro_batch=tcfg.micro_batch, dist=setup.dist)
+            metrics = accumulate(
+                model,
+                ref_model,
+                teacher_model,
+                rollouts,
+                golds,
+                settings,
+                pad_id=_pad(setup.student.tokenizer),
+                micro_batch=tcfg.micro_batch,
+                dist=setup.dist,
+            )
         teacher_s += metrics.pop("time/teacher_s", 0.0)
         params = [p for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
@@ -525,8 +704,10 @@ def guard_from(cfg: Config) -> CollapseGuard:
 
 
 def stop_for_collapse(run_dir: Path, verdict) -> CollapseStop:
-    return CollapseStop(f"collapse detected (onset step {verdict.onset_step}); checkpoint saved. "
-                        f"Look at it with: stableopd diagnose {run_dir}")
+    return CollapseStop(
+        f"collapse detected (onset step {verdict.onset_step}); checkpoint saved. "
+        f"Look at it with: stableopd diagnose {run_dir}"
+    )
 
 
 def check_sync(cfg: Config, metrics: dict[str, Any]) -> None:
@@ -539,37 +720,68 @@ def check_sync(cfg: Config, metrics: dict[str, Any]) -> None:
     if s.max_sync_mismatch == 0 or mismatch is None or (s.temperature, s.top_p, s.top_k) != (1.0, 1.0, 0):
         return
     if abs(mismatch) > s.max_sync_mismatch:
-        raise TrainingStopped(f"sampler and trainer log-probs of the sampled tokens differ by {mismatch:+.4f} nats "
-                              f"per token (limit sampling.max_sync_mismatch={s.max_sync_mismatch}): the "
-                              f"'{s.backend}' sampler is not sampling from the trained weights (weight sync failed)")
+        raise TrainingStopped(
+            f"sampler and trainer log-probs of the sampled tokens differ by {mismatch:+.4f} nats "
+            f"per token (limit sampling.max_sync_mismatch={s.max_sync_mismatch}): the "
+            f"'{s.backend}' sampler is not sampling from the trained weights (weight sync failed)"
+        )
 
 
 def stop_for_nonfinite(k: int) -> TrainingStopped:
-    return TrainingStopped(f"{k} consecutive steps had a non-finite loss or gradient; stopped, keeping the last "
-                           "good checkpoint. Lower train.lr or check the data")
+    return TrainingStopped(
+        f"{k} consecutive steps had a non-finite loss or gradient; stopped, keeping the last "
+        "good checkpoint. Lower train.lr or check the data"
+    )
 
 
 def build_step_backend(cfg: Config, setup: Setup):
     s = setup.student
-    return build_backend(cfg.sampling.backend, model=s.model, tokenizer=s.tokenizer, model_path=s.path,
-                         stop_ids=setup.stop_ids, options=cfg.sampling.options)
+    return build_backend(
+        cfg.sampling.backend,
+        model=s.model,
+        tokenizer=s.tokenizer,
+        model_path=s.path,
+        stop_ids=setup.stop_ids,
+        options=cfg.sampling.options,
+    )
 
 
-def distill_loop(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start: int,
-                 restored_state: dict[str, Any], stop: GracefulStop) -> int:
+def distill_loop(
+    cfg: Config,
+    setup: Setup,
+    optimizer,
+    run_dir: Path,
+    *,
+    start: int,
+    restored_state: dict[str, Any],
+    stop: GracefulStop,
+) -> int:
     """Steps start+1 .. train.steps; returns the exit code (0), or raises a stop."""
     dist = setup.dist
     stop.arm()  # from here a first signal lets the loop finish a step and save it
-    log = (MetricsLog.open(run_dir / "metrics.jsonl", keep_until=start if start else None) if dist.is_main
-           else MetricsLog.reader(run_dir / "metrics.jsonl", keep_until=start if start else None))
+    log = (
+        MetricsLog.open(run_dir / "metrics.jsonl", keep_until=start if start else None)
+        if dist.is_main
+        else MetricsLog.reader(run_dir / "metrics.jsonl", keep_until=start if start else None)
+    )
     guard = guard_from(cfg)
     for row in log.rows:
         if "rollout/trunc_rate" in row:
             guard.update(row["step"], row)
     with open_trackers(cfg, run_dir, start, enabled=dist.is_main) as trackers:
         log.mirrors.append(trackers.log)
-        return _distill_steps(cfg, setup, optimizer, run_dir, start=start, restored_state=restored_state, stop=stop,
-                              log=log, guard=guard, trackers=trackers)
+        return _distill_steps(
+            cfg,
+            setup,
+            optimizer,
+            run_dir,
+            start=start,
+            restored_state=restored_state,
+            stop=stop,
+            log=log,
+            guard=guard,
+            trackers=trackers,
+        )
 
 
 def open_trackers(cfg: Config, run_dir: Path, start: int, *, enabled: bool) -> Trackers:
@@ -577,13 +789,30 @@ def open_trackers(cfg: Config, run_dir: Path, start: int, *, enabled: bool) -> T
     lg = cfg.logging
     if not (enabled and lg.report_to):
         return Trackers.none()
-    return Trackers.open(lg.report_to, run_dir=run_dir, config=cfg.model_dump(mode="json"), project=lg.project,
-                         run_name=lg.run_name, start=start, table_limit=lg.table_rows)
+    return Trackers.open(
+        lg.report_to,
+        run_dir=run_dir,
+        config=cfg.model_dump(mode="json"),
+        project=lg.project,
+        run_name=lg.run_name,
+        start=start,
+        table_limit=lg.table_rows,
+    )
 
 
-def _distill_steps(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start: int,
-                   restored_state: dict[str, Any], stop: GracefulStop, log: MetricsLog, guard: CollapseGuard,
-                   trackers: Trackers) -> int:
+def _distill_steps(
+    cfg: Config,
+    setup: Setup,
+    optimizer,
+    run_dir: Path,
+    *,
+    start: int,
+    restored_state: dict[str, Any],
+    stop: GracefulStop,
+    log: MetricsLog,
+    guard: CollapseGuard,
+    trackers: Trackers,
+) -> int:
     from stableopd.progress import step_display
 
     tcfg = cfg.train
@@ -595,27 +824,47 @@ def _distill_steps(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start
     skipped = int(restored_state.get("skipped_total", 0))
     chatty = cfg.logging.progress and dist.is_main
     if start == 0 and tcfg.eval_every and tcfg.eval_at_start:
-        note(f"validating on {len(setup.val)} prompts before training ...", enabled=chatty and bool(setup.val))
+        note(
+            f"validating on {len(setup.val)} prompts before training ...", enabled=chatty and bool(setup.val)
+        )
         first = _validate(cfg, setup, backend, 0, run_dir)
         log.write({"step": 0, **first})
         if first and dist.is_main and cfg.logging.progress:
             acc = first.get("val/accuracy")
-            console.print(f"step     0 before training: val_acc {'-' if acc is None else f'{acc:.3g}'} "
-                          f"val_len {first.get('val/length_mean', 0):.1f}", highlight=False)
+            console.print(
+                f"step     0 before training: val_acc {'-' if acc is None else f'{acc:.3g}'} "
+                f"val_len {first.get('val/length_mean', 0):.1f}",
+                highlight=False,
+            )
 
     def save(step: int) -> None:
-        model_state, optim_state = dist.full_states(setup.student.model, optimizer) if dist.active else (None, None)
+        model_state, optim_state = (
+            dist.full_states(setup.student.model, optimizer) if dist.active else (None, None)
+        )
         if dist.is_main:
-            save_checkpoint(run_dir, step, model=setup.student.model, tokenizer=setup.student.tokenizer,
-                            optimizer=optimizer, state={"data_position": step * tcfg.prompts_per_step,
-                                                        "consecutive_bad": bad, "skipped_total": skipped},
-                            keep_last=tcfg.keep_last, model_state=model_state, optimizer_state=optim_state)
+            save_checkpoint(
+                run_dir,
+                step,
+                model=setup.student.model,
+                tokenizer=setup.student.tokenizer,
+                optimizer=optimizer,
+                state={
+                    "data_position": step * tcfg.prompts_per_step,
+                    "consecutive_bad": bad,
+                    "skipped_total": skipped,
+                },
+                keep_last=tcfg.keep_last,
+                model_state=model_state,
+                optimizer_state=optim_state,
+            )
 
     t_loop = time.perf_counter()
     clock = StepClock()
     with step_display(tcfg.steps, start, enabled=cfg.logging.progress and dist.is_main) as show:
         for step in range(start + 1, tcfg.steps + 1):
-            metrics, records = train_step(cfg, setup, backend, optimizer, step, settings=settings, golds_all=golds)
+            metrics, records = train_step(
+                cfg, setup, backend, optimizer, step, settings=settings, golds_all=golds
+            )
             t_sync = time.perf_counter()
             backend.sync_weights(setup.student.model)
             metrics["time/sync_s"] = float(dist.all_max([time.perf_counter() - t_sync])[0])
@@ -648,10 +897,15 @@ def _distill_steps(cfg: Config, setup: Setup, optimizer, run_dir: Path, *, start
             if signum:
                 raise Stopped(signum, step)
     if dist.is_main:
-        print_summary(cfg, log.rows, first_step=start + 1, wall_s=time.perf_counter() - t_loop, run_dir=run_dir)
-        console.print(f"run directory: {run_dir}\nlook at it with: stableopd diagnose {run_dir}\n(it writes plots "
-                      f"and report.md to {run_dir / 'report'})", highlight=False,
-                      soft_wrap=True)  # a path is never broken across lines
+        print_summary(
+            cfg, log.rows, first_step=start + 1, wall_s=time.perf_counter() - t_loop, run_dir=run_dir
+        )
+        console.print(
+            f"run directory: {run_dir}\nlook at it with: stableopd diagnose {run_dir}\n(it writes plots "
+            f"and report.md to {run_dir / 'report'})",
+            highlight=False,
+            soft_wrap=True,
+        )  # a path is never broken across lines
     return 0
 
 
@@ -663,8 +917,9 @@ def agreed_signal(stop: GracefulStop, dist) -> int | None:
     return signum or None
 
 
-def print_summary(cfg: Config, rows: list[dict[str, Any]], *, first_step: int, wall_s: float, run_dir: Path
-                  ) -> None:
+def print_summary(
+    cfg: Config, rows: list[dict[str, Any]], *, first_step: int, wall_s: float, run_dir: Path
+) -> None:
     """The end-of-run lines, then a warning when the rollouts' truncation or repetition stayed high."""
     from stableopd.diagnostics import level_warnings
 

@@ -72,7 +72,9 @@ class LossSettings:
     jsd_beta: float = 0.5
     reward_to_go: float = 0.0  # discount of the advantage's reward-to-go (losses.reward_to_go); 0 = per token
     teacher_temperature: float = 1.0
-    teacher_swaps: tuple[tuple[int, int], ...] = ()  # columns exchanged in the teacher's distribution (pairing.py)
+    teacher_swaps: tuple[
+        tuple[int, int], ...
+    ] = ()  # columns exchanged in the teacher's distribution (pairing.py)
     chunk_size: int = 1024
     vocab_size: int | None = None
     # the sampler's log-probs are the trainer's own (temperature 1, no top-p / top-k, nothing banned), so the
@@ -103,12 +105,22 @@ def _global_counts(dist: Dist, lengths: list[int]) -> tuple[int, int]:
     return int(seqs), int(tokens)
 
 
-def _rollout_chunk(student, ref, teacher, seqs: list[RolloutSeq], s: LossSettings, totals: tuple[int, int],
-                   pad_id: int, sums: Sums) -> dict[str, torch.Tensor]:
+def _rollout_chunk(
+    student,
+    ref,
+    teacher,
+    seqs: list[RolloutSeq],
+    s: LossSettings,
+    totals: tuple[int, int],
+    pad_id: int,
+    sums: Sums,
+) -> dict[str, torch.Tensor]:
     device = next(student.parameters()).device
     packed = pack([q.prompt for q in seqs], [q.target for q in seqs], pad_id, device)
     use_kl = s.objective != "opd" and s.ref_kl_coef > 0
-    with torch.no_grad():  # the frozen models' (hidden, output weight) the student's distribution is compared with
+    with (
+        torch.no_grad()
+    ):  # the frozen models' (hidden, output weight) the student's distribution is compared with
         t_side = None
         if s.objective == "jsd":
             t0 = time.perf_counter()
@@ -128,7 +140,9 @@ def _rollout_chunk(student, ref, teacher, seqs: list[RolloutSeq], s: LossSetting
     # is the trainer's (or a scoring pass's) and the clipped or re-weighted term needs the per-token kernel.
     fast_opd = s.objective != "jsd" and seqs[0].old_lp is None and s.sampler_is_policy
     if fast_opd:
-        adv = shape_advantage(teacher_lp, sampler_lp, s.advantage, alpha=s.power_alpha, bound=s.adv_clip)  # (B, T)
+        adv = shape_advantage(
+            teacher_lp, sampler_lp, s.advantage, alpha=s.power_alpha, bound=s.adv_clip
+        )  # (B, T)
         pg_adv = reward_to_go(adv, mask, gamma=s.reward_to_go) if s.reward_to_go > 0 else adv  # (B, T)
         opd_weights = -(w * pg_adv)[mask]  # (N,): d loss / d log pi(y_t), the policy gradient
 
@@ -136,19 +150,30 @@ def _rollout_chunk(student, ref, teacher, seqs: list[RolloutSeq], s: LossSetting
         # the JSD, KL and (on the sampler's policy) OPD token weights are known now, so their sums come with
         # their gradients from one sweep (kernels.*_sum: nothing recomputed in backward)
         if fast_opd:
-            opd, lp, ent = linear_logprobs_sum(h, hw, packed.targets, opd_weights, chunk_size=s.chunk_size,
-                                               vocab_size=s.vocab_size)  # (), (N,), (N,)
+            opd, lp, ent = linear_logprobs_sum(
+                h, hw, packed.targets, opd_weights, chunk_size=s.chunk_size, vocab_size=s.vocab_size
+            )  # (), (N,), (N,)
         else:
             opd = None
             lp, ent = linear_logprobs(h, hw, packed.targets, chunk_size=s.chunk_size, vocab_size=s.vocab_size)
         jsd = kl = (None, None)
         if t_side is not None:
-            jsd = linear_jsd_sum(h, hw, *t_side, None, w_flat, beta=s.jsd_beta, temperature=s.teacher_temperature,
-                                 chunk_size=s.chunk_size, vocab_size=s.vocab_size,
-                                 swap_other=s.teacher_swaps)  # (), (N,)
+            jsd = linear_jsd_sum(
+                h,
+                hw,
+                *t_side,
+                None,
+                w_flat,
+                beta=s.jsd_beta,
+                temperature=s.teacher_temperature,
+                chunk_size=s.chunk_size,
+                vocab_size=s.vocab_size,
+                swap_other=s.teacher_swaps,
+            )  # (), (N,)
         if r_side is not None:
-            kl = linear_kl_sum(h, hw, *r_side, None, w_flat, chunk_size=s.chunk_size,
-                               vocab_size=s.vocab_size)  # (), (N,)
+            kl = linear_kl_sum(
+                h, hw, *r_side, None, w_flat, chunk_size=s.chunk_size, vocab_size=s.vocab_size
+            )  # (), (N,)
         return lp, ent, opd, *jsd, *kl
 
     new_flat, ent_flat, opd_sum, jsd_sum, _, kl_sum, kl_flat = head_forward(student, packed, head_terms)
@@ -185,20 +210,27 @@ def _rollout_chunk(student, ref, teacher, seqs: list[RolloutSeq], s: LossSetting
         sums.add("adv_rep", (adv * rep * m).sum())
         sums.add("adv_reg", (adv * (1 - rep) * m).sum())
         sums.add("sample_minus_train", ((sampler_lp - new.detach()) * m).sum())
-        sums.values["sample_train_absmax"] = max(sums.values.get("sample_train_absmax", 0.0),
-                                                 float(((sampler_lp - new.detach()).abs() * m).max()))
+        sums.values["sample_train_absmax"] = max(
+            sums.values.get("sample_train_absmax", 0.0), float(((sampler_lp - new.detach()).abs() * m).max())
+        )
     return metrics
 
 
-def _fill_teacher_lp(seqs: list[RolloutSeq], t_side: tuple[torch.Tensor, torch.Tensor], t_packed: Packed,
-                     s: LossSettings) -> None:
+def _fill_teacher_lp(
+    seqs: list[RolloutSeq], t_side: tuple[torch.Tensor, torch.Tensor], t_packed: Packed, s: LossSettings
+) -> None:
     """Each rollout's teacher log-probs from the hidden states the JSD term already has (what
     teacher.score_targets would compute from a forward of its own)."""
-    lp, _ = linear_logprobs(*t_side, t_packed.targets, chunk_size=s.chunk_size, temperature=s.teacher_temperature,
-                            vocab_size=s.vocab_size)  # (N,)
+    lp, _ = linear_logprobs(
+        *t_side,
+        t_packed.targets,
+        chunk_size=s.chunk_size,
+        temperature=s.teacher_temperature,
+        vocab_size=s.vocab_size,
+    )  # (N,)
     flat, pos = lp.float().cpu().tolist(), 0
     for q, n in zip(seqs, t_packed.lengths):
-        q.teacher_lp = flat[pos:pos + n]
+        q.teacher_lp = flat[pos : pos + n]
         pos += n
 
 
@@ -206,27 +238,53 @@ def _teacher_pack(seqs: list[RolloutSeq], packed: Packed, pad_id: int, device) -
     """The teacher's view of the micro-batch: its own prompts before the same response ids."""
     if all(q.teacher_prompt is None and q.teacher_target is None for q in seqs):
         return packed
-    return pack([q.prompt if q.teacher_prompt is None else q.teacher_prompt for q in seqs],
-                [q.target if q.teacher_target is None else q.teacher_target for q in seqs], pad_id, device)
+    return pack(
+        [q.prompt if q.teacher_prompt is None else q.teacher_prompt for q in seqs],
+        [q.target if q.teacher_target is None else q.teacher_target for q in seqs],
+        pad_id,
+        device,
+    )
 
 
-def _gold_chunk(student, seqs: list[GoldSeq], s: LossSettings, totals: tuple[int, int], pad_id: int,
-                sums: Sums, scale: float = 1.0) -> dict[str, torch.Tensor]:
+def _gold_chunk(
+    student,
+    seqs: list[GoldSeq],
+    s: LossSettings,
+    totals: tuple[int, int],
+    pad_id: int,
+    sums: Sums,
+    scale: float = 1.0,
+) -> dict[str, torch.Tensor]:
     device = next(student.parameters()).device
     packed = pack([q.prompt for q in seqs], [q.target for q in seqs], pad_id, device)
     mask = row_mask(packed.lengths, device)  # (B, T)
     w = token_weights(mask, "seq_mean", total_seqs=totals[0], total_tokens=totals[1]) * scale  # (B, T)
     neg_w = -w[mask]  # (N,): the fused sum is the loss itself
-    total, lp, _ = head_forward(student, packed, lambda h, hw: linear_logprobs_sum(
-        h, hw, packed.targets, neg_w, chunk_size=s.chunk_size, vocab_size=s.vocab_size))  # (), (N,), (N,)
+    total, lp, _ = head_forward(
+        student,
+        packed,
+        lambda h, hw: linear_logprobs_sum(
+            h, hw, packed.targets, neg_w, chunk_size=s.chunk_size, vocab_size=s.vocab_size
+        ),
+    )  # (), (N,), (N,)
     loss, metrics = sft_loss(to_rows(lp, packed.lengths)[0], w, total=total)
     (s.gold_coef * loss).backward()
     sums.add("gold_tokens", mask.sum() * scale)
     return metrics
 
 
-def accumulate(student, ref, teacher, rollouts: list[RolloutSeq], golds: list[GoldSeq], s: LossSettings, *,
-               pad_id: int, micro_batch: int, dist: Dist = SINGLE) -> dict[str, float]:
+def accumulate(
+    student,
+    ref,
+    teacher,
+    rollouts: list[RolloutSeq],
+    golds: list[GoldSeq],
+    s: LossSettings,
+    *,
+    pad_id: int,
+    micro_batch: int,
+    dist: Dist = SINGLE,
+) -> dict[str, float]:
     """Backward the whole step's loss into `student`'s .grad, micro-batch by micro-batch; return metrics.
 
     With K processes (`dist`), rollouts/golds are this rank's shard: counts are summed over ranks, every
@@ -234,38 +292,48 @@ def accumulate(student, ref, teacher, rollouts: list[RolloutSeq], golds: list[Go
     sums, acc = Sums(), {}
     totals = _global_counts(dist, [len(q.target) for q in rollouts])
     for start in range(0, len(rollouts), micro_batch):
-        for k, v in _rollout_chunk(student, ref, teacher, rollouts[start:start + micro_batch], s, totals, pad_id,
-                                   sums).items():
+        for k, v in _rollout_chunk(
+            student, ref, teacher, rollouts[start : start + micro_batch], s, totals, pad_id, sums
+        ).items():
             acc[k] = acc.get(k, 0.0) + float(v)
     if s.objective == "stableopd" and s.gold_coef > 0:
         gold_totals = _global_counts(dist, [len(q.target) for q in golds])
         n_chunks = int(dist.all_max([-(-len(golds) // micro_batch)])[0])
         dummy = [GoldSeq(prompt=[pad_id], target=[pad_id])]
         for c in range(n_chunks):  # a rank short of golden solutions runs zero-weight micro-batches (FSDP
-            chunk = golds[c * micro_batch:(c + 1) * micro_batch]  # needs the same forwards on every rank)
-            metrics = _gold_chunk(student, chunk or dummy, s, gold_totals, pad_id, sums, scale=1.0 if chunk else 0.0)
+            chunk = golds[c * micro_batch : (c + 1) * micro_batch]  # needs the same forwards on every rank)
+            metrics = _gold_chunk(
+                student, chunk or dummy, s, gold_totals, pad_id, sums, scale=1.0 if chunk else 0.0
+            )
             for k, v in metrics.items():
                 acc[k] = acc.get(k, 0.0) + float(v)
     acc = dist.reduce_dict(acc)
     sums.values = dist.reduce_dict(sums.values, max_keys=("sample_train_absmax", "teacher_s"))
-    total = acc.get("loss/opd", 0.0) + s.gold_coef * acc.get("loss/gold_sft", 0.0) * (s.objective == "stableopd")
+    total = acc.get("loss/opd", 0.0) + s.gold_coef * acc.get("loss/gold_sft", 0.0) * (
+        s.objective == "stableopd"
+    )
     total += s.ref_kl_coef * acc.get("loss/ref_kl", 0.0)
     out = {k: v for k, v in acc.items() if not k.endswith("weight_sum")}
     for key in ("loss/gold_sft", "loss/ref_kl"):  # DESIGN.md metric names: present every step, null when off
         out.setdefault(key, None)
-    out.update({
-        "loss/total": total,
-        "student/logprob_mean": sums.ratio("student_lp", "tokens"),
-        "teacher/logprob_mean": sums.ratio("teacher_lp", "tokens"),
-        "student/entropy_mean": sums.ratio("entropy", "tokens"),
-        "adv/mean": sums.ratio("adv", "tokens"),
-        "adv/repetitive_mean": sums.ratio("adv_rep", "rep_tokens"),
-        "adv/regular_mean": (sums.values.get("adv_reg", 0.0) / (sums.values["tokens"] - sums.values["rep_tokens"])
-                             if sums.values.get("tokens", 0) > sums.values.get("rep_tokens", 0) else None),
-        "rollout/rep_token_frac": sums.ratio("rep_tokens", "tokens"),
-        "diag/kl_sample_train": sums.ratio("sample_minus_train", "tokens"),
-        "diag/logprob_diff_max": sums.values.get("sample_train_absmax"),
-    })
+    out.update(
+        {
+            "loss/total": total,
+            "student/logprob_mean": sums.ratio("student_lp", "tokens"),
+            "teacher/logprob_mean": sums.ratio("teacher_lp", "tokens"),
+            "student/entropy_mean": sums.ratio("entropy", "tokens"),
+            "adv/mean": sums.ratio("adv", "tokens"),
+            "adv/repetitive_mean": sums.ratio("adv_rep", "rep_tokens"),
+            "adv/regular_mean": (
+                sums.values.get("adv_reg", 0.0) / (sums.values["tokens"] - sums.values["rep_tokens"])
+                if sums.values.get("tokens", 0) > sums.values.get("rep_tokens", 0)
+                else None
+            ),
+            "rollout/rep_token_frac": sums.ratio("rep_tokens", "tokens"),
+            "diag/kl_sample_train": sums.ratio("sample_minus_train", "tokens"),
+            "diag/logprob_diff_max": sums.values.get("sample_train_absmax"),
+        }
+    )
     if "teacher_s" in sums.values:  # the teacher's forwards inside the update (JSD), slowest rank
         out["time/teacher_s"] = sums.values["teacher_s"]
     return out

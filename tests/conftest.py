@@ -92,8 +92,12 @@ def prebuild(request, rebuild_cache: Path):
     if not any(item.path.name == REBUILD_FILE for item in request.session.items) or (os.cpu_count() or 1) < 2:
         yield
         return
-    proc = subprocess.Popen([sys.executable, "-c", BUILD, *TOY_FAMILY], env=build_env(rebuild_cache),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # a failed build is redone by the test
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BUILD, *TOY_FAMILY],
+        env=build_env(rebuild_cache),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # a failed build is redone by the test
     yield
     proc.kill()
     proc.wait()

@@ -28,16 +28,37 @@ BASE = 151643  # Qwen2.5's byte-level BPE vocabulary size (tokenizer.vocab_size)
 ROWS = 151936  # the models' embedding rows (padded past the 151,665 tokens)
 
 QWEN_ADDED = [  # (string, special) at ids 151643.. in Qwen2.5's tokenizer_config.json
-    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True), ("<|object_ref_start|>", True),
-    ("<|object_ref_end|>", True), ("<|box_start|>", True), ("<|box_end|>", True), ("<|quad_start|>", True),
-    ("<|quad_end|>", True), ("<|vision_start|>", True), ("<|vision_end|>", True), ("<|vision_pad|>", True),
-    ("<|image_pad|>", True), ("<|video_pad|>", True), ("<tool_call>", False), ("</tool_call>", False),
-    ("<|fim_prefix|>", False), ("<|fim_middle|>", False), ("<|fim_suffix|>", False), ("<|fim_pad|>", False),
-    ("<|repo_name|>", False), ("<|file_sep|>", False),
+    ("<|endoftext|>", True),
+    ("<|im_start|>", True),
+    ("<|im_end|>", True),
+    ("<|object_ref_start|>", True),
+    ("<|object_ref_end|>", True),
+    ("<|box_start|>", True),
+    ("<|box_end|>", True),
+    ("<|quad_start|>", True),
+    ("<|quad_end|>", True),
+    ("<|vision_start|>", True),
+    ("<|vision_end|>", True),
+    ("<|vision_pad|>", True),
+    ("<|image_pad|>", True),
+    ("<|video_pad|>", True),
+    ("<tool_call>", False),
+    ("</tool_call>", False),
+    ("<|fim_prefix|>", False),
+    ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False),
+    ("<|fim_pad|>", False),
+    ("<|repo_name|>", False),
+    ("<|file_sep|>", False),
 ]
 R1_ADDED = [  # DeepSeek-R1-Distill-Qwen replaces the first seven
-    ("<｜end▁of▁sentence｜>", True), ("<｜User｜>", False), ("<｜Assistant｜>", False),
-    ("<｜begin▁of▁sentence｜>", True), ("<|EOT|>", False), ("<think>", False), ("</think>", False),
+    ("<｜end▁of▁sentence｜>", True),
+    ("<｜User｜>", False),
+    ("<｜Assistant｜>", False),
+    ("<｜begin▁of▁sentence｜>", True),
+    ("<|EOT|>", False),
+    ("<think>", False),
+    ("</think>", False),
     *QWEN_ADDED[7:],
 ]
 
@@ -63,12 +84,30 @@ R1_TEMPLATE = (
 )
 
 SPECS = {
-    "qwen_math": dict(added=QWEN_ADDED, eos="<|endoftext|>", pad="<|endoftext|>", bos=None,
-                      template=_QWEN_TEMPLATE.replace("DEFAULT", MATH_SYSTEM), gen_eos=151643),
-    "qwen_instruct": dict(added=QWEN_ADDED, eos="<|im_end|>", pad="<|endoftext|>", bos=None,
-                          template=_QWEN_TEMPLATE.replace("DEFAULT", INSTRUCT_SYSTEM), gen_eos=[151645, 151643]),
-    "r1_distill": dict(added=R1_ADDED, eos="<｜end▁of▁sentence｜>", pad="<｜end▁of▁sentence｜>",
-                       bos="<｜begin▁of▁sentence｜>", template=R1_TEMPLATE, gen_eos=151643),
+    "qwen_math": dict(
+        added=QWEN_ADDED,
+        eos="<|endoftext|>",
+        pad="<|endoftext|>",
+        bos=None,
+        template=_QWEN_TEMPLATE.replace("DEFAULT", MATH_SYSTEM),
+        gen_eos=151643,
+    ),
+    "qwen_instruct": dict(
+        added=QWEN_ADDED,
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        bos=None,
+        template=_QWEN_TEMPLATE.replace("DEFAULT", INSTRUCT_SYSTEM),
+        gen_eos=[151645, 151643],
+    ),
+    "r1_distill": dict(
+        added=R1_ADDED,
+        eos="<｜end▁of▁sentence｜>",
+        pad="<｜end▁of▁sentence｜>",
+        bos="<｜begin▁of▁sentence｜>",
+        template=R1_TEMPLATE,
+        gen_eos=151643,
+    ),
 }
 
 
@@ -92,7 +131,9 @@ def build(kind: str):
         tok = AddedToken(text, special=special, normalized=False)
         (core.add_special_tokens if special else core.add_tokens)([tok])
     extra = {"bos_token": spec["bos"]} if spec["bos"] else {}
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=spec["eos"], pad_token=spec["pad"], **extra)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token=spec["eos"], pad_token=spec["pad"], **extra
+    )
     tok.chat_template = spec["template"]
     return tok
 
@@ -108,9 +149,18 @@ def model_dir(kind: str, root: str, weights: bool = True, context: int = 512) ->
     tok = build(kind)
     tok.save_pretrained(out)
     spec = SPECS[kind]
-    config = LlamaConfig(vocab_size=ROWS, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=context,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=ROWS,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
     GenerationConfig(eos_token_id=spec["gen_eos"], pad_token_id=tok.pad_token_id).save_pretrained(out)
     if weights:
         torch.manual_seed(len(kind))

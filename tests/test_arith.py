@@ -139,7 +139,10 @@ def test_through_load_examples():
         # a literal + in a query string reads as a space
         ("builtin:arith?digits=2&ops=+", {"digits": 2, "ops": "+", "n": 2000, "checks": "0"}),
         ("builtin:arith?ops=%2B-&n=10", {"digits": 3, "ops": "+-", "n": 10, "checks": "0"}),
-        ("builtin:arith?ops=*&ops=-", {"digits": 3, "ops": "-", "n": 2000, "checks": "0"}),  # the last value wins
+        (
+            "builtin:arith?ops=*&ops=-",
+            {"digits": 3, "ops": "-", "n": 2000, "checks": "0"},
+        ),  # the last value wins
         ("builtin:arith?checks=0*5,1-2*2", {"digits": 3, "ops": "+-*", "n": 2000, "checks": "0*5,1-2*2"}),
     ],
 )
@@ -161,10 +164,22 @@ def test_knobs(source, expected):
         ("builtin:arith?n=", "n in 'builtin:arith?n=' must be a positive integer"),
         ("builtin:arith?ops=/", "ops in 'builtin:arith?ops=/' must be made of the characters + - *"),
         ("builtin:arith?ops=", "ops in 'builtin:arith?ops=' must be made of the characters + - *"),
-        ("builtin:arith?checks=x", "checks in 'builtin:arith?checks=x' must look like 2, 1-3 or 0*5,1-2*2,5-8*3, not 'x'"),
-        ("builtin:arith?checks=3-1", "checks in 'builtin:arith?checks=3-1': '3-1' needs lo <= hi <= 1000 and a weight >= 1"),
-        ("builtin:arith?checks=1*0", "checks in 'builtin:arith?checks=1*0': '1*0' needs lo <= hi <= 1000 and a weight >= 1"),
-        ("builtin:arith?checks=", "checks in 'builtin:arith?checks=' must look like 2, 1-3 or 0*5,1-2*2,5-8*3, not ''"),
+        (
+            "builtin:arith?checks=x",
+            "checks in 'builtin:arith?checks=x' must look like 2, 1-3 or 0*5,1-2*2,5-8*3, not 'x'",
+        ),
+        (
+            "builtin:arith?checks=3-1",
+            "checks in 'builtin:arith?checks=3-1': '3-1' needs lo <= hi <= 1000 and a weight >= 1",
+        ),
+        (
+            "builtin:arith?checks=1*0",
+            "checks in 'builtin:arith?checks=1*0': '1*0' needs lo <= hi <= 1000 and a weight >= 1",
+        ),
+        (
+            "builtin:arith?checks=",
+            "checks in 'builtin:arith?checks=' must look like 2, 1-3 or 0*5,1-2*2,5-8*3, not ''",
+        ),
     ],
 )
 def test_knob_errors(source, message):
@@ -197,7 +212,7 @@ def test_checks_add_lines_before_the_answer_and_change_nothing_else(split):
         assert rest == p.solution  # the steps and the answer line are untouched
         counts.add(len(lines))
         if lines:  # the check lines sit between the steps and the answer line
-            assert c.solution.split("\n")[-len(lines) - 1:-1] == lines
+            assert c.solution.split("\n")[-len(lines) - 1 : -1] == lines
     assert counts == {0, 1, 2, 3}
 
 
@@ -206,6 +221,10 @@ def test_checks_mixture_weights():
     counts = [len(split_checks(ex.solution)[1]) for ex in examples]
     assert set(counts) <= {0, 1, 2, 5, 6, 7, 8}
     share = {k: sum(c in k for c in counts) / len(counts) for k in [(0,), (1, 2), (5, 6, 7, 8)]}
-    assert abs(share[(0,)] - 0.5) < 0.03 and abs(share[(1, 2)] - 0.2) < 0.03 and abs(share[(5, 6, 7, 8)] - 0.3) < 0.03
+    assert (
+        abs(share[(0,)] - 0.5) < 0.03
+        and abs(share[(1, 2)] - 0.2) < 0.03
+        and abs(share[(5, 6, 7, 8)] - 0.3) < 0.03
+    )
     again = builtin_examples("builtin:arith?digits=2&n=4000&checks=0*5,1-2*2,5-8*3")
     assert [ex.solution for ex in again] == [ex.solution for ex in examples]

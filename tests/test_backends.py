@@ -272,11 +272,18 @@ def test_training_mode_is_restored(tiny):
 
 @pytest.mark.parametrize(
     ("options", "fragment"),
-    [({"batch_size": 0}, "sampling.options.batch_size: Input should be greater than or equal to 1 (got 0)"),
-     ({"beams": 2}, "unknown hf option 'sampling.options.beams'; valid: batch_size, cache, compile"),
-     ({"cache": "paged"}, "sampling.options.cache: Input should be 'dynamic' or 'static' (got 'paged')"),
-     ({"compile": True},
-      "sampling.options: compile: true needs cache: static (a growing cache changes shape at every token)")],
+    [
+        (
+            {"batch_size": 0},
+            "sampling.options.batch_size: Input should be greater than or equal to 1 (got 0)",
+        ),
+        ({"beams": 2}, "unknown hf option 'sampling.options.beams'; valid: batch_size, cache, compile"),
+        ({"cache": "paged"}, "sampling.options.cache: Input should be 'dynamic' or 'static' (got 'paged')"),
+        (
+            {"compile": True},
+            "sampling.options: compile: true needs cache: static (a growing cache changes shape at every token)",
+        ),
+    ],
 )
 def test_hf_options_are_validated(tiny, options, fragment):
     with pytest.raises(UserError) as exc:
@@ -313,12 +320,20 @@ class GenerateSpy:
 def test_static_cache_and_compile_sample_what_the_default_does(tiny, monkeypatch, temperature):
     spy = GenerateSpy(tiny.model, monkeypatch)
     params = SamplingParams(n=2, temperature=temperature, max_new_tokens=24, seed=3)
-    runs = {name: records_for(tiny, params, **options) for name, options in [
-        ("dynamic", {}), ("static", {"cache": "static"}), ("compiled", {"cache": "static", "compile": True})]}
+    runs = {
+        name: records_for(tiny, params, **options)
+        for name, options in [
+            ("dynamic", {}),
+            ("static", {"cache": "static"}),
+            ("compiled", {"cache": "static", "compile": True}),
+        ]
+    }
     assert spy.caches == ["DynamicCache", "StaticCache", "StaticCache"]
     assert len(spy.compiled) == 1 and spy.compiled[0].mode == "default"  # only the compile option compiles
     for name in ("static", "compiled"):
-        assert [r["response_token_ids"] for r in runs[name]] == [r["response_token_ids"] for r in runs["dynamic"]]
+        assert [r["response_token_ids"] for r in runs[name]] == [
+            r["response_token_ids"] for r in runs["dynamic"]
+        ]
         for a, b in zip(runs[name], runs["dynamic"]):
             torch.testing.assert_close(a["sampler_logprobs"], b["sampler_logprobs"], atol=1e-5, rtol=0)
     if temperature:
@@ -478,10 +493,21 @@ def test_sample_records_hands_the_backend_its_batch(tiny, per_call, progress, ca
     backend = SizedBackend(per_call)
     exs = [Example(id=f"q{i}", prompt=f"{i}+1=") for i in range(19)]
     params = SamplingParams(n=2, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=4, seed=0)
-    records = sample_records(backend, tiny.tokenizer, exs, [[5, 6]] * 19, params, [2], rep_tail_chars=48,
-                             rep_ratio=1.5, progress=progress)
+    records = sample_records(
+        backend,
+        tiny.tokenizer,
+        exs,
+        [[5, 6]] * 19,
+        params,
+        [2],
+        rep_tail_chars=48,
+        rep_ratio=1.5,
+        progress=progress,
+    )
     assert backend.calls == calls
-    assert [(r["prompt_id"], r["sample_idx"]) for r in records] == [(f"q{i}", j) for i in range(19) for j in (0, 1)]
+    assert [(r["prompt_id"], r["sample_idx"]) for r in records] == [
+        (f"q{i}", j) for i in range(19) for j in (0, 1)
+    ]
 
 
 def test_hf_backend_prompts_per_call_is_its_batch_size(tiny):

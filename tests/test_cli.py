@@ -43,7 +43,9 @@ def assert_one_line_error(result, message: str) -> None:
     assert isinstance(result.exception, SystemExit)  # a clean exit, not an escaped exception
     *before, last = result.stderr.splitlines()
     assert last == f"error: {message}"
-    assert all(line.startswith("loading ") for line in before), before  # only the status line of model loading
+    assert all(line.startswith("loading ") for line in before), (
+        before
+    )  # only the status line of model loading
     assert "Traceback" not in result.output
 
 
@@ -79,7 +81,14 @@ def test_models_lists_aliases():
     result = invoke("models")
     assert result.exit_code == 0
     names = [line.split()[0] for line in result.stdout.splitlines()]
-    builtins = ["tiny", "tiny-teacher", "arith-teacher", "arith-student", "collapse-teacher", "collapse-student"]
+    builtins = [
+        "tiny",
+        "tiny-teacher",
+        "arith-teacher",
+        "arith-student",
+        "collapse-teacher",
+        "collapse-student",
+    ]
     assert names[:7] == [*builtins, "smollm2-135m"] and "qwen-1.5b" in names
 
 
@@ -347,9 +356,11 @@ def test_diagnose_unwritable_plots_folder_is_one_line_before_reading(tmp_path, p
     blocker.write_text("")
     plots = {"under a file": blocker / "plots", "a file": blocker, "read-only": READ_ONLY}[kind]
     result = invoke("diagnose", *[str(tmp_path / "a"), str(tmp_path / "b")][:paths], "--plots", str(plots))
-    expected = {"under a file": f"plots folder '{plots}' cannot be created: '{blocker}' is a file",
-                "a file": f"plots folder '{plots}' is a file, not a directory; pass a directory",
-                "read-only": f"plots folder '{plots}' cannot be created: '/sys' is not writable (Permission denied)"}[kind]
+    expected = {
+        "under a file": f"plots folder '{plots}' cannot be created: '{blocker}' is a file",
+        "a file": f"plots folder '{plots}' is a file, not a directory; pass a directory",
+        "read-only": f"plots folder '{plots}' cannot be created: '/sys' is not writable (Permission denied)",
+    }[kind]
     assert_one_line_error(result, expected)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "blocker"]
     assert not (tmp_path / "a" / "report").exists()
@@ -359,17 +370,26 @@ def test_diagnose_unwritable_plots_folder_is_one_line_before_reading(tmp_path, p
     ("command", "dest", "expected"),
     [
         ("rollout", "dir", "rollout output '{dest}' is a directory; pass a file path"),
-        ("rollout", "ro", "rollout output '{dest}' cannot be written: '/sys' is not writable (Permission denied)"),
+        (
+            "rollout",
+            "ro",
+            "rollout output '{dest}' cannot be written: '/sys' is not writable (Permission denied)",
+        ),
         ("rollout", "under file", "rollout output '{dest}' cannot be created: '{blocker}' is a file"),
         ("distill", "file", "run directory '{dest}' is a file, not a directory; pass a directory"),
-        ("distill", "ro", "run directory '{dest}' cannot be created: '/sys' is not writable (Permission denied)"),
+        (
+            "distill",
+            "ro",
+            "run directory '{dest}' cannot be created: '/sys' is not writable (Permission denied)",
+        ),
         ("sft", "file", "run directory '{dest}' is a file, not a directory; pass a directory"),
         ("eval", "file", "eval output folder '{dest}' is a file, not a directory; pass a directory"),
         ("eval", "taken", "eval output '{dest}/samples.jsonl' is a directory; pass a file path"),
     ],
 )
-def test_output_paths_of_the_wrong_kind_fail_before_any_model_loads(tmp_path, prompts_file, monkeypatch,
-                                                                     command, dest, expected):
+def test_output_paths_of_the_wrong_kind_fail_before_any_model_loads(
+    tmp_path, prompts_file, monkeypatch, command, dest, expected
+):
     import transformers
 
     def no_loading(*args, **kwargs):
@@ -378,8 +398,13 @@ def test_output_paths_of_the_wrong_kind_fail_before_any_model_loads(tmp_path, pr
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
     blocker = tmp_path / "blocker"
     blocker.write_text("")
-    path = {"dir": tmp_path, "ro": READ_ONLY / "out", "under file": blocker / "o.jsonl", "file": blocker,
-            "taken": tmp_path / "evalout"}[dest]
+    path = {
+        "dir": tmp_path,
+        "ro": READ_ONLY / "out",
+        "under file": blocker / "o.jsonl",
+        "file": blocker,
+        "taken": tmp_path / "evalout",
+    }[dest]
     if dest == "taken":
         (path / "samples.jsonl").mkdir(parents=True)
     model = ["--student", "tiny"] if command in ("distill", "sft") else ["--model", "tiny"]
@@ -545,10 +570,16 @@ def test_rollout_on_smollm2_writes_real_text(tmp_path, smollm2):
 @pytest.mark.parametrize(
     ("raised", "code", "line"),
     [
-        (RuntimeError("kaboom\nmore detail"), 1,
-         "error: internal error: RuntimeError: kaboom; rerun with --debug for the traceback"),
-        (PermissionError(13, "Permission denied", "/runs/x/metrics.jsonl"), 2,
-         "error: permission denied: /runs/x/metrics.jsonl"),
+        (
+            RuntimeError("kaboom\nmore detail"),
+            1,
+            "error: internal error: RuntimeError: kaboom; rerun with --debug for the traceback",
+        ),
+        (
+            PermissionError(13, "Permission denied", "/runs/x/metrics.jsonl"),
+            2,
+            "error: permission denied: /runs/x/metrics.jsonl",
+        ),
         (OSError(28, "No space left on device"), 2, "error: no space left on device"),
     ],
 )

@@ -135,7 +135,9 @@ def test_teacher_only_engine_keys_on_the_student_say_where_they_go(override):
     key = override.split("=")[0]
     assert str(exc.value).startswith(f"config key '{key}' does not exist: ")
     assert "sampling." in str(exc.value) and "teacher.engine" in str(exc.value)
-    moved = [override.replace("student.", "teacher.")] + ([] if "engine=" in override else ["teacher.engine=vllm"])
+    moved = [override.replace("student.", "teacher.")] + (
+        [] if "engine=" in override else ["teacher.engine=vllm"]
+    )
     assert load_config(overrides=moved).teacher  # where it belongs
 
 
@@ -155,13 +157,20 @@ def test_teacher_only_engine_keys_on_the_student_say_where_they_go(override):
         ("sampling.temperature=nan", "config key 'sampling.temperature': Input should be a finite number"),
         ("sampling.temperature=.inf", "config key 'sampling.temperature': Input should be a finite number"),
         ("sampling.temperature=0.00000001", "config key 'sampling.temperature': must be 0 (greedy)"),
-        ("sampling.temperature=1000", "config key 'sampling.temperature': Input should be less than or equal"),
+        (
+            "sampling.temperature=1000",
+            "config key 'sampling.temperature': Input should be less than or equal",
+        ),
         ("eval.temperature=-.inf", "config key 'eval.temperature'"),
         ("loss.teacher_temperature=0", "config key 'loss.teacher_temperature'"),
-        ("sampling.max_new_tokens=100000000000000000000", "config key 'sampling.max_new_tokens': Input should "
-         "be less than or equal to 1048576"),
-        ("sampling.top_k=99999999999", "config key 'sampling.top_k': Input should be less than or equal to "
-         "2147483647"),
+        (
+            "sampling.max_new_tokens=100000000000000000000",
+            "config key 'sampling.max_new_tokens': Input should be less than or equal to 1048576",
+        ),
+        (
+            "sampling.top_k=99999999999",
+            "config key 'sampling.top_k': Input should be less than or equal to 2147483647",
+        ),
         ("sampling.n=1000000000000", "config key 'sampling.n'"),
         ("train.seed=-1", "config key 'train.seed': Input should be greater than or equal to 0"),
         ("sampling.seed=100000000000000000000", "config key 'sampling.seed'"),
@@ -174,7 +183,10 @@ def test_teacher_only_engine_keys_on_the_student_say_where_they_go(override):
         ("diagnose.inflation_min_growth=.inf", "config key 'diagnose.inflation_min_growth'"),
         ("eval.pass_k=[1, 100000000000]", "config key 'eval.pass_k'"),
         ("data.max_line_mb=0", "config key 'data.max_line_mb'"),
-        ("sampling.options={batch_size: 0}", "sampling.options.batch_size: Input should be greater than or equal"),
+        (
+            "sampling.options={batch_size: 0}",
+            "sampling.options.batch_size: Input should be greater than or equal",
+        ),
         ("sampling.options={batch_size: .nan}", "sampling.options.batch_size"),
         ("sampling.options={beams: 2}", "unknown hf option 'sampling.options.beams'"),
         ("sampling.backend=vllm", None),  # the vLLM options pass without vLLM installed ...
@@ -269,18 +281,24 @@ def test_config_that_is_not_utf8_names_the_line(tmp_path):
 
 @pytest.mark.parametrize("kind", ["directory", "device", "huge", "deep"])
 def test_config_path_of_the_wrong_kind_fails_before_reading(tmp_path, kind):
-    path = {"directory": tmp_path, "device": Path("/dev/zero"), "huge": tmp_path / "big.yaml",
-            "deep": tmp_path / "deep.yaml"}[kind]
+    path = {
+        "directory": tmp_path,
+        "device": Path("/dev/zero"),
+        "huge": tmp_path / "big.yaml",
+        "deep": tmp_path / "deep.yaml",
+    }[kind]
     if kind == "huge":
         path.write_bytes(b"#" * (2 << 20))
     if kind == "deep":
         path.write_text("a: " + "[" * 5000 + "]" * 5000)
     with pytest.raises(UserError) as exc:
         load_config(path)
-    expected = {"directory": f"config file '{path}' is a directory, not a file",
-                "device": "config file '/dev/zero' is a device, not a file",
-                "huge": f"config file '{path}' is 2 MiB, over the 1 MiB limit",
-                "deep": f"config file '{path}' is nested too deeply to be a config"}[kind]
+    expected = {
+        "directory": f"config file '{path}' is a directory, not a file",
+        "device": "config file '/dev/zero' is a device, not a file",
+        "huge": f"config file '{path}' is 2 MiB, over the 1 MiB limit",
+        "deep": f"config file '{path}' is nested too deeply to be a config",
+    }[kind]
     assert str(exc.value) == expected
 
 

@@ -120,8 +120,12 @@ def test_data_path_that_is_not_a_regular_file_fails_before_reading(tmp_path, kin
         path.symlink_to(tmp_path / "gone.jsonl")
     with pytest.raises(UserError) as exc:
         load_examples(str(path))
-    expected = {"directory": "is a directory, not a file", "pipe": "is a pipe, not a file",
-                "device": "is a device, not a file", "dangling link": "does not exist"}[kind]
+    expected = {
+        "directory": "is a directory, not a file",
+        "pipe": "is a pipe, not a file",
+        "device": "is a device, not a file",
+        "dangling link": "does not exist",
+    }[kind]
     assert str(exc.value) == f"data file '{path}' {expected}"
 
 
@@ -132,7 +136,10 @@ def test_data_file_and_line_limits_name_the_key_to_raise(tmp_path):
     assert str(exc.value) == f"{path}:1: line longer than 1 MiB; raise data.max_line_mb if the file is right"
     with pytest.raises(UserError) as exc:
         load_examples(str(path), max_file_mb=1)
-    assert str(exc.value) == f"data file '{path}' is 2 MiB, over the 1 MiB limit; raise data.max_file_mb to read it"
+    assert (
+        str(exc.value)
+        == f"data file '{path}' is 2 MiB, over the 1 MiB limit; raise data.max_file_mb to read it"
+    )
     assert [e.id for e in load_examples(str(path), max_line_mb=3)] == ["a", "b"]
     exact = tmp_path / "exact.jsonl"  # a line of exactly the limit (newline excluded) is read
     line = json.dumps({"prompt": ""})
@@ -279,11 +286,20 @@ TRACES = {
     "u2": (["guess \\boxed{7}", "guess \\boxed{8}"], [False, False], [False, None]),  # none verified: dropped
     "u3": ([OVER, "short \\boxed{4}"], [True, False], [True, False]),  # its verified trace is over 40 tokens
     "u4": (["a \\boxed{1}", "b \\boxed{1}", FIT], [False, False, True], None),  # exactly 40 tokens: kept
-    "u5": (["c \\boxed{3}", "d \\boxed{3}", "e \\boxed{3}", "f \\boxed{3}"], [True, False, True, False],
-           [True, True, None, False]),
+    "u5": (
+        ["c \\boxed{3}", "d \\boxed{3}", "e \\boxed{3}", "f \\boxed{3}"],
+        [True, False, True, False],
+        [True, True, None, False],
+    ),
 }
-SELECTED = {"u0": "1+1=2 \\boxed{2}", "u1": "2*3=6 \\boxed{6}", "u2": None, "u3": OVER, "u4": FIT,
-            "u5": "c \\boxed{3}"}
+SELECTED = {
+    "u0": "1+1=2 \\boxed{2}",
+    "u1": "2*3=6 \\boxed{6}",
+    "u2": None,
+    "u3": OVER,
+    "u4": FIT,
+    "u5": "c \\boxed{3}",
+}
 
 
 def write_openr1(path: Path) -> Path:
@@ -291,30 +307,54 @@ def write_openr1(path: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([
-        ("problem", pa.string()), ("solution", pa.string()), ("answer", pa.string()),
-        ("problem_type", pa.string()), ("question_type", pa.string()), ("source", pa.string()),
-        ("uuid", pa.string()), ("is_reasoning_complete", pa.list_(pa.bool_())),
-        ("generations", pa.list_(pa.string())), (FLAGS, pa.list_(pa.bool_())),
-        ("correctness_llama", pa.list_(pa.bool_())), ("finish_reasons", pa.list_(pa.string())),
-        ("correctness_count", pa.int64()),
-        ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
-    ])
-    rows = [{"problem": f"problem {uid}?", "solution": f"numina {uid}", "answer": uid[1], "uuid": uid,
-             "problem_type": "Algebra", "question_type": "math-word-problem", "source": "olympiads",
-             "is_reasoning_complete": [True] * len(gens), "generations": gens, FLAGS: flags,
-             "correctness_llama": llama, "finish_reasons": None if llama is None else ["stop"] * len(gens),
-             "correctness_count": sum(flags),
-             "messages": [{"role": "user", "content": f"problem {uid}?"},
-                          {"role": "assistant", "content": gens[0]}]}
-            for uid, (gens, flags, llama) in TRACES.items()]
+    schema = pa.schema(
+        [
+            ("problem", pa.string()),
+            ("solution", pa.string()),
+            ("answer", pa.string()),
+            ("problem_type", pa.string()),
+            ("question_type", pa.string()),
+            ("source", pa.string()),
+            ("uuid", pa.string()),
+            ("is_reasoning_complete", pa.list_(pa.bool_())),
+            ("generations", pa.list_(pa.string())),
+            (FLAGS, pa.list_(pa.bool_())),
+            ("correctness_llama", pa.list_(pa.bool_())),
+            ("finish_reasons", pa.list_(pa.string())),
+            ("correctness_count", pa.int64()),
+            ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+        ]
+    )
+    rows = [
+        {
+            "problem": f"problem {uid}?",
+            "solution": f"numina {uid}",
+            "answer": uid[1],
+            "uuid": uid,
+            "problem_type": "Algebra",
+            "question_type": "math-word-problem",
+            "source": "olympiads",
+            "is_reasoning_complete": [True] * len(gens),
+            "generations": gens,
+            FLAGS: flags,
+            "correctness_llama": llama,
+            "finish_reasons": None if llama is None else ["stop"] * len(gens),
+            "correctness_count": sum(flags),
+            "messages": [
+                {"role": "user", "content": f"problem {uid}?"},
+                {"role": "assistant", "content": gens[0]},
+            ],
+        }
+        for uid, (gens, flags, llama) in TRACES.items()
+    ]
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
     return path
 
 
 def test_openr1_verified_trace_is_the_first_one_flagged_true(tmp_path):
-    examples = load_examples(str(write_openr1(tmp_path / "openr1.parquet")),
-                             fields=Fields(**OPENR1, solution_correct=FLAGS))
+    examples = load_examples(
+        str(write_openr1(tmp_path / "openr1.parquet")), fields=Fields(**OPENR1, solution_correct=FLAGS)
+    )
     assert {e.id: e.solution for e in examples} == SELECTED
     assert [(e.prompt, e.answer) for e in examples] == [(f"problem {u}?", u[1]) for u in TRACES]
 
@@ -325,8 +365,9 @@ def test_openr1_drops_unverified_and_over_long_traces(tmp_path):
     from stableopd.trainer import solution_ids
 
     tok = build_tokenizer()
-    examples = load_examples(str(write_openr1(tmp_path / "openr1.parquet")),
-                             fields=Fields(**OPENR1, solution_correct=FLAGS))
+    examples = load_examples(
+        str(write_openr1(tmp_path / "openr1.parquet")), fields=Fields(**OPENR1, solution_correct=FLAGS)
+    )
     n_tokens = [None if ids is None else len(ids) for ids in solution_ids(tok, examples)]
     assert n_tokens == [None if s is None else len(s) for s in SELECTED.values()]  # one id per character
     kept = keep_for_training(examples, n_tokens, verified_only=True, max_tokens=40)
@@ -334,7 +375,8 @@ def test_openr1_drops_unverified_and_over_long_traces(tmp_path):
     assert (kept.total, kept.unverified, kept.too_long) == (6, 1, 1)
     assert kept_note(kept, verified_only=True, max_tokens=40) == (
         "data: kept 4 of 6 training examples (dropped 1 with no verified solution, 1 with a solution over "
-        "40 tokens)")
+        "40 tokens)"
+    )
     longer = keep_for_training(examples, n_tokens, verified_only=True, max_tokens=41)  # the limit is kept
     assert [e.id for e in longer.examples] == ["u0", "u1", "u3", "u4", "u5"] and longer.too_long == 0
     shorter = keep_for_training(examples, n_tokens, verified_only=True, max_tokens=39)
@@ -349,15 +391,18 @@ def test_keep_for_training_rules_apply_one_at_a_time():
     only_long = keep_for_training(examples, n_tokens, verified_only=False, max_tokens=8)
     assert [e.id for e in only_long.examples] == ["a", "b"]  # without the verified rule, no solution is kept
     assert kept_note(only_long, verified_only=False, max_tokens=8) == (
-        "data: kept 2 of 3 training examples (dropped 1 with a solution over 8 tokens)")
+        "data: kept 2 of 3 training examples (dropped 1 with a solution over 8 tokens)"
+    )
     only_verified = keep_for_training(examples, None, verified_only=True, max_tokens=None)
     assert [e.id for e in only_verified.examples] == ["a", "c"]
     assert kept_note(only_verified, verified_only=True, max_tokens=None) == (
-        "data: kept 2 of 3 training examples (dropped 1 with no verified solution)")
+        "data: kept 2 of 3 training examples (dropped 1 with no verified solution)"
+    )
     many = [Example(f"e{i}", "p", solution="s") for i in range(1500)] + [Example("x", "p")]
     kept = keep_for_training(many, None, verified_only=True, max_tokens=None)
     assert kept_note(kept, verified_only=True, max_tokens=None) == (
-        "data: kept 1,500 of 1,501 training examples (dropped 1 with no verified solution)")
+        "data: kept 1,500 of 1,501 training examples (dropped 1 with no verified solution)"
+    )
 
 
 def test_keep_for_training_that_keeps_nothing_names_both_keys():
@@ -368,23 +413,32 @@ def test_keep_for_training_that_keeps_nothing_names_both_keys():
         keep_for_training(examples, [None, 8], verified_only=True, max_tokens=4)
     assert str(exc.value) == (
         "data: no training example kept of 2 (1 with no verified solution, 1 with a solution over 4 tokens); "
-        "check data.solution_correct_field or raise data.max_solution_tokens")
+        "check data.solution_correct_field or raise data.max_solution_tokens"
+    )
 
 
 def test_list_solution_without_flags_is_its_first_non_empty_string(tmp_path):
-    rows = [{"id": "a", "prompt": "p", "solution": ["", None, "first", "second"]},
-            {"id": "b", "prompt": "p", "solution": ["", None]},
-            {"id": "c", "prompt": "p", "solution": []},
-            {"id": "d", "prompt": "p", "solution": "plain text"}]
+    rows = [
+        {"id": "a", "prompt": "p", "solution": ["", None, "first", "second"]},
+        {"id": "b", "prompt": "p", "solution": ["", None]},
+        {"id": "c", "prompt": "p", "solution": []},
+        {"id": "d", "prompt": "p", "solution": "plain text"},
+    ]
     assert [e.solution for e in load_examples(str(write_jsonl(tmp_path / "d.jsonl", rows)))] == [
-        "first", None, None, "plain text"]
+        "first",
+        None,
+        None,
+        "plain text",
+    ]
 
 
 def test_null_flags_and_text_solutions_are_not_verified(tmp_path):
-    rows = [{"id": "a", "prompt": "p", "g": ["x", "y"], "ok": [None, True]},
-            {"id": "b", "prompt": "p", "g": ["x", "y"], "ok": None},
-            {"id": "c", "prompt": "p"},  # no solution at all (a validation set): no error, no solution
-            {"id": "d", "prompt": "p", "g": "text"}]  # MATH-500's `solution` read with a paper run's keys
+    rows = [
+        {"id": "a", "prompt": "p", "g": ["x", "y"], "ok": [None, True]},
+        {"id": "b", "prompt": "p", "g": ["x", "y"], "ok": None},
+        {"id": "c", "prompt": "p"},  # no solution at all (a validation set): no error, no solution
+        {"id": "d", "prompt": "p", "g": "text"},
+    ]  # MATH-500's `solution` read with a paper run's keys
     fields = Fields(solution="g", solution_correct="ok")
     examples = load_examples(str(write_jsonl(tmp_path / "d.jsonl", rows)), fields=fields)
     assert [e.solution for e in examples] == ["y", None, None, None]
@@ -401,21 +455,45 @@ def test_list_answer_keeps_the_form_normalize_gold_reads(tmp_path):
 GOOD = {"id": "a", "prompt": "p", "answer": "1", "g": ["x", "y"], "ok": [False, True]}
 
 
-@pytest.mark.parametrize("bad, flags, message", [
-    ({"prompt": ["p"]}, None, "field 'prompt' is a list, not text; set data.prompt_field to a text field"),
-    ({"id": ["b"]}, None, "field 'id' is a list, not text; set data.id_field to a text field"),
-    ({"answer": {"v": 1}}, None, "field 'answer' is a dict, not text; set data.answer_field to a text field"),
-    ({"ok": True}, "ok", "field 'ok' is a bool, not a list of booleans; check data.solution_correct_field"),
-    ({"ok": [True]}, "ok",
-     "'ok' has 1 flags for 2 items of 'g'; data.solution_correct_field must name the list parallel to "
-     "data.solution_field"),
-    ({"ok": [False, "true"]}, "ok",
-     "flag 1 of 'ok' is a str, not a boolean; check data.solution_correct_field"),
-    ({"ok": [0, 1]}, "ok", "flag 0 of 'ok' is a int, not a boolean; check data.solution_correct_field"),
-    ({"g": {"x": 1}}, None, "field 'g' is a dict, not text or a list of text; check data.solution_field"),
-    ({"g": [{"role": "user"}]}, None,
-     "item 0 of field 'g' is a dict, not text; set data.solution_field to a list of strings"),
-])
+@pytest.mark.parametrize(
+    "bad, flags, message",
+    [
+        (
+            {"prompt": ["p"]},
+            None,
+            "field 'prompt' is a list, not text; set data.prompt_field to a text field",
+        ),
+        ({"id": ["b"]}, None, "field 'id' is a list, not text; set data.id_field to a text field"),
+        (
+            {"answer": {"v": 1}},
+            None,
+            "field 'answer' is a dict, not text; set data.answer_field to a text field",
+        ),
+        (
+            {"ok": True},
+            "ok",
+            "field 'ok' is a bool, not a list of booleans; check data.solution_correct_field",
+        ),
+        (
+            {"ok": [True]},
+            "ok",
+            "'ok' has 1 flags for 2 items of 'g'; data.solution_correct_field must name the list parallel to "
+            "data.solution_field",
+        ),
+        (
+            {"ok": [False, "true"]},
+            "ok",
+            "flag 1 of 'ok' is a str, not a boolean; check data.solution_correct_field",
+        ),
+        ({"ok": [0, 1]}, "ok", "flag 0 of 'ok' is a int, not a boolean; check data.solution_correct_field"),
+        ({"g": {"x": 1}}, None, "field 'g' is a dict, not text or a list of text; check data.solution_field"),
+        (
+            {"g": [{"role": "user"}]},
+            None,
+            "item 0 of field 'g' is a dict, not text; set data.solution_field to a list of strings",
+        ),
+    ],
+)
 def test_list_field_errors_name_the_row_the_field_and_the_key(tmp_path, bad, flags, message):
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, {**GOOD, "id": "b", **bad}])
     with pytest.raises(UserError) as exc:
@@ -428,21 +506,29 @@ def test_missing_flags_field_names_the_key(tmp_path):
     with pytest.raises(UserError) as exc:
         load_examples(str(path), fields=Fields(solution="g", solution_correct="ok"))
     assert str(exc.value) == (
-        f"{path}: row 1 has no 'ok' field (fields: id, prompt, g); set data.solution_correct_field")
+        f"{path}: row 1 has no 'ok' field (fields: id, prompt, g); set data.solution_correct_field"
+    )
 
 
 def test_text_fields_read_as_before_with_the_new_keys_unset(tmp_path):
-    rows = [{"id": 3, "prompt": 12, "answer": 2.5, "solution": 7},
-            {"prompt": None, "answer": "", "solution": ""}]
+    rows = [
+        {"id": 3, "prompt": 12, "answer": 2.5, "solution": 7},
+        {"prompt": None, "answer": "", "solution": ""},
+    ]
     assert load_examples(str(write_jsonl(tmp_path / "d.jsonl", rows))) == [
-        Example(id="3", prompt="12", answer="2.5", solution="7"), Example(id="1", prompt="None")]
+        Example(id="3", prompt="12", answer="2.5", solution="7"),
+        Example(id="1", prompt="None"),
+    ]
 
 
 def openr1_config(path: Path, *overrides: str):
     from stableopd.config import load_config
 
-    return load_config(None, ["train.eval_every=0", "student.device=cpu", "data.shuffle=false", *overrides],
-                       {"data.source": str(path), "data.id_field": "uuid", "data.prompt_field": "problem"})
+    return load_config(
+        None,
+        ["train.eval_every=0", "student.device=cpu", "data.shuffle=false", *overrides],
+        {"data.source": str(path), "data.id_field": "uuid", "data.prompt_field": "problem"},
+    )
 
 
 def test_prepare_trains_on_kept_examples_only(tmp_path, tiny, monkeypatch):
@@ -452,8 +538,12 @@ def test_prepare_trains_on_kept_examples_only(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(trainer, "note", lambda message, enabled=True: notes.append((message, enabled)))
     monkeypatch.delenv("RANK", raising=False)
     path = write_openr1(tmp_path / "openr1.parquet")
-    cfg = openr1_config(path, "data.solution_field=generations", f"data.solution_correct_field={FLAGS}",
-                        "data.max_solution_tokens=40")
+    cfg = openr1_config(
+        path,
+        "data.solution_field=generations",
+        f"data.solution_correct_field={FLAGS}",
+        "data.max_solution_tokens=40",
+    )
     setup = trainer.prepare(cfg, student_path=None, need_teacher=False, need_ref=False)
     assert [e.id for e in setup.train] == ["u0", "u1", "u4", "u5"]
     assert [e.solution for e in setup.train] == [SELECTED[u] for u in ("u0", "u1", "u4", "u5")]
@@ -462,10 +552,17 @@ def test_prepare_trains_on_kept_examples_only(tmp_path, tiny, monkeypatch):
     golds = trainer.gold_targets(tok, setup.train, setup.stop_ids[0])
     assert [len(g) for g in golds] == [len(SELECTED[u]) + 1 for u in ("u0", "u1", "u4", "u5")]
     assert setup.golds == golds  # the ids tokenised for the length rule are the ones training uses
-    assert ("data: kept 4 of 6 training examples (dropped 1 with no verified solution, 1 with a solution "
-            "over 40 tokens)", True) in notes
-    quiet = openr1_config(path, "data.solution_field=generations", f"data.solution_correct_field={FLAGS}",
-                          "logging.progress=false")
+    assert (
+        "data: kept 4 of 6 training examples (dropped 1 with no verified solution, 1 with a solution "
+        "over 40 tokens)",
+        True,
+    ) in notes
+    quiet = openr1_config(
+        path,
+        "data.solution_field=generations",
+        f"data.solution_correct_field={FLAGS}",
+        "logging.progress=false",
+    )
     notes.clear()
     setup = trainer.prepare(quiet, student_path=None, need_teacher=False, need_ref=False)
     assert [e.id for e in setup.train] == ["u0", "u1", "u3", "u4", "u5"]  # no token limit: u3 stays

@@ -499,14 +499,26 @@ def test_a_large_responses_file_is_streamed_in_bounded_memory(tmp_path):
     with p.open("w") as fh:
         for i in range(4_000):  # steps interleaved: every step stays open until the end of the file
             words = 50 + i % 7
-            fh.write(json.dumps({"step": i % 10, "response": "w " * words, "finish_reason": "length" if i % 4 == 0
-                                 else "stop", "pad": "x" * 2200}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "step": i % 10,
+                        "response": "w " * words,
+                        "finish_reason": "length" if i % 4 == 0 else "stop",
+                        "pad": "x" * 2200,
+                    }
+                )
+                + "\n"
+            )
     size = p.stat().st_size
     tracemalloc.start()
     diag = diagnose(p, DiagnoseConfig(rep_tail_chars=50, examples=3))
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert size > 8 << 20 and peak < size / 8, (size, peak)  # holding the records would take several times size
+    assert size > 8 << 20 and peak < size / 8, (
+        size,
+        peak,
+    )  # holding the records would take several times size
     for step in range(10):
         expect = [50 + i % 7 for i in range(step, 4_000, 10)]
         assert diag.series["rollout/length_mean"][step] == pytest.approx(sum(expect) / len(expect))

@@ -81,7 +81,18 @@ def free_port() -> int:
 def args(data: Path, run: Path, student: str = "tiny", teacher: str = "tiny-teacher", **over) -> list[str]:
     merged = {**COMMON, **{k.replace("__", "."): v for k, v in over.items()}}
     sets = [a for k, v in merged.items() for a in ("-s", f"{k}={v}")]
-    return ["distill", "--student", student, "--teacher", teacher, "--data", str(data), "--out", str(run), *sets]
+    return [
+        "distill",
+        "--student",
+        student,
+        "--teacher",
+        teacher,
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        *sets,
+    ]
 
 
 def launch(cli: list[str], nproc: int = 1, env: dict | None = None, timeout: float = 300):
@@ -90,7 +101,9 @@ def launch(cli: list[str], nproc: int = 1, env: dict | None = None, timeout: flo
         "-m", "stableopd", *cli]  # fmt: skip
     import os
 
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +137,10 @@ def assert_same_run(a: Path, b: Path, grad_rel: float = GRAD_REL) -> None:
             assert rb[k] == pytest.approx(v, **tol), (ra["step"], k, v, rb[k])
     for step in (1, 2):
         name = f"rollouts/step_{step:06d}.jsonl"
-        ids = [[json.loads(line)["response_token_ids"] for line in (run / name).read_text().splitlines()]
-               for run in (a, b)]
+        ids = [
+            [json.loads(line)["response_token_ids"] for line in (run / name).read_text().splitlines()]
+            for run in (a, b)
+        ]
         assert ids[0] == ids[1]
     ck_a, ck_b = a / "checkpoints/step_000002", b / "checkpoints/step_000002"
     wa, wb = load_file(ck_a / "model.safetensors"), load_file(ck_b / "model.safetensors")
@@ -173,9 +188,11 @@ def tied(tmp_path_factory) -> Path:
 
 
 # jsd runs the sharded teacher inside the update; the second case also recomputes activations in backward
-@pytest.mark.parametrize("extra", [{}, {"loss__objective": "jsd", "train__epochs_per_batch": 2,
-                                        "train__gradient_checkpointing": "true"}],
-                         ids=["stableopd", "jsd-2-epochs-checkpointing"])
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"loss__objective": "jsd", "train__epochs_per_batch": 2, "train__gradient_checkpointing": "true"}],
+    ids=["stableopd", "jsd-2-epochs-checkpointing"],
+)
 def test_tied_student_and_sharded_teacher_and_reference_match_one_process(data, tied, tmp_path, extra):
     one, two = tmp_path / "one", tmp_path / "two"
     proc = launch(args(data, one, student=str(tied), **extra))
@@ -219,10 +236,14 @@ def vllm_double_env(tmp_path: Path) -> dict[str, str]:
 
     shim = tmp_path / "shim" / "vllm"
     shim.mkdir(parents=True)
-    (shim / "__init__.py").write_text("from tests.vllm_double import LLM, SamplingParams  # noqa: F401\n"
-                                      "__version__ = '0.33.0-test-double'\n")
+    (shim / "__init__.py").write_text(
+        "from tests.vllm_double import LLM, SamplingParams  # noqa: F401\n"
+        "__version__ = '0.33.0-test-double'\n"
+    )
     root = Path(__file__).resolve().parents[1]
-    return {"PYTHONPATH": os.pathsep.join([str(tmp_path / "shim"), str(root), os.environ.get("PYTHONPATH", "")])}
+    return {
+        "PYTHONPATH": os.pathsep.join([str(tmp_path / "shim"), str(root), os.environ.get("PYTHONPATH", "")])
+    }
 
 
 @pytest.mark.parametrize("option", ["sampling.backend=vllm", "teacher.engine=vllm"])
@@ -268,7 +289,9 @@ def test_memory_plan_divides_what_is_sharded_and_prints_readable_units():
         return next(line for line in text.splitlines() if name in line).split(")")[-1].strip()
 
     replicated = memory_plan(student, [teacher], world=2, micro_batch=1, seq_len=8, chunk_size=16)
-    sharded = memory_plan(student, [teacher], world=2, micro_batch=1, seq_len=8, chunk_size=16, shard_frozen=True)
+    sharded = memory_plan(
+        student, [teacher], world=2, micro_batch=1, seq_len=8, chunk_size=16, shard_frozen=True
+    )
     assert row(replicated, "student params") == human_bytes(size / 2)
     assert row(replicated, "AdamW state") == human_bytes(size)  # two fp32 moments, halved
     assert row(replicated, "teacher + reference (replicated)") == human_bytes(size)
@@ -278,11 +301,14 @@ def test_memory_plan_divides_what_is_sharded_and_prints_readable_units():
     # (d per layer) plus one layer's worth; fp32 here; plus three fp32 chunks of the vocabulary
     head = 4 * 3 * 16 * 128
     assert row(replicated, "activations") == human_bytes(4 * 8 * 2 * (12 * 64 + 3 * 128) + head)
-    recomputed = memory_plan(student, [teacher], world=2, micro_batch=1, seq_len=8, chunk_size=16, checkpointing=True)
+    recomputed = memory_plan(
+        student, [teacher], world=2, micro_batch=1, seq_len=8, chunk_size=16, checkpointing=True
+    )
     assert row(recomputed, "activations") == human_bytes(4 * 8 * (2 * 64 + 12 * 64 + 3 * 128) + head)
     assert "gathered for sampling" in replicated
-    assert "gathered for sampling" not in memory_plan(student, [], world=2, micro_batch=1, seq_len=8,
-                                                      chunk_size=16, gathered_sampling=False)
+    assert "gathered for sampling" not in memory_plan(
+        student, [], world=2, micro_batch=1, seq_len=8, chunk_size=16, gathered_sampling=False
+    )
 
 
 def test_split_gives_contiguous_shares_that_concatenate_to_the_list():
@@ -304,8 +330,9 @@ def test_nproc_passes_a_ranks_config_error_through_as_exit_2(data, tmp_path):
 def test_sigterm_to_an_nproc_run_stops_every_rank_after_the_same_step(data, tmp_path):
     run = tmp_path / "r"
     cli = [*args(data, run, train__steps=8, train__save_every=100, train__eval_every=0), "--nproc", "2"]
-    proc = subprocess.Popen([sys.executable, "-m", "stableopd", *cli], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stableopd", *cli], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline:
         if (run / "metrics.jsonl").exists() and read_rows(run / "metrics.jsonl"):
@@ -330,8 +357,10 @@ def test_first_use_of_built_in_models_under_several_processes(data, tmp_path):
     # must be built before it, once, with the other rank waiting. Rank 0 sleeps before loading its models,
     # so a build left until then would be rank 1's.
     cache = tmp_path / "fresh-cache"
-    proc = launch([*args(data, tmp_path / "r", train__steps=1, train__eval_every=0), "--nproc", "2"],
-                  env={"STABLEOPD_CACHE": str(cache), "STABLEOPD_TEST_DELAY": "0:4"})
+    proc = launch(
+        [*args(data, tmp_path / "r", train__steps=1, train__eval_every=0), "--nproc", "2"],
+        env={"STABLEOPD_CACHE": str(cache), "STABLEOPD_TEST_DELAY": "0:4"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     built = sorted(p.name for p in (cache / "models").iterdir() if (p / "COMPLETE").exists())
     assert built == ["tiny-teacher-v1", "tiny-v1"]

@@ -193,7 +193,10 @@ def test_responses_file_limits_encoding_and_kind(tmp_path):
     big = _jsonl(tmp_path / "big.jsonl", [{"prompt_id": "p1", "response": "x" * (2 << 20)}])
     with pytest.raises(UserError) as exc:
         run_eval(_cfg(data, "data.max_file_mb=1"), models=[], responses=big, out=None, as_json=True)
-    assert str(exc.value) == f"responses file '{big}' is 2 MiB, over the 1 MiB limit; raise data.max_file_mb to read it"
+    assert (
+        str(exc.value)
+        == f"responses file '{big}' is 2 MiB, over the 1 MiB limit; raise data.max_file_mb to read it"
+    )
     with pytest.raises(UserError) as exc:
         run_eval(_cfg(data, "data.max_line_mb=1"), models=[], responses=big, out=None, as_json=True)
     assert str(exc.value) == f"{big}:1: line longer than 1 MiB; raise data.max_line_mb if the file is right"
@@ -359,9 +362,26 @@ def _tiny_run(tmp_path: Path, *sets: str) -> Path:
     from stableopd.cli import app
 
     run, train = tmp_path / "run", _jsonl(tmp_path / "train.jsonl", MATH)
-    args = ["distill", "--student", "tiny", "--teacher", "tiny-teacher", "--data", str(train), "--out", str(run)]
-    for kv in ("train.steps=1", "train.save_every=1", "train.prompts_per_step=2", "sampling.n=1",
-               "train.eval_every=0", "logging.progress=false", *sets):
+    args = [
+        "distill",
+        "--student",
+        "tiny",
+        "--teacher",
+        "tiny-teacher",
+        "--data",
+        str(train),
+        "--out",
+        str(run),
+    ]
+    for kv in (
+        "train.steps=1",
+        "train.save_every=1",
+        "train.prompts_per_step=2",
+        "sampling.n=1",
+        "train.eval_every=0",
+        "logging.progress=false",
+        *sets,
+    ):
         args += ["-s", kv]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -375,16 +395,30 @@ def test_eval_of_a_run_directory_uses_its_config_under_the_preset(tmp_path, monk
     from stableopd.cli import app
 
     val = _jsonl(tmp_path / "val.jsonl", MATH)
-    run = _tiny_run(tmp_path, "sampling.max_new_tokens=5", "data.chat_template=false", "eval.temperature=0",
-                    f"data.val_source={val}", "data.val_split=train", "data.val_limit=2")
-    local = _jsonl(tmp_path / "math500.jsonl",
-                   [{"unique_id": r["id"], "problem": r["prompt"], "answer": r["answer"]} for r in MATH])
+    run = _tiny_run(
+        tmp_path,
+        "sampling.max_new_tokens=5",
+        "data.chat_template=false",
+        "eval.temperature=0",
+        f"data.val_source={val}",
+        "data.val_split=train",
+        "data.val_limit=2",
+    )
+    local = _jsonl(
+        tmp_path / "math500.jsonl",
+        [{"unique_id": r["id"], "problem": r["prompt"], "answer": r["answer"]} for r in MATH],
+    )
     seen, real = [], evaluate.generate_records
-    monkeypatch.setattr(evaluate, "generate_records", lambda cfg, ref, ex, **kw: seen.append((cfg, ref, ex)) or
-                        real(cfg, ref, ex, **kw))
+    monkeypatch.setattr(
+        evaluate,
+        "generate_records",
+        lambda cfg, ref, ex, **kw: seen.append((cfg, ref, ex)) or real(cfg, ref, ex, **kw),
+    )
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["eval", str(run), "-s", "eval.preset=math500", "--data", str(local),
-                                      "--out", str(out), "--json"])
+    result = CliRunner().invoke(
+        app,
+        ["eval", str(run), "-s", "eval.preset=math500", "--data", str(local), "--out", str(out), "--json"],
+    )
     assert result.exit_code == 0, result.output
     cfg, ref, examples = seen[-1]
     assert ref == str(run / "checkpoints" / "step_000001")
@@ -396,12 +430,15 @@ def test_eval_of_a_run_directory_uses_its_config_under_the_preset(tmp_path, monk
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert max(r["n_tokens"] for r in samples) == 5 and all(r["n_tokens"] <= 5 for r in samples)
 
-    result = CliRunner().invoke(app, ["eval", str(run), "-s", "eval.preset=math500", "-s", "eval.n=2",
-                                      "--data", str(local), "--json"])
+    result = CliRunner().invoke(
+        app, ["eval", str(run), "-s", "eval.preset=math500", "-s", "eval.n=2", "--data", str(local), "--json"]
+    )
     assert result.exit_code == 0, result.output
     assert seen[-1][0].eval.n == 2 and seen[-1][0].out is None  # the command line wins; never the run's out
 
     result = CliRunner().invoke(app, ["eval", str(run), "--json"])  # no preset: the run's held-out split
     assert result.exit_code == 0, result.output
     cfg, _, examples = seen[-1]
-    assert cfg.data.source == str(val) and cfg.eval.temperature == 0 and [e.id for e in examples] == ["m0", "m1"]
+    assert (
+        cfg.data.source == str(val) and cfg.eval.temperature == 0 and [e.id for e in examples] == ["m0", "m1"]
+    )

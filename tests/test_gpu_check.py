@@ -21,11 +21,14 @@ def test_script_parses():
     assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the script would run its checks")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="this machine has CUDA: the script would run its checks"
+)
 def test_without_cuda_it_exits_2_in_one_line_and_leaves_no_temp_dir(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
     proc = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"gpu_check: no CUDA device visible to torch in '{sys.executable}'; this check needs a GPU (exit 2)"]
+        f"gpu_check: no CUDA device visible to torch in '{sys.executable}'; this check needs a GPU (exit 2)"
+    ]
     assert list(tmp_path.iterdir()) == []

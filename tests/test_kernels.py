@@ -144,14 +144,17 @@ def test_logprobs_mask_and_leading_dims():
 
 
 def test_logprobs_large_logits_stay_finite():
-    gen, h, w, *_ = setup(seed=3, scale=40.0)  # logits of order 100: fp32 softmax underflows almost everywhere
+    gen, h, w, *_ = setup(
+        seed=3, scale=40.0
+    )  # logits of order 100: fp32 softmax underflows almost everywhere
     y = torch.randint(0, V, (N,), generator=gen)
     lp, ent = linear_logprobs(h, w, y, chunk_size=7)
     logp = ref_logp(h, w)
     assert_rel(lp, logp.gather(1, y[:, None])[:, 0])
     up = torch.randn(N, generator=gen)
-    for got, want in zip(grads([lp], (h, w), [up]), grads([logp.gather(1, y[:, None])[:, 0]], (h, w), [up]),
-                         strict=True):
+    for got, want in zip(
+        grads([lp], (h, w), [up]), grads([logp.gather(1, y[:, None])[:, 0]], (h, w), [up]), strict=True
+    ):
         assert_rel(got, want)
 
 
@@ -199,8 +202,15 @@ def test_jsd_matches_reference(beta, chunk):
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_bf16_inputs_accumulate_in_fp32(beta):
-    check_divergence(linear_jsd, lambda ls, lt: ref_jsd(ls, lt, beta), 16, 1.0, dtype=torch.bfloat16,
-                     rtol_grad=1e-2, beta=beta)
+    check_divergence(
+        linear_jsd,
+        lambda ls, lt: ref_jsd(ls, lt, beta),
+        16,
+        1.0,
+        dtype=torch.bfloat16,
+        rtol_grad=1e-2,
+        beta=beta,
+    )
 
 
 @pytest.mark.parametrize("beta, direction", [(0.0, "forward"), (1.0, "reverse")])
@@ -209,13 +219,24 @@ def test_jsd_endpoints_equal_kl(beta, direction):
     jsd = linear_jsd(h, w, h_t, w_t, mask, beta=beta, chunk_size=9)
     kl = linear_kl(h, w, h_t, w_t, mask, direction=direction, chunk_size=9)
     assert torch.equal(jsd, kl)
-    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(jsd.sum(), (h, w)),
-                                                 torch.autograd.grad(kl.sum(), (h, w)), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            torch.autograd.grad(jsd.sum(), (h, w)), torch.autograd.grad(kl.sum(), (h, w)), strict=True
+        )
+    )
 
 
-@pytest.mark.parametrize("fn, kw", [(linear_kl, {"direction": "reverse"}), (linear_kl, {"direction": "forward"}),
-                                    (linear_jsd, {"beta": 0.0}), (linear_jsd, {"beta": 0.5}),
-                                    (linear_jsd, {"beta": 1.0})])
+@pytest.mark.parametrize(
+    "fn, kw",
+    [
+        (linear_kl, {"direction": "reverse"}),
+        (linear_kl, {"direction": "forward"}),
+        (linear_jsd, {"beta": 0.0}),
+        (linear_jsd, {"beta": 0.5}),
+        (linear_jsd, {"beta": 1.0}),
+    ],
+)
 def test_identical_distributions_give_zero(fn, kw):
     _, h, w, *_ = setup(seed=6)
     out = fn(h, w, h.detach().clone(), w.detach().clone(), None, chunk_size=10, **kw)
@@ -251,7 +272,9 @@ def test_vocab_size_slices_differently_padded_weights():
     assert_rel(g_w[:V], torch.autograd.grad(want.sum(), w)[0][:V])
     assert (g_w[V:] == 0).all()  # padding rows never take part
     small = linear_jsd(h, w, h_t, w_t, mask, vocab_size=100, beta=0.5)
-    assert_rel(small, torch.where(mask, ref_jsd(ref_logp(h, w, vocab=100), ref_logp(h_t, w_t, vocab=100), 0.5), 0))
+    assert_rel(
+        small, torch.where(mask, ref_jsd(ref_logp(h, w, vocab=100), ref_logp(h_t, w_t, vocab=100), 0.5), 0)
+    )
     y = torch.randint(0, 100, (N,), generator=gen)
     lp, _ = linear_logprobs(h, w, y, vocab_size=100)
     assert_rel(lp, ref_logp(h, w, vocab=100).gather(1, y[:, None])[:, 0])
@@ -269,13 +292,21 @@ def test_logprobs_sum_matches_per_token_path():
     want = (tw * r_lp).sum()
     assert_rel(total, want)
     assert lp.grad_fn is None and ent.grad_fn is None
-    for g, r in zip(torch.autograd.grad(total, (h, w, tw)), torch.autograd.grad(want, (h, w, tw)), strict=True):
+    for g, r in zip(
+        torch.autograd.grad(total, (h, w, tw)), torch.autograd.grad(want, (h, w, tw)), strict=True
+    ):
         assert_rel(g, r)
 
 
-@pytest.mark.parametrize("fn, per_token, kw", [
-    (linear_kl_sum, linear_kl, {"direction": "reverse"}), (linear_kl_sum, linear_kl, {"direction": "forward"}),
-    (linear_jsd_sum, linear_jsd, {"beta": 0.3}), (linear_jsd_sum, linear_jsd, {"beta": 1.0})])
+@pytest.mark.parametrize(
+    "fn, per_token, kw",
+    [
+        (linear_kl_sum, linear_kl, {"direction": "reverse"}),
+        (linear_kl_sum, linear_kl, {"direction": "forward"}),
+        (linear_jsd_sum, linear_jsd, {"beta": 0.3}),
+        (linear_jsd_sum, linear_jsd, {"beta": 1.0}),
+    ],
+)
 def test_divergence_sum_matches_per_token_path(fn, per_token, kw):
     gen, h, w, h_t, w_t, mask = setup(seed=10)
     tw = torch.rand(N, generator=gen)
@@ -283,7 +314,9 @@ def test_divergence_sum_matches_per_token_path(fn, per_token, kw):
     out = per_token(h, w, h_t, w_t, mask, chunk_size=11, **kw)
     assert_rel(values, out)
     assert_rel(total, (tw * out).sum())
-    for g, r in zip(torch.autograd.grad(total, (h, w)), torch.autograd.grad((tw * out).sum(), (h, w)), strict=True):
+    for g, r in zip(
+        torch.autograd.grad(total, (h, w)), torch.autograd.grad((tw * out).sum(), (h, w)), strict=True
+    ):
         assert_rel(g, r)
 
 
@@ -321,14 +354,17 @@ def test_never_materialises_full_logits(which):
 
 
 def test_compile_path_matches_eager(monkeypatch):
-    monkeypatch.setattr(kernels, "COMPILE_BACKEND", "aot_eager")  # exercises torch.compile without a C compiler
+    monkeypatch.setattr(
+        kernels, "COMPILE_BACKEND", "aot_eager"
+    )  # exercises torch.compile without a C compiler
     monkeypatch.setattr(kernels, "_COMPILED", {})
     _, h, w, h_t, w_t, mask = setup(seed=11)
     eager = linear_jsd(h, w, h_t, w_t, mask, beta=0.5, chunk_size=16)
     compiled = linear_jsd(h, w, h_t, w_t, mask, beta=0.5, chunk_size=16, compile=True)
     assert_rel(compiled, eager)
-    for g, r in zip(torch.autograd.grad(compiled.sum(), (h, w)), torch.autograd.grad(eager.sum(), (h, w)),
-                    strict=True):
+    for g, r in zip(
+        torch.autograd.grad(compiled.sum(), (h, w)), torch.autograd.grad(eager.sum(), (h, w)), strict=True
+    ):
         assert_rel(g, r)
 
 
@@ -339,7 +375,9 @@ def test_make_adamw_on_cpu_is_the_default_implementation():
     assert opt.defaults["lr"] == 1e-3 and opt.defaults["weight_decay"] == 0.1
 
 
-@pytest.mark.parametrize("kw", [{"chunk_size": 0}, {"temperature": 0.0}, {"vocab_size": V + 1}, {"beta": 1.5}])
+@pytest.mark.parametrize(
+    "kw", [{"chunk_size": 0}, {"temperature": 0.0}, {"vocab_size": V + 1}, {"beta": 1.5}]
+)
 def test_bad_arguments_raise(kw):
     _, h, w, h_t, w_t, mask = setup()
     with pytest.raises(ValueError):
@@ -357,11 +395,15 @@ def test_cuda_compiled_bf16_matches_cpu():
     cpu = linear_jsd(h, w, h_t, w_t, mask, beta=0.5, chunk_size=16)
     args = [t.detach().cuda().bfloat16().requires_grad_() for t in (h, w, h_t, w_t)]
     gpu = linear_jsd(*args, mask.cuda(), beta=0.5, chunk_size=16, compile=True)
-    assert_rel(gpu.cpu(), linear_jsd(*[t.detach().bfloat16() for t in (h, w, h_t, w_t)], mask, beta=0.5), 1e-4)
+    assert_rel(
+        gpu.cpu(), linear_jsd(*[t.detach().bfloat16() for t in (h, w, h_t, w_t)], mask, beta=0.5), 1e-4
+    )
     assert (gpu.cpu() - cpu).abs().max() < 0.05  # bf16 rounding of the inputs
     gpu.sum().backward()
     assert torch.isfinite(args[0].grad).all() and args[2].grad is None
-    assert isinstance(make_adamw([torch.nn.Parameter(torch.randn(3, device="cuda"))], lr=1e-3).defaults["fused"], bool)
+    assert isinstance(
+        make_adamw([torch.nn.Parameter(torch.randn(3, device="cuda"))], lr=1e-3).defaults["fused"], bool
+    )
 
 
 @pytest.mark.parametrize("case", ["kl-reverse", "kl-forward", "jsd-0.5", "jsd-0.1"])

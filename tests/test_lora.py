@@ -36,9 +36,19 @@ def data(tmp_path_factory) -> Path:
 def learned(tmp_path_factory, data, tiny, tiny_teacher) -> Path:
     """20 LoRA steps on the tiny pair, validating every 5."""
     run = tmp_path_factory.mktemp("lora") / "run"
-    result = distill_cli(*pair_args(data, run), *LORA, *sets(train__steps=20, train__save_every=10,
-                                                              train__eval_every=5, data__val_limit=8, data__limit=4,
-                                                              train__prompts_per_step=4, sampling__n=4))
+    result = distill_cli(
+        *pair_args(data, run),
+        *LORA,
+        *sets(
+            train__steps=20,
+            train__save_every=10,
+            train__eval_every=5,
+            data__val_limit=8,
+            data__limit=4,
+            train__prompts_per_step=4,
+            sampling__n=4,
+        ),
+    )
     assert result.exit_code == 0, result.output + repr(result.exception)
     return run
 
@@ -91,7 +101,9 @@ def test_killed_lora_run_resumes_exactly(tmp_path, data, tiny, tiny_teacher, mon
     assert says(resumed.output, "resuming from", "step_000004")
     a, b = (read_rows(tmp_path / r / "metrics.jsonl") for r in "ab")
     assert [r["step"] for r in a] == list(range(7)) and comparable(b) == comparable(a)
-    wa, wb = (load_file(tmp_path / r / "checkpoints" / "step_000006" / "adapter_model.safetensors") for r in "ab")
+    wa, wb = (
+        load_file(tmp_path / r / "checkpoints" / "step_000006" / "adapter_model.safetensors") for r in "ab"
+    )
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     oa, ob = (torch.load(tmp_path / r / "checkpoints" / "step_000006" / "optimizer.pt", weights_only=True)
               for r in "ab")  # fmt: skip
@@ -118,14 +130,18 @@ def test_merged_export_loads_in_plain_transformers_with_the_adapters_logprobs(tm
     result = CliRunner().invoke(app, ["export", str(learned), "--merge", "--out", str(tmp_path / "merged")])
     assert result.exit_code == 0, result.output + repr(result.exception)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", local_files_only=True).eval()
-    adapted = PeftModel.from_pretrained(copy.deepcopy(tiny.model), learned / "checkpoints" / "step_000020").eval()
+    adapted = PeftModel.from_pretrained(
+        copy.deepcopy(tiny.model), learned / "checkpoints" / "step_000020"
+    ).eval()
     ids = torch.randint(3, 40, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = torch.log_softmax(adapted(input_ids=ids).logits, -1)
         got = torch.log_softmax(merged(input_ids=ids).logits, -1)
         base = torch.log_softmax(tiny.model(input_ids=ids).logits, -1)
     assert (got - want).abs().max() <= 1e-4
-    assert (base - want).abs().max() > 1e-2  # the adapter changed the model, so the comparison means something
+    assert (
+        base - want
+    ).abs().max() > 1e-2  # the adapter changed the model, so the comparison means something
     plain = CliRunner().invoke(app, ["export", str(learned), "--out", str(tmp_path / "adapter")])
     assert plain.exit_code == 0 and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "adapter" / "optimizer.pt").exists()
@@ -148,7 +164,9 @@ def test_eval_of_a_lora_run_reads_the_adapter(learned, tiny):
     merged = load_model(str(learned / "checkpoints" / "step_000020"), dtype="float32", device="cpu")
     ids = torch.tensor([[2, 7, 11, 4]])
     with torch.no_grad():
-        assert not torch.allclose(merged.model(input_ids=ids).logits, tiny.model(input_ids=ids).logits, atol=1e-3)
+        assert not torch.allclose(
+            merged.model(input_ids=ids).logits, tiny.model(input_ids=ids).logits, atol=1e-3
+        )
     assert type(merged.model).__name__ == type(tiny.model).__name__  # merged: a plain transformers model
 
 
@@ -165,17 +183,26 @@ def test_vllm_sync_pushes_the_merged_weights(tiny, monkeypatch):
             torch.nn.init.normal_(p, std=0.2)
     reference = copy.deepcopy(model).merge_and_unload().state_dict()
     pushed = dict(hf_weight_items(model))
-    assert set(pushed) == {k for k in reference if k != "lm_head.weight" or not tiny.model.config.tie_word_embeddings}
+    assert set(pushed) == {
+        k for k in reference if k != "lm_head.weight" or not tiny.model.config.tie_word_embeddings
+    }
     assert all(torch.allclose(pushed[k], reference[k], atol=1e-6) for k in pushed)
     assert any(not torch.equal(pushed[k], tiny.model.state_dict()[k]) for k in pushed)
-    backend = VLLMBackend(model=model, tokenizer=tiny.tokenizer, model_path=tiny.path, stop_ids=[0], options={})
+    backend = VLLMBackend(
+        model=model, tokenizer=tiny.tokenizer, model_path=tiny.path, stop_ids=[0], options={}
+    )
     engine = backend.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
     assert engine.loads == 1  # the engine loaded the base from disk; the adapter reached it at start
     held = engine.hf_model.state_dict()
     assert all(torch.allclose(held[k], reference[k], atol=1e-6) for k in pushed)
     with pytest.raises(UserError, match="is a LoRA adapter"):
-        VLLMBackend(model=None, tokenizer=tiny.tokenizer, model_path=str(_adapter_dir(model, monkeypatch)),
-                    stop_ids=[0], options={})
+        VLLMBackend(
+            model=None,
+            tokenizer=tiny.tokenizer,
+            model_path=str(_adapter_dir(model, monkeypatch)),
+            stop_ids=[0],
+            options={},
+        )
 
 
 def _adapter_dir(model, monkeypatch) -> Path:
@@ -215,19 +242,44 @@ def test_lora_on_smollm2_reference_kl_and_merged_export(tmp_path, smollm2):
     from stableopd.cli import app
 
     run = tmp_path / "run"
-    rows = [{"id": f"q{i}", "prompt": f"What is {i} plus {i + 2}?", "answer": str(2 * i + 2)} for i in range(2)]
+    rows = [
+        {"id": f"q{i}", "prompt": f"What is {i} plus {i + 2}?", "answer": str(2 * i + 2)} for i in range(2)
+    ]
     data = write_jsonl(tmp_path / "q.jsonl", rows)
     # a sharper copy of itself as the teacher: a real target the student is not at from the start
-    result = distill_cli("--student", "smollm2-135m", "--teacher", "smollm2-135m", "--data", str(data), "--out",
-                         str(run), "-s", "student.lora.r=8", "-s", "train.lr=1e-3", "-s", "loss.teacher_temperature=0.5",
-                         *sets(train__steps=3, train__save_every=3, train__eval_every=0, train__prompts_per_step=1,
-                               sampling__max_new_tokens=8))
+    result = distill_cli(
+        "--student",
+        "smollm2-135m",
+        "--teacher",
+        "smollm2-135m",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "-s",
+        "student.lora.r=8",
+        "-s",
+        "train.lr=1e-3",
+        "-s",
+        "loss.teacher_temperature=0.5",
+        *sets(
+            train__steps=3,
+            train__save_every=3,
+            train__eval_every=0,
+            train__prompts_per_step=1,
+            sampling__max_new_tokens=8,
+        ),
+    )
     assert result.exit_code == 0, result.output + repr(result.exception)
     ref_kl = [r["loss/ref_kl"] for r in read_rows(run / "metrics.jsonl")]
     assert abs(ref_kl[0]) < 1e-7 and ref_kl[2] > 1e-4
     ckpt = run / "checkpoints" / "step_000003"
-    assert "lm_head" not in json.dumps(json.loads((ckpt / "adapter_config.json").read_text())["target_modules"])
-    assert CliRunner().invoke(app, ["export", str(run), "--merge", "--out", str(tmp_path / "m")]).exit_code == 0
+    assert "lm_head" not in json.dumps(
+        json.loads((ckpt / "adapter_config.json").read_text())["target_modules"]
+    )
+    assert (
+        CliRunner().invoke(app, ["export", str(run), "--merge", "--out", str(tmp_path / "m")]).exit_code == 0
+    )
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", local_files_only=True).eval()
     adapted = PeftModel.from_pretrained(copy.deepcopy(smollm2.model), ckpt).eval()
     ids = smollm2.tokenizer("The sum of 12 and 30 is 42, because", return_tensors="pt")["input_ids"]

@@ -270,7 +270,9 @@ def test_directory_without_config_is_not_a_model(tmp_path):
     assert str(exc.value) == f"'{tmp_path}' exists but is not a Hugging Face model directory (no config.json)"
 
 
-@pytest.mark.parametrize("damage", ["no weights", "weights cut short", "config not JSON", "tokenizer unreadable"])
+@pytest.mark.parametrize(
+    "damage", ["no weights", "weights cut short", "config not JSON", "tokenizer unreadable"]
+)
 def test_a_damaged_model_directory_is_one_line_naming_what_is_wrong(tmp_path, damage):
     path = build_tiny_model("tiny", tmp_path / "model")
     if damage == "no weights":
@@ -294,20 +296,36 @@ def test_a_damaged_model_directory_is_one_line_naming_what_is_wrong(tmp_path, da
 @pytest.mark.parametrize(
     ("error", "expected"),
     [
-        (ImportError("LlamaTokenizer requires the SentencePiece library but it was not found in your environment."),
-         "it needs a package that is not installed (pip install sentencepiece)"),
-        (ValueError("`tiktoken` is required to read a `tiktoken` file. Install it with `pip install tiktoken`."),
-         "it needs a package that is not installed (pip install tiktoken)"),
-        (OSError("Error no file named model.safetensors, or pytorch_model.bin, found in directory /m."),
-         "the directory holds no weights (Error no file named model.safetensors, or pytorch_model.bin, found in "
-         "directory /m.)"),
-        (ValueError("Unrecognized model in /m. Should have a `model_type` key\nin its config.json"),
-         "Unrecognized model in /m. Should have a `model_type` key in its config.json"),
-        (ValueError("The checkpoint you are trying to load has model type `x` but Transformers does not recognize "
-                    "it. You can update Transformers with the command `pip install --upgrade transformers`."),
-         "it needs a newer package (pip install --upgrade transformers): The checkpoint you are trying to load has "
-         "model type `x` but Transformers does not recognize it. You can update Transformers with the command "
-         "`pip install --upgrade transformers`."),
+        (
+            ImportError(
+                "LlamaTokenizer requires the SentencePiece library but it was not found in your environment."
+            ),
+            "it needs a package that is not installed (pip install sentencepiece)",
+        ),
+        (
+            ValueError(
+                "`tiktoken` is required to read a `tiktoken` file. Install it with `pip install tiktoken`."
+            ),
+            "it needs a package that is not installed (pip install tiktoken)",
+        ),
+        (
+            OSError("Error no file named model.safetensors, or pytorch_model.bin, found in directory /m."),
+            "the directory holds no weights (Error no file named model.safetensors, or pytorch_model.bin, found in "
+            "directory /m.)",
+        ),
+        (
+            ValueError("Unrecognized model in /m. Should have a `model_type` key\nin its config.json"),
+            "Unrecognized model in /m. Should have a `model_type` key in its config.json",
+        ),
+        (
+            ValueError(
+                "The checkpoint you are trying to load has model type `x` but Transformers does not recognize "
+                "it. You can update Transformers with the command `pip install --upgrade transformers`."
+            ),
+            "it needs a newer package (pip install --upgrade transformers): The checkpoint you are trying to load has "
+            "model type `x` but Transformers does not recognize it. You can update Transformers with the command "
+            "`pip install --upgrade transformers`.",
+        ),
     ],
 )
 def test_load_failures_say_what_is_missing(error, expected):

@@ -37,15 +37,23 @@ def toks():
 
 def pair(toks, student: str, teacher: str, **kw):
     gen = type("Gen", (), {"eos_token_id": qwen_family.SPECS[student]["gen_eos"]})()
-    return pair_tokens(toks[student], toks[teacher], student_stops=stop_ids(toks[student], gen), chat_template=True,
-                       names=(student, teacher), **kw)
+    return pair_tokens(
+        toks[student],
+        toks[teacher],
+        student_stops=stop_ids(toks[student], gen),
+        chat_template=True,
+        names=(student, teacher),
+        **kw,
+    )
 
 
 def test_each_model_formats_the_prompt_with_its_own_template(toks):
     student = toks["qwen_math"].decode(encode_prompt(toks["qwen_math"], "What is 2+3?"))
     teacher = toks["r1_distill"].decode(encode_prompt(toks["r1_distill"], "What is 2+3?"))
-    assert student == ("<|im_start|>system\nPlease reason step by step, and put your final answer within "
-                       "\\boxed{}.<|im_end|>\n<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n")
+    assert student == (
+        "<|im_start|>system\nPlease reason step by step, and put your final answer within "
+        "\\boxed{}.<|im_end|>\n<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert teacher == "<｜begin▁of▁sentence｜><｜User｜>What is 2+3?<｜Assistant｜>"
 
 
@@ -62,7 +70,8 @@ def test_r1_teacher_is_refused_by_default_naming_the_first_differing_id(toks):
     assert str(exc.value) == (
         "student 'qwen_math' and teacher 'r1_distill' disagree on 6 token id(s) a response can hold: id 151644 is "
         "'<|im_start|>' for the student and '<｜User｜>' for the teacher; set teacher.mismatched_tokens=suppress "
-        "so the student never samples them, or pick a teacher with the student's tokens")
+        "so the student never samples them, or pick a teacher with the student's tokens"
+    )
 
 
 def test_r1_teacher_with_suppression_shares_the_stop_and_bans_the_differing_ids(toks):
@@ -70,8 +79,10 @@ def test_r1_teacher_with_suppression_shares_the_stop_and_bans_the_differing_ids(
     assert p.vocab_size == 151665 and p.student_stops == (MATH_EOS,)
     assert p.stop_map == {MATH_EOS: MATH_EOS} and p.swaps == () and p.identity  # both end on id 151643
     assert p.banned == (151644, 151645, 151646, 151647, 151648, 151649)
-    assert all(toks["qwen_math"].convert_ids_to_tokens(i) == toks["r1_distill"].convert_ids_to_tokens(i)
-               for i in range(151650, 151665))
+    assert all(
+        toks["qwen_math"].convert_ids_to_tokens(i) == toks["r1_distill"].convert_ids_to_tokens(i)
+        for i in range(151650, 151665)
+    )
 
 
 def test_instruct_teacher_is_scored_on_its_own_end_token(toks):
@@ -96,7 +107,9 @@ def test_same_tokenizer_is_the_identity():
 def test_teacher_end_token_can_be_named_and_must_exist(toks):
     p = pair(toks, "qwen_math", "qwen_instruct", teacher_end="<|endoftext|>")
     assert p.identity
-    with pytest.raises(UserError, match="teacher.end_token='<|eot_id|>' is not a token of teacher 'qwen_instruct'"):
+    with pytest.raises(
+        UserError, match="teacher.end_token='<|eot_id|>' is not a token of teacher 'qwen_instruct'"
+    ):
         pair(toks, "qwen_math", "qwen_instruct", teacher_end="<|eot_id|>")
 
 
@@ -113,9 +126,12 @@ def test_kernels_read_the_teachers_end_column_at_the_students():
     assert not torch.allclose(kl, linear_kl(h, w, h_t, w_t, None, chunk_size=2))
     b = 0.3
     m = (1 - b) * ls.exp() + b * lt_swapped.exp()
-    want = b * (lt_swapped.exp() * (lt_swapped - m.log())).sum(-1) + (1 - b) * (ls.exp() * (ls - m.log())).sum(-1)
-    torch.testing.assert_close(linear_jsd(h, w, h_t, w_t, None, beta=b, swap_other=[(3, 9)]).double(), want,
-                               rtol=1e-5, atol=1e-6)
+    want = b * (lt_swapped.exp() * (lt_swapped - m.log())).sum(-1) + (1 - b) * (
+        ls.exp() * (ls - m.log())
+    ).sum(-1)
+    torch.testing.assert_close(
+        linear_jsd(h, w, h_t, w_t, None, beta=b, swap_other=[(3, 9)]).double(), want, rtol=1e-5, atol=1e-6
+    )
     with pytest.raises(ValueError, match="swap_other"):
         linear_kl(h, w, h_t, w_t, None, swap_other=[(3, v)])
 
@@ -132,8 +148,13 @@ class StopsAt:
         self.end = end
 
     def generate(self, prompts, params):
-        return [[Sample(token_ids=[17, 18, self.end], logprobs=[-1.0, -1.0, -1.0], finish_reason="stop")
-                 for _ in range(params.n)] for _ in prompts]
+        return [
+            [
+                Sample(token_ids=[17, 18, self.end], logprobs=[-1.0, -1.0, -1.0], finish_reason="stop")
+                for _ in range(params.n)
+            ]
+            for _ in prompts
+        ]
 
     def sync_weights(self, model):
         pass
@@ -145,11 +166,24 @@ def family_root(tmp_path_factory) -> str:
 
 
 def paper_pair_setup(root: str, prompts_file, teacher: str, *extra: str):
-    cfg = load_config(None, ["train.prompts_per_step=2", "sampling.n=2", "sampling.max_new_tokens=4",
-                             "train.eval_every=0", "student.device=cpu", "teacher.device=cpu", "loss.objective=opd",
-                             *extra],
-                      {"data.source": str(prompts_file), "student.name": str(qwen_family.model_dir("qwen_math", root)),
-                       "teacher.name": str(qwen_family.model_dir(teacher, root))})
+    cfg = load_config(
+        None,
+        [
+            "train.prompts_per_step=2",
+            "sampling.n=2",
+            "sampling.max_new_tokens=4",
+            "train.eval_every=0",
+            "student.device=cpu",
+            "teacher.device=cpu",
+            "loss.objective=opd",
+            *extra,
+        ],
+        {
+            "data.source": str(prompts_file),
+            "student.name": str(qwen_family.model_dir("qwen_math", root)),
+            "teacher.name": str(qwen_family.model_dir(teacher, root)),
+        },
+    )
     return cfg, trainer.prepare(cfg, student_path=None, need_teacher=True, need_ref=False)
 
 
@@ -157,38 +191,65 @@ def paper_pair_setup(root: str, prompts_file, teacher: str, *extra: str):
     ("qwen_instruct", [], IM_END),
     ("r1_distill", ["teacher.mismatched_tokens=suppress"], MATH_EOS),
 ])  # fmt: skip
-def test_a_step_scores_the_teacher_on_its_prompt_and_its_end_token(family_root, prompts_file, teacher, extra, end):
+def test_a_step_scores_the_teacher_on_its_prompt_and_its_end_token(
+    family_root, prompts_file, teacher, extra, end
+):
     cfg, setup = paper_pair_setup(family_root, prompts_file, teacher, *extra)
     optimizer = trainer.make_adamw(setup.student.model.parameters(), lr=1e-3)
     golds = trainer.gold_targets(setup.student.tokenizer, setup.train, setup.stop_ids[0])
-    _, records = trainer.train_step(cfg, setup, StopsAt(MATH_EOS), optimizer, 1,
-                                    settings=trainer.loss_settings(cfg, setup.vocab_size, setup.pair),
-                                    golds_all=golds)
+    _, records = trainer.train_step(
+        cfg,
+        setup,
+        StopsAt(MATH_EOS),
+        optimizer,
+        1,
+        settings=trainer.loss_settings(cfg, setup.vocab_size, setup.pair),
+        golds_all=golds,
+    )
     s_tok, t_tok = setup.student.tokenizer, setup.teacher.tokenizer
     for r in records:
         assert s_tok.decode(r["prompt_token_ids"]).startswith("<|im_start|>system\n")
         t_prompt = t_tok.decode(r["teacher_prompt_token_ids"])
-        assert t_prompt.startswith("<｜begin▁of▁sentence｜><｜User｜>" if teacher == "r1_distill" else
-                                   "<|im_start|>system\nYou are Qwen")
+        assert t_prompt.startswith(
+            "<｜begin▁of▁sentence｜><｜User｜>"
+            if teacher == "r1_distill"
+            else "<|im_start|>system\nYou are Qwen"
+        )
         assert r["response_token_ids"] == [17, 18] and r["stop_token_id"] == MATH_EOS
         assert r["teacher_stop_token_id"] == end
-        want = score_targets(setup.teacher.model, [r["teacher_prompt_token_ids"]], [[17, 18, end]],
-                             pad_id=t_tok.pad_token_id, micro_batch=1, chunk_size=64, vocab_size=setup.vocab_size)[0]
+        want = score_targets(
+            setup.teacher.model,
+            [r["teacher_prompt_token_ids"]],
+            [[17, 18, end]],
+            pad_id=t_tok.pad_token_id,
+            micro_batch=1,
+            chunk_size=64,
+            vocab_size=setup.vocab_size,
+        )[0]
         assert r["teacher_logprobs"] == pytest.approx(want[:2], rel=1e-5, abs=1e-6)
     # the stop position's teacher log-prob (the last advantage term) is the teacher's own end token's
     rollouts = trainer.teacher_view(setup, [0], records[:1], [[17, 18, MATH_EOS]], 1)
     assert rollouts[1] == [[17, 18, end]]
     ids = torch.tensor([records[0]["teacher_prompt_token_ids"] + [17, 18]])
     with torch.no_grad():
-        logits = setup.teacher.model(input_ids=ids).logits[0, -1, :setup.vocab_size].float()
+        logits = setup.teacher.model(input_ids=ids).logits[0, -1, : setup.vocab_size].float()
     direct = float(logits.log_softmax(-1)[end])
-    got = score_targets(setup.teacher.model, [records[0]["teacher_prompt_token_ids"]], rollouts[1],
-                        pad_id=t_tok.pad_token_id, micro_batch=1, chunk_size=64, vocab_size=setup.vocab_size)[0][2]
+    got = score_targets(
+        setup.teacher.model,
+        [records[0]["teacher_prompt_token_ids"]],
+        rollouts[1],
+        pad_id=t_tok.pad_token_id,
+        micro_batch=1,
+        chunk_size=64,
+        vocab_size=setup.vocab_size,
+    )[0][2]
     assert math.isclose(got, direct, rel_tol=1e-5, abs_tol=1e-6)
 
 
 def test_banned_ids_are_never_sampled_and_a_backend_that_ignores_them_is_stopped(family_root, prompts_file):
-    cfg, setup = paper_pair_setup(family_root, prompts_file, "r1_distill", "teacher.mismatched_tokens=suppress")
+    cfg, setup = paper_pair_setup(
+        family_root, prompts_file, "r1_distill", "teacher.mismatched_tokens=suppress"
+    )
     backend = trainer.build_step_backend(cfg, setup)
     params = trainer.sampling_params(cfg, 1, setup.pair)
     assert params.banned_token_ids == setup.pair.banned
@@ -203,23 +264,46 @@ def test_banned_ids_are_never_sampled_and_a_backend_that_ignores_them_is_stopped
     finally:
         model.lm_head = head
     optimizer = trainer.make_adamw(setup.student.model.parameters(), lr=1e-3)
-    with pytest.raises(UserError, match="produced token id 151644, which SamplingParams.banned_token_ids forbids"):
-        trainer.train_step(cfg, setup, StopsAt(IM_START), optimizer, 1,
-                           settings=trainer.loss_settings(cfg, setup.vocab_size, setup.pair), golds_all=[None] * 99)
+    with pytest.raises(
+        UserError, match="produced token id 151644, which SamplingParams.banned_token_ids forbids"
+    ):
+        trainer.train_step(
+            cfg,
+            setup,
+            StopsAt(IM_START),
+            optimizer,
+            1,
+            settings=trainer.loss_settings(cfg, setup.vocab_size, setup.pair),
+            golds_all=[None] * 99,
+        )
 
 
 def test_a_disagreeing_pair_is_refused_before_any_weights_load(tmp_path, prompts_file):
     root = str(tmp_path)
     student = qwen_family.model_dir("qwen_math", root, weights=False)  # tokenizer and configs, no weights
     teacher = qwen_family.model_dir("r1_distill", root, weights=False)
-    result = CliRunner().invoke(app, ["distill", "--student", str(student), "--teacher", str(teacher),
-                                      "--data", str(prompts_file), "--out", str(tmp_path / "run")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "distill",
+            "--student",
+            str(student),
+            "--teacher",
+            str(teacher),
+            "--data",
+            str(prompts_file),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert "disagree on 6 token id(s) a response can hold: id 151644 is '<|im_start|>'" in result.output
     assert "no weights" not in result.output and not (tmp_path / "run").exists()
 
 
-def test_a_vllm_teacher_engine_gets_the_teachers_prompts_and_end_token(family_root, prompts_file, monkeypatch):
+def test_a_vllm_teacher_engine_gets_the_teachers_prompts_and_end_token(
+    family_root, prompts_file, monkeypatch
+):
     from tests.vllm_double import FakeVLLM
 
     FakeVLLM().install(monkeypatch)
@@ -227,12 +311,20 @@ def test_a_vllm_teacher_engine_gets_the_teachers_prompts_and_end_token(family_ro
     seen, real = [], setup.teacher_scorer.score
     setup.teacher_scorer.score = lambda p, t, **kw: seen.append((p, t)) or real(p, t, **kw)
     optimizer = trainer.make_adamw(setup.student.model.parameters(), lr=1e-3)
-    _, records = trainer.train_step(cfg, setup, StopsAt(MATH_EOS), optimizer, 1,
-                                    settings=trainer.loss_settings(cfg, setup.vocab_size, setup.pair),
-                                    golds_all=[None] * len(setup.train))
+    _, records = trainer.train_step(
+        cfg,
+        setup,
+        StopsAt(MATH_EOS),
+        optimizer,
+        1,
+        settings=trainer.loss_settings(cfg, setup.vocab_size, setup.pair),
+        golds_all=[None] * len(setup.train),
+    )
     prompts, targets = seen[0]
     assert prompts == [r["teacher_prompt_token_ids"] for r in records]
-    assert all(setup.teacher.tokenizer.decode(p).startswith("<|im_start|>system\nYou are Qwen") for p in prompts)
+    assert all(
+        setup.teacher.tokenizer.decode(p).startswith("<|im_start|>system\nYou are Qwen") for p in prompts
+    )
     assert targets == [[17, 18, IM_END]] * len(records)
 
 
@@ -240,7 +332,7 @@ def _next_token_logprobs(model, prompt: list[int], target: list[int], vocab: int
     """(T, V) full log-softmax at the positions that predict `target` after `prompt`, one unpadded sequence."""
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([prompt + target])).logits[0]
-    return logits[len(prompt) - 1:len(prompt) + len(target) - 1, :vocab].double().log_softmax(-1)
+    return logits[len(prompt) - 1 : len(prompt) + len(target) - 1, :vocab].double().log_softmax(-1)
 
 
 def _swapped(lt: torch.Tensor, swaps) -> torch.Tensor:
@@ -263,8 +355,19 @@ def test_validation_kl_reads_the_teacher_prompt_and_its_end_column(family_root, 
 
         h = target_hidden(t, pack(t_prompts, targets, 0, "cpu")).mean(0)  # (d,)
         t.get_output_embeddings().weight[IM_END] = 6.0 * h / h.norm() ** 2
-    total, count = reverse_kl_sums(s, t, prompts, targets, pad_id=0, micro_batch=1, chunk_size=64, vocab_size=v,
-                                   teacher_prompts=t_prompts, swaps=pair.swaps)
+    total, count = reverse_kl_sums(
+        s,
+        t,
+        prompts,
+        targets,
+        pad_id=0,
+        micro_batch=1,
+        chunk_size=64,
+        vocab_size=v,
+        teacher_prompts=t_prompts,
+        swaps=pair.swaps,
+    )
+
     def naive(teacher_prompts, swaps) -> float:
         out = 0.0
         for p, tp, y in zip(prompts, teacher_prompts, targets):
@@ -287,30 +390,56 @@ def sharpen(model) -> None:
 
 
 def test_jsd_step_compares_with_the_teacher_on_its_own_prompt(family_root, prompts_file):
-    cfg, setup = paper_pair_setup(family_root, prompts_file, "qwen_instruct", "loss.objective=jsd",
-                                  "loss.jsd_beta=0.3", "loss.aggregation=token_mean", "loss.ref_kl_coef=0")
+    cfg, setup = paper_pair_setup(
+        family_root,
+        prompts_file,
+        "qwen_instruct",
+        "loss.objective=jsd",
+        "loss.jsd_beta=0.3",
+        "loss.aggregation=token_mean",
+        "loss.ref_kl_coef=0",
+    )
     sharpen(setup.teacher.model)
     seen = []
-    setup.teacher.model.get_decoder().register_forward_hook(lambda mod, args, kw, out: seen.append(kw["input_ids"]),
-                                                            with_kwargs=True)
+    setup.teacher.model.get_decoder().register_forward_hook(
+        lambda mod, args, kw, out: seen.append(kw["input_ids"]), with_kwargs=True
+    )
     optimizer = trainer.make_adamw(setup.student.model.parameters(), lr=1e-3)
-    metrics, records = trainer.train_step(cfg, setup, StopsAt(MATH_EOS), optimizer, 1,
-                                          settings=trainer.loss_settings(cfg, setup.vocab_size, setup.pair),
-                                          golds_all=[None] * len(setup.train))
+    metrics, records = trainer.train_step(
+        cfg,
+        setup,
+        StopsAt(MATH_EOS),
+        optimizer,
+        1,
+        settings=trainer.loss_settings(cfg, setup.vocab_size, setup.pair),
+        golds_all=[None] * len(setup.train),
+    )
     v, b = setup.vocab_size, 0.3
     assert all(r["teacher_stop_token_id"] == IM_END for r in records)
     # the same JSD value from full logits, with a fresh copy of the student as it was before the update
-    _, fresh = paper_pair_setup(family_root, prompts_file, "qwen_instruct", "loss.objective=jsd",
-                                   "loss.jsd_beta=0.3", "loss.aggregation=token_mean", "loss.ref_kl_coef=0")
+    _, fresh = paper_pair_setup(
+        family_root,
+        prompts_file,
+        "qwen_instruct",
+        "loss.objective=jsd",
+        "loss.jsd_beta=0.3",
+        "loss.aggregation=token_mean",
+        "loss.ref_kl_coef=0",
+    )
     sharpen(fresh.teacher.model)
+
     def naive(teacher_prompt_key: str) -> float:
         total, n = 0.0, 0
         for r in records:
             y = [17, 18, MATH_EOS]
             ls = _next_token_logprobs(fresh.student.model, r["prompt_token_ids"], y, v)
-            lt = _swapped(_next_token_logprobs(fresh.teacher.model, r[teacher_prompt_key], y, v), fresh.pair.swaps)
+            lt = _swapped(
+                _next_token_logprobs(fresh.teacher.model, r[teacher_prompt_key], y, v), fresh.pair.swaps
+            )
             m = ((1 - b) * ls.exp() + b * lt.exp()).log()
-            total += float((b * (lt.exp() * (lt - m)).sum(-1) + (1 - b) * (ls.exp() * (ls - m)).sum(-1)).sum())
+            total += float(
+                (b * (lt.exp() * (lt - m)).sum(-1) + (1 - b) * (ls.exp() * (ls - m)).sum(-1)).sum()
+            )
             n += len(y)
         return total / n
 
@@ -321,14 +450,23 @@ def test_jsd_step_compares_with_the_teacher_on_its_own_prompt(family_root, promp
     rows = [row for ids in seen for row in ids.tolist()]
     t_prompts = {tuple(r["teacher_prompt_token_ids"]) for r in records}
     assert len(rows) == len(records)
-    assert all(any(tuple(row[:len(tp)]) == tp and row[len(tp):len(tp) + 3] == [17, 18, IM_END]
-                   for tp in t_prompts) for row in rows)
+    assert all(
+        any(
+            tuple(row[: len(tp)]) == tp and row[len(tp) : len(tp) + 3] == [17, 18, IM_END] for tp in t_prompts
+        )
+        for row in rows
+    )
 
 
 def test_the_teacher_context_must_hold_its_own_prompt_and_the_budget(family_root, prompts_file):
     student = qwen_family.model_dir("qwen_math", family_root)  # 512 positions
     teacher = qwen_family.model_dir("qwen_instruct", family_root, context=200)
-    cfg = load_config(None, ["sampling.max_new_tokens=100", "train.eval_every=0"],
-                      {"data.source": str(prompts_file), "student.name": str(student), "teacher.name": str(teacher)})
-    with pytest.raises(UserError, match="prompt \\+ sampling.max_new_tokens reaches .* over the teacher's context of 200"):
+    cfg = load_config(
+        None,
+        ["sampling.max_new_tokens=100", "train.eval_every=0"],
+        {"data.source": str(prompts_file), "student.name": str(student), "teacher.name": str(teacher)},
+    )
+    with pytest.raises(
+        UserError, match="prompt \\+ sampling.max_new_tokens reaches .* over the teacher's context of 200"
+    ):
         trainer.prepare(cfg, student_path=None, need_teacher=True, need_ref=False)

@@ -68,15 +68,27 @@ def test_every_example_command_passes_dry_run_offline(example, offline, tmp_path
     assert list(offline.iterdir()) == [] and not (tmp_path / "runs").exists()  # nothing built or written
     if example.stem.startswith("paper-"):
         assert "processes     8 (global batch 64 prompts, 8 per rank)" in out
-        assert "vllm backend" in out and "vllm (pip install" in out  # not installed here: listed, not an error
+        assert (
+            "vllm backend" in out and "vllm (pip install" in out
+        )  # not installed here: listed, not an error
 
 
 def test_paper_student_config_gives_its_size_a_memory_plan_and_a_context_check(offline, tmp_path):
     student = tmp_path / "qwen-math-1.5b"
     student.mkdir()
     (student / "config.json").write_text(json.dumps(QWEN_MATH_15B))
-    base = ["distill", "-c", "examples/paper-qwen-math-1.5b.yaml", "--nproc", "8", "--dry-run",
-            "--student", str(student), "--out", str(tmp_path / "run")]
+    base = [
+        "distill",
+        "-c",
+        "examples/paper-qwen-math-1.5b.yaml",
+        "--nproc",
+        "8",
+        "--dry-run",
+        "--student",
+        str(student),
+        "--out",
+        str(tmp_path / "run"),
+    ]
     result = invoke(base)
     assert result.exit_code == 0, result.output
     size = next(line for line in result.output.splitlines() if "student size" in line)
@@ -84,7 +96,9 @@ def test_paper_student_config_gives_its_size_a_memory_plan_and_a_context_check(o
     assert 1530 < millions < 1550, size  # the model card's 1.54B
     assert "memory plan per rank (8 processes):" in result.output and "warning" not in result.output
     assert "student gathered for sampling" not in result.output  # vLLM samples from its own copy
-    params_row = next(line for line in result.output.splitlines() if "student params (sharded)" in line).split()
+    params_row = next(
+        line for line in result.output.splitlines() if "student params (sharded)" in line
+    ).split()
     unit = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[params_row[-1]]
     # bf16 weights (2 bytes each), sharded over 8 ranks
     assert float(params_row[-2]) * unit == pytest.approx(millions * 1e6 * 2 / 8, rel=0.01), params_row
@@ -97,10 +111,25 @@ def test_config_overrides_key_the_model_does_not_have_is_refused_in_the_dry_run(
     student = tmp_path / "m"
     student.mkdir()
     (student / "config.json").write_text(json.dumps(QWEN_MATH_15B))
-    result = invoke(["distill", "-c", "examples/paper-qwen-math-1.5b.yaml", "--dry-run", "--student", str(student),
-                     "-s", "student.config_overrides={rope_thetta: 1}", "-s", "train.prompts_per_step=8"])
+    result = invoke(
+        [
+            "distill",
+            "-c",
+            "examples/paper-qwen-math-1.5b.yaml",
+            "--dry-run",
+            "--student",
+            str(student),
+            "-s",
+            "student.config_overrides={rope_thetta: 1}",
+            "-s",
+            "train.prompts_per_step=8",
+        ]
+    )
     assert result.exit_code == 2
-    assert "student.config_overrides.rope_thetta: the model's config (Qwen2Config) has no 'rope_thetta'" in result.output
+    assert (
+        "student.config_overrides.rope_thetta: the model's config (Qwen2Config) has no 'rope_thetta'"
+        in result.output
+    )
 
 
 # (overrides, --nproc, fragments the one-line error must hold)
@@ -127,7 +156,9 @@ BAD = [
 
 
 @pytest.mark.parametrize(("sets", "nproc", "fragments"), BAD, ids=[" ".join(b[0]) + f" x{b[1]}" for b in BAD])
-def test_bad_combination_exits_2_naming_the_keys_before_any_model_loads(sets, nproc, fragments, offline, tmp_path):
+def test_bad_combination_exits_2_naming_the_keys_before_any_model_loads(
+    sets, nproc, fragments, offline, tmp_path
+):
     args = ["distill", "-c", "examples/smoke.yaml", "--out", str(tmp_path / "run"), "--nproc", str(nproc)]
     for dry in ([], ["--dry-run"]):
         result = invoke([*args, *[a for s in sets for a in ("-s", s)], *dry])
@@ -135,13 +166,26 @@ def test_bad_combination_exits_2_naming_the_keys_before_any_model_loads(sets, np
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), lines
         assert all(f in lines[0] for f in fragments), (lines[0], fragments)
-        assert list(offline.iterdir()) == [] and not (tmp_path / "run").exists()  # no model built, nothing written
+        assert (
+            list(offline.iterdir()) == [] and not (tmp_path / "run").exists()
+        )  # no model built, nothing written
 
 
 def test_vllm_sampler_and_teacher_engine_are_accepted_under_several_processes(offline, tmp_path):
     for sets in (["sampling.backend=vllm"], ["teacher.engine=vllm"]):
-        result = invoke(["distill", "-c", "examples/smoke.yaml", "--nproc", "2", "--dry-run", "--out",
-                         str(tmp_path / "run"), *[a for s in sets for a in ("-s", s)]])
+        result = invoke(
+            [
+                "distill",
+                "-c",
+                "examples/smoke.yaml",
+                "--nproc",
+                "2",
+                "--dry-run",
+                "--out",
+                str(tmp_path / "run"),
+                *[a for s in sets for a in ("-s", s)],
+            ]
+        )
         assert result.exit_code == 0, result.output
         assert "processes     2" in result.output
 
@@ -157,8 +201,10 @@ def test_config_overrides_reach_the_model_every_checkpoint_and_a_resumed_run(tmp
     from stableopd.models import load_model
     from stableopd.trainer import run_distill
 
-    plain, over = load_model("tiny"), load_model("tiny", config_overrides={"rope_theta": 300000.0,
-                                                                           "max_position_embeddings": 4096})
+    plain, over = (
+        load_model("tiny"),
+        load_model("tiny", config_overrides={"rope_theta": 300000.0, "max_position_embeddings": 4096}),
+    )
     assert over.model.config.rope_parameters["rope_theta"] == 300000.0
     assert over.model.config.max_position_embeddings == 4096 != plain.model.config.max_position_embeddings
     # the rotary frequencies follow theta: inv_freq = theta ** (-2i / head_dim), so the last one shrinks
@@ -168,8 +214,13 @@ def test_config_overrides_reach_the_model_every_checkpoint_and_a_resumed_run(tmp
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
     with torch.no_grad():
         assert not torch.allclose(plain.model(ids).logits, over.model(ids).logits)  # the weights are the same
-    sets = ["train.steps=2", "train.save_every=1", "train.eval_every=0", "logging.progress=false",
-            "student.config_overrides={rope_theta: 300000.0, max_position_embeddings: 4096}"]
+    sets = [
+        "train.steps=2",
+        "train.save_every=1",
+        "train.eval_every=0",
+        "logging.progress=false",
+        "student.config_overrides={rope_theta: 300000.0, max_position_embeddings: 4096}",
+    ]
     run = tmp_path / "run"
     assert run_distill(load_config("examples/smoke.yaml", sets + ["train.steps=1"], {"out": str(run)})) == 0
     assert run_distill(load_config("examples/smoke.yaml", sets, {"out": str(run)}), resume=True) == 0
@@ -178,35 +229,62 @@ def test_config_overrides_reach_the_model_every_checkpoint_and_a_resumed_run(tmp
         assert saved["rope_parameters"]["rope_theta"] == 300000.0 and saved["max_position_embeddings"] == 4096
     from stableopd.errors import UserError
 
-    typo = load_config("examples/smoke.yaml", ["teacher.config_overrides={rope_thetta: 1}"],
-                       {"out": str(tmp_path / "typo")})
+    typo = load_config(
+        "examples/smoke.yaml", ["teacher.config_overrides={rope_thetta: 1}"], {"out": str(tmp_path / "typo")}
+    )
     with pytest.raises(UserError, match=r"^teacher.config_overrides.rope_thetta: the model's config"):
         run_distill(typo)
 
 
 def test_sft_dry_run_counts_golden_solutions_and_the_run_directory_rules(offline, tmp_path):
-    ok = invoke(["sft", "--student", "tiny", "--data", "builtin:arith?digits=1&n=20", "--out", str(tmp_path / "s"),
-                 "--dry-run"])
+    ok = invoke(
+        [
+            "sft",
+            "--student",
+            "tiny",
+            "--data",
+            "builtin:arith?digits=1&n=20",
+            "--out",
+            str(tmp_path / "s"),
+            "--dry-run",
+        ]
+    )
     assert ok.exit_code == 0, ok.output
     assert "objective     SFT on golden solutions" in ok.output and "20 with a golden solution" in ok.output
     bare = tmp_path / "bare.jsonl"
     bare.write_text('{"id": "a", "prompt": "1+1=", "answer": "2"}\n')
-    none = invoke(["sft", "--student", "tiny", "--data", str(bare), "--out", str(tmp_path / "s"), "--dry-run"])
+    none = invoke(
+        ["sft", "--student", "tiny", "--data", str(bare), "--out", str(tmp_path / "s"), "--dry-run"]
+    )
     assert none.exit_code == 2 and "sft needs golden solutions" in none.output
     resume = invoke(["sft", "--student", "tiny", "--out", str(tmp_path / "s"), "--dry-run", "--resume"])
     assert resume.exit_code == 2 and "no complete checkpoint to resume from" in resume.output
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "metrics.jsonl").write_text("{}\n")
     taken = invoke(["sft", "--student", "tiny", "--out", str(tmp_path / "s"), "--dry-run"])
-    assert taken.exit_code == 2 and "stopped before its first checkpoint" in taken.output  # as the real run says
+    assert (
+        taken.exit_code == 2 and "stopped before its first checkpoint" in taken.output
+    )  # as the real run says
 
 
 def test_lora_dry_run_counts_only_the_adapter_as_trained(offline, tmp_path):
     from stableopd.models import resolve_model_path
 
     student = resolve_model_path("tiny")  # the built-in, built into this test's cache beforehand
-    result = invoke(["distill", "-c", "examples/smoke.yaml", "--student", student, "-s", "student.lora={r: 4}",
-                     "--out", str(tmp_path / "run"), "--dry-run"])
+    result = invoke(
+        [
+            "distill",
+            "-c",
+            "examples/smoke.yaml",
+            "--student",
+            student,
+            "-s",
+            "student.lora={r: 4}",
+            "--out",
+            str(tmp_path / "run"),
+            "--dry-run",
+        ]
+    )
     assert result.exit_code == 0, result.output
     # tiny: d=64, 2 layers, q/o 64->64, k/v 64->32, gate/up 64->128, down 128->64; LoRA adds r * (in + out) each
     per_layer = 4 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 3)

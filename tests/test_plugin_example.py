@@ -22,7 +22,9 @@ def test_example_plugin_rollout_by_name(tmp_path, monkeypatch, prompts_file, tin
     info = tmp_path / "stableopd_uniform-0.1.0.dist-info"  # what `pip install` of the example writes
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: stableopd-uniform\nVersion: 0.1.0\n")
-    entry = next(line for line in (EXAMPLE / "pyproject.toml").read_text().splitlines() if line.startswith("uniform"))
+    entry = next(
+        line for line in (EXAMPLE / "pyproject.toml").read_text().splitlines() if line.startswith("uniform")
+    )
     entry = entry.replace(" ", "").replace('"', "")
     (info / "entry_points.txt").write_text(f"[stableopd.backends]\n{entry}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -30,9 +32,24 @@ def test_example_plugin_rollout_by_name(tmp_path, monkeypatch, prompts_file, tin
     assert available_backends()["uniform"] == "stableopd_uniform:UniformBackend"
 
     out = tmp_path / "u.jsonl"
-    result = CliRunner().invoke(app, ["rollout", "--model", "tiny", "--data", str(prompts_file), "--out", str(out),
-                                      "-s", "sampling.backend=uniform", "-s", "sampling.n=3",
-                                      "-s", "sampling.max_new_tokens=6"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "rollout",
+            "--model",
+            "tiny",
+            "--data",
+            str(prompts_file),
+            "--out",
+            str(out),
+            "-s",
+            "sampling.backend=uniform",
+            "-s",
+            "sampling.n=3",
+            "-s",
+            "sampling.max_new_tokens=6",
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 3 * len(prompts_file.read_text().splitlines())

@@ -324,8 +324,13 @@ def summary_rows() -> list[dict]:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("kept, where", [(["step_000002", "step_000004"], " (checkpoints/step_000002)"),
-                                         (["step_000004"], " (no checkpoint kept at that step)")])
+@pytest.mark.parametrize(
+    "kept, where",
+    [
+        (["step_000002", "step_000004"], " (checkpoints/step_000002)"),
+        (["step_000004"], " (no checkpoint kept at that step)"),
+    ],
+)
 def test_run_summary_names_start_end_best_and_its_checkpoint(kept, where):
     from stableopd.progress import run_summary
 

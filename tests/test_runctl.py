@@ -20,16 +20,25 @@ def test_a_second_lock_on_a_run_directory_is_refused_with_the_holders_pid(tmp_pa
         assert (run / ".lock").read_text() == f"{os.getpid()}\n"
         with pytest.raises(UserError) as exc:
             RunLock(run).acquire()
-        assert str(exc.value) == (f"run directory '{run}' is in use by another stableopd process (pid {os.getpid()}); "
-                                  "wait for it to end, or pass another --out")
+        assert str(exc.value) == (
+            f"run directory '{run}' is in use by another stableopd process (pid {os.getpid()}); "
+            "wait for it to end, or pass another --out"
+        )
     RunLock(run).acquire().release()  # released on exit
 
 
 def test_a_killed_holder_leaves_no_stuck_lock(tmp_path):
     run = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from stableopd.runctl import RunLock; "
-                               f"lock = RunLock({str(run)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from stableopd.runctl import RunLock; "
+            f"lock = RunLock({str(run)!r}).acquire(); print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(UserError, match=f"pid {holder.pid}"):
         RunLock(run).acquire()
@@ -72,12 +81,17 @@ def test_once_armed_the_first_signal_is_a_request_and_the_second_stops(monkeypat
             os.kill(os.getpid(), sig)
             assert stop.signum == sig
             name = signal.Signals(sig).name
-            assert announced == [f"{name}: finishing this step and saving a checkpoint (send it again to stop at once)"]
+            assert announced == [
+                f"{name}: finishing this step and saving a checkpoint (send it again to stop at once)"
+            ]
             os.kill(os.getpid(), sig)  # the same Ctrl-C delivered twice (terminal and torchrun): ignored
             monkeypatch.setattr(runctl, "REPEAT_S", 0.0)
             with pytest.raises(Interrupted) as exc:
                 os.kill(os.getpid(), sig)
-        assert exc.value.exit_code == 128 + sig and "continue from the last checkpoint with: stableopd" in str(exc.value)
+        assert (
+            exc.value.exit_code == 128 + sig
+            and "continue from the last checkpoint with: stableopd" in str(exc.value)
+        )
         assert signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler)  # handlers restored
     finally:
         signal.signal(sig, before)

@@ -36,7 +36,14 @@ from tests.test_trainer import comparable, data_rows, one_cpu_thread, pair_args,
 
 
 def test_warmup_ramps_linearly_to_the_peak():
-    assert [lr_at_step(1.0, step=s, total=10, warmup=4) for s in (1, 2, 3, 4, 5, 10)] == [0.25, 0.5, 0.75, 1, 1, 1]
+    assert [lr_at_step(1.0, step=s, total=10, warmup=4) for s in (1, 2, 3, 4, 5, 10)] == [
+        0.25,
+        0.5,
+        0.75,
+        1,
+        1,
+        1,
+    ]
 
 
 # 2 warmup steps, then 10 steps of decay to 0.1 of the peak: step 3 is a tenth of the way, step 7 half-way,
@@ -96,7 +103,9 @@ def test_scheduled_checkpointed_run_resumes_exactly(tmp_path, monkeypatch, tiny,
     rows = [r for r in read_rows(tmp_path / "a" / "metrics.jsonl") if r["step"] > 0]
     assert [r["optim/lr"] for r in rows] == pytest.approx(EXPECTED_LR, rel=1e-12)
 
-    monkeypatch.setenv("STABLEOPD_TEST_FAIL", "0:3")  # dies at the start of step 3, after the step-2 checkpoint
+    monkeypatch.setenv(
+        "STABLEOPD_TEST_FAIL", "0:3"
+    )  # dies at the start of step 3, after the step-2 checkpoint
     assert distill(data, tmp_path / "b").exit_code != 0
     monkeypatch.delenv("STABLEOPD_TEST_FAIL")
     resumed = distill(data, tmp_path / "b", "--resume")
@@ -142,7 +151,9 @@ def test_gradient_checkpointing_recomputes_and_keeps_the_gradient(tiny):
     assert (plain_calls, ckpt_calls) == (1, 2)  # one micro-batch: forward, then the recomputation in backward
     assert plain.keys() == ckpt.keys()
     for name in plain:  # the same ops in the same order: equal up to the last bit of fp32
-        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-6, atol=1e-7 * float(plain[name].abs().max()))
+        torch.testing.assert_close(
+            ckpt[name], plain[name], rtol=1e-6, atol=1e-7 * float(plain[name].abs().max())
+        )
 
 
 def test_gradient_checkpointing_on_a_model_without_it_is_an_error():

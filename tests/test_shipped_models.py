@@ -34,7 +34,9 @@ def files(path: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("name", NAMES)
 def test_every_recipe_has_shipped_weights_for_its_current_key(name):
     entry = toy.shipped_manifest()[name]
-    assert entry["recipe_key"] == toy.recipe_key(toy.TOY_FAMILY[name])  # else: python tools/ship_toy_weights.py
+    assert entry["recipe_key"] == toy.recipe_key(
+        toy.TOY_FAMILY[name]
+    )  # else: python tools/ship_toy_weights.py
     assert toy.file_sha256(toy.SHIPPED / f"{name}.safetensors") == entry["sha256"]
     assert toy.shipped_weights(name) == toy.SHIPPED / f"{name}.safetensors"
 
@@ -43,7 +45,9 @@ def test_first_use_installs_the_shipped_weights_without_training(monkeypatch, tm
     monkeypatch.setenv("STABLEOPD_CACHE", str(tmp_path))
     monkeypatch.setattr(toy, "train_on_golden", lambda *a, **k: pytest.fail("trained instead of installing"))
     path = Path(resolve_model_path("collapse-student"))  # its base, arith-student, is not needed
-    assert sorted(p.name for p in (tmp_path / "models").iterdir() if not p.name.startswith(".")) == [path.name]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir() if not p.name.startswith(".")) == [
+        path.name
+    ]
     assert toy.file_sha256(path / "model.safetensors") == toy.shipped_manifest()["collapse-student"]["sha256"]
     info = json.loads((path / "toy_build.json").read_text())
     assert info["source"] == "shipped" and info["cpu_capability"] == CAPABILITY.upper()
@@ -75,14 +79,17 @@ def test_damaged_stale_or_unwanted_shipped_weights_are_not_used(monkeypatch, tmp
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_the_recipe_rebuilds_the_shipped_weights_bit_for_bit(name, rebuild_cache, tmp_path, monkeypatch):
-    out = subprocess.run([sys.executable, "-c", BUILD, name], env=build_env(rebuild_cache), capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", BUILD, name], env=build_env(rebuild_cache), capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     built = Path(json.loads(out.stdout.splitlines()[-1])[0])
     info = json.loads((built / "toy_build.json").read_text())
     if info["cpu_capability"] != CAPABILITY.upper():
-        pytest.skip(f"this CPU has no {CAPABILITY.upper()} kernels (built with {info['cpu_capability']}): the "
-                    "shipped weights are reproducible only with them")
+        pytest.skip(
+            f"this CPU has no {CAPABILITY.upper()} kernels (built with {info['cpu_capability']}): the "
+            "shipped weights are reproducible only with them"
+        )
     assert "source" not in info  # trained here, from the recipe
     monkeypatch.setenv("STABLEOPD_CACHE", str(tmp_path))
     installed = Path(resolve_model_path(name))

@@ -190,13 +190,16 @@ def test_a_recipe_with_a_base_continues_from_the_bases_cached_weights(fast_famil
     monkeypatch.setitem(toy.TOY_FAMILY, "collapse-student", tuned)
     base = weights(Path(resolve_model_path("arith-student")))
     path = Path(resolve_model_path("collapse-student"))
-    assert fast_family == [f"building {name} (first use only)" for name in ("arith-student", "collapse-student")]
+    assert fast_family == [
+        f"building {name} (first use only)" for name in ("arith-student", "collapse-student")
+    ]
     assert not same(base, weights(path))  # trained further
     # the same steps from the base's weights, by hand, give the same weights: the init was the base's
     by_hand = dataclasses.replace(tuned, base=None)
     start = load_model(resolve_model_path("arith-student"), device="cpu").model
-    manual = toy.train_on_golden(start, load_model(str(path), device="cpu").tokenizer, by_hand, label="x",
-                                 progress=False)
+    manual = toy.train_on_golden(
+        start, load_model(str(path), device="cpu").tokenizer, by_hand, label="x", progress=False
+    )
     assert manual and all(torch.equal(p, weights(path)[n]) for n, p in start.state_dict().items())
 
 

@@ -27,22 +27,33 @@ ALL = "[tensorboard,wandb,trackio,mlflow]"
 
 
 def test_scalars_keeps_finite_numbers_only():
-    row = {"step": 3, "loss/total": 0.5, "optim/skipped": 0, "guard/verdict": "healthy", "guard/onset_step": None,
-           "loss/ref_kl": float("inf"), "flag": True}
+    row = {
+        "step": 3,
+        "loss/total": 0.5,
+        "optim/skipped": 0,
+        "guard/verdict": "healthy",
+        "guard/onset_step": None,
+        "loss/ref_kl": float("inf"),
+        "flag": True,
+    }
     assert scalars(row) == {"loss/total": 0.5, "optim/skipped": 0.0}
 
 
 def test_flat_params_are_dotted_text():
-    assert flat_params({"loss": {"ref_kl_coef": 0.01, "objective": "stableopd"}, "out": None,
-                        "sampling": {"options": {}}}) == {
-        "loss.ref_kl_coef": "0.01", "loss.objective": "stableopd", "out": "null", "sampling.options": "{}"}
+    assert flat_params(
+        {"loss": {"ref_kl_coef": 0.01, "objective": "stableopd"}, "out": None, "sampling": {"options": {}}}
+    ) == {"loss.ref_kl_coef": "0.01", "loss.objective": "stableopd", "out": "null", "sampling.options": "{}"}
 
 
 def test_missing_tracker_names_the_pip_command(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
     check_installed(["tensorboard"])
-    with pytest.raises(UserError, match=r"report_to names wandb, which is not installed: pip install 'stableopd\[wandb\]'"):
+    with pytest.raises(
+        UserError, match=r"report_to names wandb, which is not installed: pip install 'stableopd\[wandb\]'"
+    ):
         check_installed(["tensorboard", "wandb"])
 
 
@@ -76,8 +87,8 @@ def read_wandb_file(path: Path, history: list[dict], config: dict) -> None:
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind in (1, 2):  # full, first
             pending = chunk
         else:  # middle, last
@@ -87,7 +98,9 @@ def read_wandb_file(path: Path, history: list[dict], config: dict) -> None:
         record = pb.Record()
         record.ParseFromString(pending)
         if record.WhichOneof("record_type") == "history":
-            history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+            history.append(
+                {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            )
         elif record.WhichOneof("record_type") == "run":
             config.update({u.key: json.loads(u.value_json) for u in record.run.config.update})
 
@@ -101,20 +114,46 @@ def tracked(tmp_path_factory, tiny, tiny_teacher):
     """A 2-step run with all four trackers, then resumed to 4 steps; (run dir, env)."""
     root = tmp_path_factory.mktemp("trackers")
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # MLflow's default: RUN_DIR
-    env |= {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "TRACKIO_DIR": str(root / "trackio"),
-            "HOME": str(root), "OMP_NUM_THREADS": "1"}
+    env |= {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "TRACKIO_DIR": str(root / "trackio"),
+        "HOME": str(root),
+        "OMP_NUM_THREADS": "1",
+    }
     run = root / "run"
-    base = [sys.executable, "-m", "stableopd", "distill", "--student", "tiny", "--teacher", "tiny-teacher",
-            "--out", str(run)]
-    sets = {"train.prompts_per_step": 2, "sampling.n": 2, "sampling.max_new_tokens": 8, "train.eval_every": 2,
-            "data.val_limit": 2, "train.save_every": 2, "train.rollouts_every": 2, "logging.progress": "false",
-            "logging.report_to": ALL, "logging.project": "opd-test", "logging.table_rows": 3}
+    base = [
+        sys.executable,
+        "-m",
+        "stableopd",
+        "distill",
+        "--student",
+        "tiny",
+        "--teacher",
+        "tiny-teacher",
+        "--out",
+        str(run),
+    ]
+    sets = {
+        "train.prompts_per_step": 2,
+        "sampling.n": 2,
+        "sampling.max_new_tokens": 8,
+        "train.eval_every": 2,
+        "data.val_limit": 2,
+        "train.save_every": 2,
+        "train.rollouts_every": 2,
+        "logging.progress": "false",
+        "logging.report_to": ALL,
+        "logging.project": "opd-test",
+        "logging.table_rows": 3,
+    }
     args = [a for k, v in sets.items() for a in ("-s", f"{k}={v}")]
     first = subprocess.run([*base, *args, "-s", "train.steps=2"], env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
     ids = json.loads((run / "trackers.json").read_text())
-    second = subprocess.run([*base, *args, "-s", "train.steps=4", "--resume"], env=env, capture_output=True,
-                            text=True)
+    second = subprocess.run(
+        [*base, *args, "-s", "train.steps=4", "--resume"], env=env, capture_output=True, text=True
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     return run, root, ids
 
@@ -132,7 +171,9 @@ def test_every_tracker_holds_the_metrics_series(tracked):
     tb.Reload()
     got = {e.step: e.value for e in tb.Scalars("loss/total")}
     assert got == pytest.approx(want, rel=1e-6)  # stored as float32
-    assert {e.step: e.value for e in tb.Scalars("val/accuracy")} == pytest.approx(by_step(rows, "val/accuracy"))
+    assert {e.step: e.value for e in tb.Scalars("val/accuracy")} == pytest.approx(
+        by_step(rows, "val/accuracy")
+    )
     texts = {e.step: e.tensor_proto.string_val[0].decode() for e in tb.Tensors("rollouts/text_summary")}
     assert sorted(texts) == [2, 4] and texts[4].count("\n") == 2 + 3  # header, rule, 3 rows
     assert "ref_kl_coef: 0.01" in tb.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
@@ -143,10 +184,16 @@ def test_every_tracker_holds_the_metrics_series(tracked):
     tables = [h for h in history if h.get("rollouts/_type") == "table-file"]
     assert [h["step"] for h in tables] == [2, 4] and all(h["rollouts/nrows"] == 3 for h in tables)
 
-    code = ("import json, sys\nfrom trackio.sqlite_storage import SQLiteStorage as S\n"
-            "print(json.dumps(S.get_logs('opd-test', sys.argv[1]), default=str))")
-    out = subprocess.run([sys.executable, "-c", code, ids["trackio"]], capture_output=True, text=True,
-                         env={**os.environ, "TRACKIO_DIR": str(root / "trackio")})
+    code = (
+        "import json, sys\nfrom trackio.sqlite_storage import SQLiteStorage as S\n"
+        "print(json.dumps(S.get_logs('opd-test', sys.argv[1]), default=str))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, ids["trackio"]],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRACKIO_DIR": str(root / "trackio")},
+    )
     logs = json.loads(out.stdout)
     assert by_step(logs, "loss/total") == want
     assert sorted(by_step(logs, "rollouts")) == [2, 4]
@@ -180,5 +227,8 @@ def test_a_failing_tracker_is_switched_off_and_the_others_go_on(capsys):
     trackers = Trackers({"broken": Broken(), "kept": Kept()})
     trackers.log({"step": 1, "loss/total": 0.5})
     trackers.log({"step": 2, "loss/total": 0.25})
-    assert list(trackers.active) == ["kept"] and Kept.seen == [(1, {"loss/total": 0.5}), (2, {"loss/total": 0.25})]
+    assert list(trackers.active) == ["kept"] and Kept.seen == [
+        (1, {"loss/total": 0.5}),
+        (2, {"loss/total": 0.25}),
+    ]
     assert "tracker broken failed in log (ConnectionError: server went away)" in capsys.readouterr().err

@@ -281,7 +281,9 @@ def test_smoke_time_parts_add_up_to_each_step(smoke):
         assert sum(r[k] for k in parts) == pytest.approx(r["time/step_s"], rel=1e-9)
         assert r["time/step_s"] >= r["time/rollout_s"] + r["time/teacher_s"] + r["time/train_s"] > 0
         assert (r["time/val_s"] > 0) == (r["step"] % 2 == 0)  # train.eval_every=2
-        assert (r["time/save_s"] > 0) == (r["step"] == 3)  # the checkpoint of step 2 (step 4's is the run's end)
+        assert (r["time/save_s"] > 0) == (
+            r["step"] == 3
+        )  # the checkpoint of step 2 (step 4's is the run's end)
     assert sum(r["time/step_s"] for r in rows) < smoke.wall
 
 
@@ -412,12 +414,15 @@ class CountingBackend:
 
 def test_a_step_samples_all_its_prompts_in_one_backend_call(data_file, built):
     """The backend batches the step's prompts itself (the hf backend by sampling.options.batch_size)."""
-    cfg, setup = step_setup(data_file, built.teacher, "train.prompts_per_step=11", "sampling.options={batch_size: 4}")
+    cfg, setup = step_setup(
+        data_file, built.teacher, "train.prompts_per_step=11", "sampling.options={batch_size: 4}"
+    )
     backend = CountingBackend(trainer.build_step_backend(cfg, setup))
     batches = []
     real = backend.inner._generate_batch
-    backend.inner._generate_batch = lambda prompts, params, seed: batches.append(len(prompts)) or real(
-        prompts, params, seed)
+    backend.inner._generate_batch = lambda prompts, params, seed: (
+        batches.append(len(prompts)) or real(prompts, params, seed)
+    )
     _, records = one_step(cfg, setup, GradCapture(setup.student.model), backend=backend)
     assert backend.calls == [11] and batches == [4, 4, 3]
     assert len(records) == 11 * 2
@@ -606,8 +611,12 @@ def naive_loss(m, rollouts, golds, s: LossSettings) -> torch.Tensor:
             old = torch.tensor(q.sampler_lp) if s.sampler_is_policy else new.detach()  # pi_old
             adv = torch.tensor(q.teacher_lp) - old
             if s.reward_to_go > 0:  # A_t = sum_{k>=t} gamma^(k-t) d_k, written as a loop
-                adv = torch.stack([sum(s.reward_to_go ** (k - t) * adv[k] for k in range(t, len(adv)))
-                                   for t in range(len(adv))])
+                adv = torch.stack(
+                    [
+                        sum(s.reward_to_go ** (k - t) * adv[k] for k in range(t, len(adv)))
+                        for t in range(len(adv))
+                    ]
+                )
             total = total - w * (adv * torch.exp(new - new.detach())).sum()  # value -A, gradient -A grad(new)
         if s.objective != "opd":
             with torch.no_grad():
@@ -638,19 +647,23 @@ def check_against_naive(m, rollouts, golds, settings, micro_batch: int) -> dict:
 def test_accumulated_gradient_equals_a_naive_full_logits_loss(acc_models, objective, aggregation):
     rollouts, golds = acc_batch(acc_models.vocab, acc_models.teacher)
     golds[1] = GoldSeq(prompt=golds[1].prompt, target=golds[1].target + [5, 6])
-    check_against_naive(acc_models, rollouts, golds, acc_settings(objective, aggregation, acc_models.vocab), 3)
+    check_against_naive(
+        acc_models, rollouts, golds, acc_settings(objective, aggregation, acc_models.vocab), 3
+    )
 
 
 @pytest.mark.parametrize("objective", ["opd", "stableopd"])
-def test_opd_on_the_samplers_policy_runs_the_forward_gradient_kernel_and_equals_a_naive_loss(acc_models, objective,
-                                                                                               monkeypatch):
+def test_opd_on_the_samplers_policy_runs_the_forward_gradient_kernel_and_equals_a_naive_loss(
+    acc_models, objective, monkeypatch
+):
     """With sampler_is_policy, pi_old is the sampler's log-probs (here -4.6 everywhere, far from the student's),
     so the naive loss's advantages come from them; the per-token kernel is never called for the OPD term."""
     from stableopd import update
 
     rollouts, golds = acc_batch(acc_models.vocab, acc_models.teacher)
-    settings = dataclasses.replace(acc_settings(objective, "seq_mean", acc_models.vocab), sampler_is_policy=True,
-                                   reward_to_go=0.5)
+    settings = dataclasses.replace(
+        acc_settings(objective, "seq_mean", acc_models.vocab), sampler_is_policy=True, reward_to_go=0.5
+    )
     calls, per_token = [], update.linear_logprobs
     monkeypatch.setattr(update, "linear_logprobs", lambda *a, **k: calls.append(1) or per_token(*a, **k))
     check_against_naive(acc_models, rollouts, golds, settings, 3)
@@ -661,13 +674,21 @@ def test_opd_forward_gradient_path_equals_the_per_token_path_when_the_sampler_is
     """The sampler's log-probs set to the student's own: both paths compute the same update and metrics."""
     rollouts, golds = acc_batch(acc_models.vocab, acc_models.teacher)
     with torch.no_grad():
-        own = score_targets(acc_models.student, [q.prompt for q in rollouts], [q.target for q in rollouts],
-                            pad_id=0, micro_batch=8, chunk_size=64, vocab_size=acc_models.vocab)
+        own = score_targets(
+            acc_models.student,
+            [q.prompt for q in rollouts],
+            [q.target for q in rollouts],
+            pad_id=0,
+            micro_batch=8,
+            chunk_size=64,
+            vocab_size=acc_models.vocab,
+        )
     rollouts = [dataclasses.replace(q, sampler_lp=lp) for q, lp in zip(rollouts, own)]
     slow_settings = acc_settings("stableopd", "token_mean", acc_models.vocab)
     slow, slow_m = run_accumulate(acc_models, rollouts, golds, slow_settings, micro_batch=3)
-    fast, fast_m = run_accumulate(acc_models, rollouts, golds,
-                                  dataclasses.replace(slow_settings, sampler_is_policy=True), micro_batch=3)
+    fast, fast_m = run_accumulate(
+        acc_models, rollouts, golds, dataclasses.replace(slow_settings, sampler_is_policy=True), micro_batch=3
+    )
     assert_grads_close(fast, slow, rtol=1e-5)
     for key, value in slow_m.items():
         if isinstance(value, float):
@@ -816,7 +837,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(smoke, tmp_pat
 def test_damage_to_any_checkpoint_file_is_caught_by_its_checksum(smoke, tmp_path, cut):
     """Every file of the latest checkpoint, cut short or with one byte changed: resume warns naming that file
     and falls back to the previous checkpoint; with no intact checkpoint left it exits 2."""
-    names = sorted(f.name for f in (smoke.run / "checkpoints" / "step_000004").iterdir() if f.name != "COMPLETE")
+    names = sorted(
+        f.name for f in (smoke.run / "checkpoints" / "step_000004").iterdir() if f.name != "COMPLETE"
+    )
     assert {"model.safetensors", "optimizer.pt", "rng.pt", "trainer_state.json", "config.json"} <= set(names)
     for name in names:
         run = tmp_path / name
@@ -831,8 +854,10 @@ def test_damage_to_any_checkpoint_file_is_caught_by_its_checksum(smoke, tmp_path
         warnings: list[str] = []
         restored = load_latest(run, warnings.append)
         assert restored.step == 2, name
-        assert warnings == [f"checkpoint step_000004 is unreadable (ValueError: {name} does not match its "
-                            "checksum (cut short or corrupted)); trying the previous one"]
+        assert warnings == [
+            f"checkpoint step_000004 is unreadable (ValueError: {name} does not match its "
+            "checksum (cut short or corrupted)); trying the previous one"
+        ]
         shutil.rmtree(run / "checkpoints" / "step_000002")
         with pytest.raises(UserError, match="every checkpoint in .* is unreadable"):
             load_latest(run, warnings.append)
@@ -846,7 +871,9 @@ def test_a_signal_stops_after_the_step_saves_and_resumes_to_the_same_run(smoke, 
     proc = subprocess.Popen(distill_cmd(*args), stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
-        if (run / "metrics.jsonl").exists() and read_rows(run / "metrics.jsonl"):  # step 0 validation is logged
+        if (run / "metrics.jsonl").exists() and read_rows(
+            run / "metrics.jsonl"
+        ):  # step 0 validation is logged
             proc.send_signal(signal.SIGTERM)
             break
         time.sleep(0.01)
@@ -854,7 +881,9 @@ def test_a_signal_stops_after_the_step_saves_and_resumes_to_the_same_run(smoke, 
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     stopped = max(r["step"] for r in read_rows(run / "metrics.jsonl"))
     assert 1 <= stopped < 4
-    assert says(err, f"stopped by SIGTERM after step {stopped}; checkpoint saved. Resume with: stableopd distill")
+    assert says(
+        err, f"stopped by SIGTERM after step {stopped}; checkpoint saved. Resume with: stableopd distill"
+    )
     assert flat(err).endswith(flat(" ".join([*args, "--resume"]))) and "Traceback" not in err
     assert list_checkpoints(run)[-1].name == f"step_{stopped:06d}"
     resumed = distill_cli(*args, "--resume")
@@ -872,11 +901,16 @@ def test_a_second_writer_on_a_run_directory_is_refused(smoke, tmp_path):
     while not (run / ".lock").exists() or not (run / ".lock").read_text().strip():
         assert first.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
-    for second in (distill_cli(*args), distill_cli(*args, "--resume"),
-                   CliRunner().invoke(app, ["sft", "--student", "tiny", "--data", str(smoke.data), "--out", str(run)])):
+    for second in (
+        distill_cli(*args),
+        distill_cli(*args, "--resume"),
+        CliRunner().invoke(app, ["sft", "--student", "tiny", "--data", str(smoke.data), "--out", str(run)]),
+    ):
         assert second.exit_code == 2, second.output
-        assert error_line(second) == (f"error: run directory '{run}' is in use by another stableopd process (pid "
-                                      f"{first.pid}); wait for it to end, or pass another --out")
+        assert error_line(second) == (
+            f"error: run directory '{run}' is in use by another stableopd process (pid "
+            f"{first.pid}); wait for it to end, or pass another --out"
+        )
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-2000:]  # the first run is unharmed: it ends as if it had been alone
     assert comparable(read_rows(run / "metrics.jsonl")) == comparable(read_rows(smoke.run / "metrics.jsonl"))
@@ -999,8 +1033,10 @@ def incompatible_copy(student_dir: str, dest: Path, change: str) -> Path:
 
 @pytest.mark.parametrize(
     "change,extra,message",
-    [("vocab", {}, "different tokenizer vocabularies"),
-     ("same", {"teacher__end_token": "<|eot|>"}, "teacher.end_token='<|eot|>' is not a token of teacher")],
+    [
+        ("vocab", {}, "different tokenizer vocabularies"),
+        ("same", {"teacher__end_token": "<|eot|>"}, "teacher.end_token='<|eot|>' is not a token of teacher"),
+    ],
 )
 def test_incompatible_teacher_fails_before_any_compute(
     tmp_path, data_file, built, no_compute, change, extra, message

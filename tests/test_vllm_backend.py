@@ -30,13 +30,19 @@ def tiny_loaded():
 
 
 def _backend(loaded, **options):
-    return build_backend("vllm", model=loaded.model, tokenizer=loaded.tokenizer, model_path=loaded.path,
-                         stop_ids=stop_token_ids(loaded.tokenizer, loaded.model), options=options)
+    return build_backend(
+        "vllm",
+        model=loaded.model,
+        tokenizer=loaded.tokenizer,
+        model_path=loaded.path,
+        stop_ids=stop_token_ids(loaded.tokenizer, loaded.model),
+        options=options,
+    )
 
 
 def _teacher_forced(model, prompt, ids, vocab):
     with torch.no_grad():
-        logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1, :vocab]
+        logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1, :vocab]
     return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(ids)[:, None])[:, 0]
 
 
@@ -48,7 +54,9 @@ def test_module_imports_without_vllm_and_building_says_how_to_install(monkeypatc
 
 
 def test_options_are_validated_and_reach_the_engine(fake_vllm, tiny_loaded):
-    with pytest.raises(UserError, match="unknown vllm option 'sampling.options.gpu_mem'.*gpu_memory_utilization"):
+    with pytest.raises(
+        UserError, match="unknown vllm option 'sampling.options.gpu_mem'.*gpu_memory_utilization"
+    ):
         _backend(tiny_loaded, gpu_mem=0.5)
     with pytest.raises(UserError, match="tensor_parallel_size"):
         _backend(tiny_loaded, tensor_parallel_size=0)
@@ -61,9 +69,19 @@ def test_options_are_validated_and_reach_the_engine(fake_vllm, tiny_loaded):
 def test_sampling_kwargs_map_every_field():
     p = SamplingParams(n=3, temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=64, seed=5)
     kw = vb.sampling_kwargs(p, [2, 7], seed=11, allowed_token_ids=[0, 1, 2])
-    assert kw == {"n": 3, "temperature": 0.7, "top_p": 0.9, "top_k": 20, "max_tokens": 64, "seed": 11,
-                  "logprobs": 0, "stop_token_ids": [2, 7], "ignore_eos": False, "detokenize": False,
-                  "allowed_token_ids": [0, 1, 2]}
+    assert kw == {
+        "n": 3,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 20,
+        "max_tokens": 64,
+        "seed": 11,
+        "logprobs": 0,
+        "stop_token_ids": [2, 7],
+        "ignore_eos": False,
+        "detokenize": False,
+        "allowed_token_ids": [0, 1, 2],
+    }
     greedy = vb.sampling_kwargs(SamplingParams(n=4, temperature=0.0), [2], seed=0, allowed_token_ids=None)
     assert greedy["n"] == 1 and greedy["top_k"] == 0 and "allowed_token_ids" not in greedy
     with pytest.raises(UserError, match="at most 2.0"):
@@ -81,7 +99,9 @@ def test_parse_completion_keeps_stop_token_and_reads_logprobs():
     with pytest.raises(RuntimeError, match="logprobs=0"):
         vb.parse_completion(CompletionOutput(0, [5, 6], None, "length"), [2])
     with pytest.raises(RuntimeError, match="sampled token 6"):
-        vb.parse_completion(CompletionOutput(0, [5, 6], [{5: Logprob(-1.0)}, {9: Logprob(-1.0)}], "length"), [2])
+        vb.parse_completion(
+            CompletionOutput(0, [5, 6], [{5: Logprob(-1.0)}, {9: Logprob(-1.0)}], "length"), [2]
+        )
 
 
 def test_generate_returns_processed_logprobs_that_match_a_teacher_forced_pass(fake_vllm, tiny_loaded):
@@ -110,10 +130,15 @@ def test_banned_ids_are_left_out_of_the_allowed_ids(fake_vllm, tiny_loaded):
     engine = backend.llm.engine_model.hf_model
     head, engine.lm_head = engine.lm_head, Push(engine.lm_head, 5)
     try:
-        prompts = [tiny_loaded.tokenizer("What is 1+1?")["input_ids"], tiny_loaded.tokenizer("Hi")["input_ids"]]
+        prompts = [
+            tiny_loaded.tokenizer("What is 1+1?")["input_ids"],
+            tiny_loaded.tokenizer("Hi")["input_ids"],
+        ]
         pushed = backend.generate(prompts, SamplingParams(n=2, max_new_tokens=4, seed=1))
         assert all(s.token_ids == [5, 5, 5, 5] for g in pushed for s in g)
-        banned = backend.generate(prompts, SamplingParams(n=2, max_new_tokens=4, seed=1, banned_token_ids=(5,)))
+        banned = backend.generate(
+            prompts, SamplingParams(n=2, max_new_tokens=4, seed=1, banned_token_ids=(5,))
+        )
         assert all(5 not in s.token_ids and s.token_ids for g in banned for s in g)
     finally:
         engine.lm_head = head
@@ -159,8 +184,15 @@ def test_sleep_mode_wakes_weights_before_sync_and_sleeps_after_sampling(fake_vll
     backend.generate([tok("Hi")["input_ids"]], SamplingParams(n=1, max_new_tokens=2))
     backend.sync_weights(tiny_loaded.model)
     backend.generate([tok("Hi")["input_ids"]], SamplingParams(n=1, max_new_tokens=2))
-    assert backend.llm.calls == ["generate", "sleep(1)", "wake_up(weights)", "reset_prefix_cache",
-                                 "wake_up(kv_cache)", "generate", "sleep(1)"]
+    assert backend.llm.calls == [
+        "generate",
+        "sleep(1)",
+        "wake_up(weights)",
+        "reset_prefix_cache",
+        "wake_up(kv_cache)",
+        "generate",
+        "sleep(1)",
+    ]
 
 
 def test_scorer_refuses_temperature_and_matches_teacher_forced(fake_vllm, tiny_loaded):
@@ -189,11 +221,21 @@ def test_real_engine_logprobs_match_hf(tiny_loaded):
 def _distill_cfg(tmp_path, name: str, **extra):
     from stableopd.config import load_config
 
-    sets = ["train.steps=3", "train.prompts_per_step=2", "sampling.n=2", "sampling.max_new_tokens=8",
-            "train.eval_every=0", "train.lr=0.05", "loss.objective=opd", "logging.progress=false",
-            "sampling.backend=vllm", "data.source=builtin:arith?digits=1"] + [f"{k}={v}" for k, v in extra.items()]
-    return load_config(None, sets, {"out": str(tmp_path / name), "student.name": "tiny",
-                                    "teacher.name": "tiny-teacher"})
+    sets = [
+        "train.steps=3",
+        "train.prompts_per_step=2",
+        "sampling.n=2",
+        "sampling.max_new_tokens=8",
+        "train.eval_every=0",
+        "train.lr=0.05",
+        "loss.objective=opd",
+        "logging.progress=false",
+        "sampling.backend=vllm",
+        "data.source=builtin:arith?digits=1",
+    ] + [f"{k}={v}" for k, v in extra.items()]
+    return load_config(
+        None, sets, {"out": str(tmp_path / name), "student.name": "tiny", "teacher.name": "tiny-teacher"}
+    )
 
 
 def test_distill_with_synced_engine_samples_from_trained_weights(fake_vllm, tmp_path):
@@ -212,7 +254,9 @@ def test_distill_stops_when_weight_sync_silently_fails(fake_vllm, tmp_path, monk
     from stableopd.errors import TrainingStopped
     from stableopd.trainer import run_distill
 
-    monkeypatch.setattr(vb, "push_weights", lambda llm, model: None)  # the sync "succeeds" but changes nothing
+    monkeypatch.setattr(
+        vb, "push_weights", lambda llm, model: None
+    )  # the sync "succeeds" but changes nothing
     with pytest.raises(TrainingStopped, match="weight sync failed"):
         run_distill(_distill_cfg(tmp_path, "stale"))
 
@@ -225,12 +269,17 @@ def test_vllm_teacher_engine_scores_the_sampled_tokens(fake_vllm, tmp_path):
 
     from stableopd.trainer import run_distill
 
-    run_distill(_distill_cfg(tmp_path, "vt", **{"sampling.backend": "hf", "train.steps": 1,
-                                                 "teacher.engine": "vllm"}))
+    run_distill(
+        _distill_cfg(tmp_path, "vt", **{"sampling.backend": "hf", "train.steps": 1, "teacher.engine": "vllm"})
+    )
     teacher = load_model("tiny-teacher").model
-    rows = [json.loads(x) for x in (tmp_path / "vt" / "rollouts" / "step_000001.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(x) for x in (tmp_path / "vt" / "rollouts" / "step_000001.jsonl").read_text().splitlines()
+    ]
     for r in rows:
-        ref = _teacher_forced(teacher, r["prompt_token_ids"], r["response_token_ids"], teacher.config.vocab_size)
+        ref = _teacher_forced(
+            teacher, r["prompt_token_ids"], r["response_token_ids"], teacher.config.vocab_size
+        )
         torch.testing.assert_close(torch.tensor(r["teacher_logprobs"]), ref, atol=1e-4, rtol=0)
         hf_ref = _teacher_forced(teacher, r["prompt_token_ids"], r["response_token_ids"], 101)
         assert not torch.allclose(torch.tensor(r["teacher_logprobs"]), hf_ref, atol=1e-3)

@@ -126,8 +126,9 @@ def _check_launcher(kwargs: dict[str, Any]) -> None:
         if kwargs.get("data_parallel_size", 1) * kwargs.get("tensor_parallel_size", 1) != world:
             raise RuntimeError(f"data_parallel_size x tensor_parallel_size must equal the world size {world}")
     elif world > 1:
-        raise RuntimeError("vLLM engine in a torchrun process group without distributed_executor_backend="
-                           "'external_launcher'")
+        raise RuntimeError(
+            "vLLM engine in a torchrun process group without distributed_executor_backend='external_launcher'"
+        )
 
 
 class LLM:
@@ -143,17 +144,21 @@ class LLM:
         config = AutoConfig.from_pretrained(model, local_files_only=True)
         for key, value in (kwargs.get("hf_overrides") or {}).items():  # a dict: set on the HF config
             setattr(config, key, value)
-        hf = AutoModelForCausalLM.from_pretrained(model, config=config, local_files_only=True,
-                                                  dtype=torch.float32).eval()
+        hf = AutoModelForCausalLM.from_pretrained(
+            model, config=config, local_files_only=True, dtype=torch.float32
+        ).eval()
         self.engine_model = _EngineModel(hf)
         worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(model=self.engine_model))
         self.llm_engine = types.SimpleNamespace(
-            model_executor=types.SimpleNamespace(driver_worker=types.SimpleNamespace(worker=worker)))
+            model_executor=types.SimpleNamespace(driver_worker=types.SimpleNamespace(worker=worker))
+        )
         self.calls: list[str] = []
         LLM.instances.append(self)
 
     @torch.no_grad()
-    def _sample(self, prompt: list[int], sp: SamplingParams, index: int, gen: torch.Generator) -> CompletionOutput:
+    def _sample(
+        self, prompt: list[int], sp: SamplingParams, index: int, gen: torch.Generator
+    ) -> CompletionOutput:
         ids, lps, reason, stop_reason = list(prompt), [], "length", None
         stops = set(sp.stop_token_ids or [])
         for _ in range(sp.max_tokens):
@@ -168,8 +173,9 @@ class LLM:
             if tok in stops and not sp.ignore_eos:
                 reason, stop_reason = "stop", tok
                 break
-        return CompletionOutput(index, ids[len(prompt):], lps if sp.logprobs is not None else None, reason,
-                                stop_reason)
+        return CompletionOutput(
+            index, ids[len(prompt) :], lps if sp.logprobs is not None else None, reason, stop_reason
+        )
 
     @torch.no_grad()
     def _prompt_logprobs(self, prompt: list[int]) -> list[dict[int, Logprob] | None]:
@@ -177,7 +183,9 @@ class LLM:
         logp = torch.log_softmax(logits.float(), -1)
         return [None] + [{tok: Logprob(float(logp[i, tok]))} for i, tok in enumerate(prompt[1:])]
 
-    def generate(self, prompts, sampling_params=None, *, use_tqdm: bool = True, **_: Any) -> list[RequestOutput]:
+    def generate(
+        self, prompts, sampling_params=None, *, use_tqdm: bool = True, **_: Any
+    ) -> list[RequestOutput]:
         self.calls.append("generate")
         sps = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         outs = []

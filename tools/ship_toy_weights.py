@@ -23,19 +23,27 @@ from stableopd.toy import SHIPPED, TOY_FAMILY, file_sha256, shipped_manifest
 
 CAPABILITY = "avx2"
 # builds the toy models named on its command line, in order; prints their directories as a JSON list
-BUILD = ("import json, sys; from stableopd.models import resolve_model_path; "
-         "print(json.dumps([resolve_model_path(n) for n in sys.argv[1:]]))")
+BUILD = (
+    "import json, sys; from stableopd.models import resolve_model_path; "
+    "print(json.dumps([resolve_model_path(n) for n in sys.argv[1:]]))"
+)
 
 
 def build_env(cache: Path) -> dict[str, str]:
     """The environment a shipped build runs in; the rebuild test uses the same one."""
-    return {**os.environ, "STABLEOPD_CACHE": str(cache), "STABLEOPD_BUILD_TOYS": "1",
-            "ATEN_CPU_CAPABILITY": CAPABILITY, "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "STABLEOPD_CACHE": str(cache),
+        "STABLEOPD_BUILD_TOYS": "1",
+        "ATEN_CPU_CAPABILITY": CAPABILITY,
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def build(name: str, cache: Path) -> Path:
-    out = subprocess.run([sys.executable, "-c", BUILD, name], env=build_env(cache), check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", BUILD, name], env=build_env(cache), check=True, capture_output=True, text=True
+    )
     return Path(json.loads(out.stdout.splitlines()[-1])[0])
 
 
@@ -53,14 +61,21 @@ def main() -> None:
             built = build(name, Path(tmp))
             info = json.loads((built / "toy_build.json").read_text())
             if info["cpu_capability"] != CAPABILITY.upper():
-                sys.exit(f"{name} built with {info['cpu_capability']} kernels, not {CAPABILITY.upper()}: "
-                         "this CPU cannot run them")
+                sys.exit(
+                    f"{name} built with {info['cpu_capability']} kernels, not {CAPABILITY.upper()}: "
+                    "this CPU cannot run them"
+                )
             target = SHIPPED / f"{name}.safetensors"
             shutil.copyfile(built / "model.safetensors", target)
-            manifest[name] = {key: info[key] for key in ("torch", "cpu_capability", "final_sft_loss", "build_seconds")}
+            manifest[name] = {
+                key: info[key] for key in ("torch", "cpu_capability", "final_sft_loss", "build_seconds")
+            }
             manifest[name].update(recipe_key=built.name.rsplit("-", 1)[1], sha256=file_sha256(target))
-            print(f"{name}: {target.stat().st_size} bytes, sha256 {manifest[name]['sha256'][:12]}, "
-                  f"{info['build_seconds']} s", flush=True)
+            print(
+                f"{name}: {target.stat().st_size} bytes, sha256 {manifest[name]['sha256'][:12]}, "
+                f"{info['build_seconds']} s",
+                flush=True,
+            )
     (SHIPPED / "manifest.json").write_text(json.dumps(dict(sorted(manifest.items())), indent=1) + "\n")
 
 

@@ -39,8 +39,9 @@ def parse_options(model: type, backend: str, options: dict[str, Any], key: str =
         e = err.errors()[0]
         loc = ".".join(map(str, e["loc"]))
         if e["type"] == "extra_forbidden":
-            raise UserError(f"unknown {backend} option '{key}.{loc}'; valid: "
-                            f"{', '.join(model.model_fields)}") from None
+            raise UserError(
+                f"unknown {backend} option '{key}.{loc}'; valid: {', '.join(model.model_fields)}"
+            ) from None
         if not loc:  # a rule across several options
             raise UserError(f"{key}: {e['msg'].removeprefix('Value error, ')}") from None
         raise UserError(f"{key}.{loc}: {e['msg']} (got {e.get('input')!r})") from None
@@ -56,6 +57,7 @@ def check_options(backend: str, options: dict[str, Any]) -> None:
     else:
         return
     parse_options(options)
+
 
 ENTRY_POINT_GROUP = "stableopd.backends"
 # Used when the package's own metadata is missing (e.g. running from a source tree that was not installed).
@@ -112,8 +114,15 @@ def _load_target(target: str):
     return getattr(importlib.import_module(module), attr)
 
 
-def build_backend(name: str, *, model: Any, tokenizer: Any, model_path: str, stop_ids: list[int],
-                  options: dict[str, Any] | None = None) -> Backend:
+def build_backend(
+    name: str,
+    *,
+    model: Any,
+    tokenizer: Any,
+    model_path: str,
+    stop_ids: list[int],
+    options: dict[str, Any] | None = None,
+) -> Backend:
     """Instantiate the backend registered as `name`; unknown names list the available ones."""
     registry = available_backends()
     if name not in registry:
@@ -122,10 +131,17 @@ def build_backend(name: str, *, model: Any, tokenizer: Any, model_path: str, sto
         cls = _load_target(registry[name])
     except ImportError as exc:
         raise UserError(f"sampling backend '{name}' cannot be imported ({exc})") from None
-    backend = cls(model=model, tokenizer=tokenizer, model_path=model_path, stop_ids=stop_ids,
-                  options=dict(options or {}))
+    backend = cls(
+        model=model,
+        tokenizer=tokenizer,
+        model_path=model_path,
+        stop_ids=stop_ids,
+        options=dict(options or {}),
+    )
     if not isinstance(backend, Backend):
-        raise UserError(f"sampling backend '{name}' ({registry[name]}) does not implement generate/sync_weights")
+        raise UserError(
+            f"sampling backend '{name}' ({registry[name]}) does not implement generate/sync_weights"
+        )
     return backend
 
 

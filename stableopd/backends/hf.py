@@ -38,7 +38,7 @@ class _MaskTokens:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if scores.shape[-1] > self.vocab_size:
-            scores[:, self.vocab_size:] = float("-inf")
+            scores[:, self.vocab_size :] = float("-inf")
         if self.banned:
             scores[:, self.banned] = float("-inf")
         return scores
@@ -47,8 +47,9 @@ class _MaskTokens:
 class HFBackend:
     name = "hf"
 
-    def __init__(self, *, model: Any, tokenizer: Any, model_path: str, stop_ids: list[int],
-                 options: dict[str, Any]) -> None:
+    def __init__(
+        self, *, model: Any, tokenizer: Any, model_path: str, stop_ids: list[int], options: dict[str, Any]
+    ) -> None:
         self.options = parse_options(options)
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, list(stop_ids)
         pad = tokenizer.pad_token_id
@@ -102,13 +103,15 @@ class HFBackend:
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)  # (B, L)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)  # (B, L)
         for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
         device = next(self.model.parameters()).device
         return ids.to(device), mask.to(device)
 
     @torch.no_grad()
-    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[list[Sample]]:
+    def _generate_batch(
+        self, prompts: list[list[int]], params: SamplingParams, seed: int
+    ) -> list[list[Sample]]:
         from transformers import LogitsProcessorList
 
         # each prompt n times in a row, as generate's num_return_sequences would (rows [i*n, (i+1)*n) = prompt i)
@@ -119,15 +122,24 @@ class HFBackend:
         masks = LogitsProcessorList([_MaskTokens(self.vocab_size, params.banned_token_ids)])
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=self._gen_config(params),
-                                      logits_processor=masks)
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                generation_config=self._gen_config(params),
+                logits_processor=masks,
+            )
         if was_training:
             self.model.train()
-        gen = out.sequences[:, ids.shape[1]:]  # (B*n, T)
+        gen = out.sequences[:, ids.shape[1] :]  # (B*n, T)
         # the log-prob of each drawn token under its step's processed logits, one step at a time: never a
         # (B*n, T, V) copy of the scores
-        logprobs = torch.stack([torch.log_softmax(step.float(), dim=-1).gather(-1, gen[:, t, None])[:, 0]
-                                for t, step in enumerate(out.scores)], dim=1).cpu()  # (B*n, T)
+        logprobs = torch.stack(
+            [
+                torch.log_softmax(step.float(), dim=-1).gather(-1, gen[:, t, None])[:, 0]
+                for t, step in enumerate(out.scores)
+            ],
+            dim=1,
+        ).cpu()  # (B*n, T)
         gen = gen.cpu()
         results: list[list[Sample]] = []
         for row in range(gen.shape[0]):
@@ -146,5 +158,7 @@ class HFBackend:
         size = self.options.batch_size
         for start in range(0, len(prompts_P), size):
             # a distinct, reproducible stream per batch; independent of how many batches ran before
-            out.extend(self._generate_batch(prompts_P[start:start + size], params, params.seed * 100_003 + start))
+            out.extend(
+                self._generate_batch(prompts_P[start : start + size], params, params.seed * 100_003 + start)
+            )
         return out

@@ -20,7 +20,9 @@ class HFOptions(BaseModel):
     @model_validator(mode="after")
     def _compile_needs_static(self) -> HFOptions:
         if self.compile and self.cache != "static":
-            raise ValueError("compile: true needs cache: static (a growing cache changes shape at every token)")
+            raise ValueError(
+                "compile: true needs cache: static (a growing cache changes shape at every token)"
+            )
         return self
 
 

@@ -89,17 +89,24 @@ def import_vllm():
     return vllm
 
 
-def sampling_kwargs(params: SamplingParams, stop_ids: list[int], *, seed: int,
-                    allowed_token_ids: list[int] | None) -> dict[str, Any]:
+def sampling_kwargs(
+    params: SamplingParams, stop_ids: list[int], *, seed: int, allowed_token_ids: list[int] | None
+) -> dict[str, Any]:
     """Keyword arguments of vllm.SamplingParams for one prompt."""
     if params.temperature > MAX_TEMPERATURE:
         raise UserError(f"sampling.temperature={params.temperature}: vLLM accepts at most {MAX_TEMPERATURE}")
     greedy = params.temperature == 0
     kw: dict[str, Any] = {
         "n": 1 if greedy else params.n,  # vLLM refuses n > 1 when greedy; the copies are identical anyway
-        "temperature": params.temperature, "top_p": 1.0 if greedy else params.top_p,
-        "top_k": 0 if greedy else params.top_k, "max_tokens": params.max_new_tokens, "seed": seed,
-        "logprobs": 0, "stop_token_ids": list(stop_ids), "ignore_eos": False, "detokenize": False,
+        "temperature": params.temperature,
+        "top_p": 1.0 if greedy else params.top_p,
+        "top_k": 0 if greedy else params.top_k,
+        "max_tokens": params.max_new_tokens,
+        "seed": seed,
+        "logprobs": 0,
+        "stop_token_ids": list(stop_ids),
+        "ignore_eos": False,
+        "detokenize": False,
     }
     if allowed_token_ids is not None:
         kw["allowed_token_ids"] = allowed_token_ids
@@ -176,27 +183,36 @@ class VLLMBackend:
     own_weights = True  # the engine holds its own copy, pushed by sync_weights: nothing to gather to sample
     prompts_per_call = 256  # with a progress bar; the engine schedules each call's sequences itself
 
-    def __init__(self, *, model: Any, tokenizer: Any, model_path: str, stop_ids: list[int],
-                 options: dict[str, Any]) -> None:
+    def __init__(
+        self, *, model: Any, tokenizer: Any, model_path: str, stop_ids: list[int], options: dict[str, Any]
+    ) -> None:
         self.options = parse_options(options)
         from stableopd.lora import is_adapter_dir, is_peft
 
         if is_adapter_dir(model_path):
-            raise UserError(f"'{model_path}' is a LoRA adapter, which the vllm backend does not load: write a merged "
-                            "model with `stableopd export RUN_DIR --merge --out DIR` and sample DIR")
+            raise UserError(
+                f"'{model_path}' is a LoRA adapter, which the vllm backend does not load: write a merged "
+                "model with `stableopd export RUN_DIR --merge --out DIR` and sample DIR"
+            )
         from stableopd.models import config_overrides_of
 
         vllm = import_vllm()
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights pushed without IPC
         self._vllm, self.stop_ids = vllm, list(stop_ids)
-        self.llm = vllm.LLM(model=model_path, tokenizer=model_path, logprobs_mode="processed_logprobs",
-                            **engine_kwargs(self.options, config_overrides_of(model)))
+        self.llm = vllm.LLM(
+            model=model_path,
+            tokenizer=model_path,
+            logprobs_mode="processed_logprobs",
+            **engine_kwargs(self.options, config_overrides_of(model)),
+        )
         from transformers import AutoConfig
 
         self.rows = getattr(AutoConfig.from_pretrained(model_path), "vocab_size", None)
         self.vocab = len(tokenizer)
         self.asleep, self.updates = False, 0
-        if is_peft(model):  # the engine loaded the base model: give it the adapter's (possibly resumed) weights
+        if is_peft(
+            model
+        ):  # the engine loaded the base model: give it the adapter's (possibly resumed) weights
             push_weights(self.llm, model)
 
     def generate(self, prompts_P: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
@@ -204,10 +220,17 @@ class VLLMBackend:
             self.llm.wake_up()
             self.asleep = False
         allowed = allowed_ids(self.vocab, self.rows, params.banned_token_ids)
-        per_prompt = [self._vllm.SamplingParams(**sampling_kwargs(params, self.stop_ids, seed=params.seed * 100_003 + i,
-                                                                  allowed_token_ids=allowed))
-                      for i in range(len(prompts_P))]
-        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts_P], per_prompt, use_tqdm=False)
+        per_prompt = [
+            self._vllm.SamplingParams(
+                **sampling_kwargs(
+                    params, self.stop_ids, seed=params.seed * 100_003 + i, allowed_token_ids=allowed
+                )
+            )
+            for i in range(len(prompts_P))
+        ]
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": list(p)} for p in prompts_P], per_prompt, use_tqdm=False
+        )
         samples = [[parse_completion(c, self.stop_ids) for c in out.outputs] for out in outputs]
         if params.temperature == 0 and params.n > 1:
             samples = [s * params.n for s in samples]
@@ -231,26 +254,34 @@ class VLLMBackend:
 class VLLMScorer:
     """Teacher log-probs of response tokens via vLLM `prompt_logprobs` (temperature 1 only)."""
 
-    def __init__(self, model_path: str, options: dict[str, Any], *, hf_overrides: dict[str, Any] | None = None
-                 ) -> None:
+    def __init__(
+        self, model_path: str, options: dict[str, Any], *, hf_overrides: dict[str, Any] | None = None
+    ) -> None:
         self.options = parse_options(options, "teacher.engine_options")
         vllm = import_vllm()
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self._vllm = vllm
-        self.llm = vllm.LLM(model=model_path, tokenizer=model_path, **engine_kwargs(self.options, hf_overrides))
+        self.llm = vllm.LLM(
+            model=model_path, tokenizer=model_path, **engine_kwargs(self.options, hf_overrides)
+        )
 
-    def score(self, prompts: list[list[int]], targets: list[list[int]], *, temperature: float = 1.0) -> list[list[float]]:
+    def score(
+        self, prompts: list[list[int]], targets: list[list[int]], *, temperature: float = 1.0
+    ) -> list[list[float]]:
         check_scoring_temperature(temperature)
         sp = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, detokenize=False)
-        outs = self.llm.generate([{"prompt_token_ids": list(p) + list(t)} for p, t in zip(prompts, targets)], sp,
-                                 use_tqdm=False)
+        outs = self.llm.generate(
+            [{"prompt_token_ids": list(p) + list(t)} for p, t in zip(prompts, targets)], sp, use_tqdm=False
+        )
         return [parse_prompt_logprobs(o.prompt_logprobs, p, t) for o, p, t in zip(outs, prompts, targets)]
 
 
 def check_scoring_temperature(temperature: float) -> None:
     if temperature != 1.0:
-        raise UserError(f"loss.teacher_temperature={temperature} with teacher.engine=vllm: vLLM's prompt log-probs "
-                        "ignore temperature, so they would be silently wrong; use 1.0 or teacher.engine=hf")
+        raise UserError(
+            f"loss.teacher_temperature={temperature} with teacher.engine=vllm: vLLM's prompt log-probs "
+            "ignore temperature, so they would be silently wrong; use 1.0 or teacher.engine=hf"
+        )
 
 
 def parse_prompt_logprobs(prompt_logprobs: list, prompt: list[int], target: list[int]) -> list[float]:

@@ -20,8 +20,9 @@ from stableopd.backends.base import Sample, SamplingParams
 class UniformBackend:
     name = "uniform"
 
-    def __init__(self, *, model: Any, tokenizer: Any, model_path: str, stop_ids: list[int],
-                 options: dict[str, Any]) -> None:
+    def __init__(
+        self, *, model: Any, tokenizer: Any, model_path: str, stop_ids: list[int], options: dict[str, Any]
+    ) -> None:
         if options:
             raise ValueError(f"the uniform backend takes no options, got {sorted(options)}")
         self.vocab = len(tokenizer)
@@ -40,8 +41,13 @@ class UniformBackend:
                     if ids[-1] in self.stop_ids:
                         break
                 stopped = bool(ids) and ids[-1] in self.stop_ids
-                samples.append(Sample(token_ids=ids, logprobs=[logprob] * len(ids),
-                                      finish_reason="stop" if stopped else "length"))
+                samples.append(
+                    Sample(
+                        token_ids=ids,
+                        logprobs=[logprob] * len(ids),
+                        finish_reason="stop" if stopped else "length",
+                    )
+                )
             out.append(samples)
         return out
 
