@@ -91,7 +91,7 @@ def tiny_copy(damage: str) -> Callable[[Path], None]:
     def setup(d: Path) -> None:
         import shutil
 
-        from stableopd.models import resolve_model_path
+        from stableopd.models.loading import resolve_model_path
 
         src = Path(resolve_model_path("tiny"))
         dst = d / "m"
@@ -727,7 +727,7 @@ def hold_lock(run: Path) -> None:
     """Hold RUN/.lock from a background process for 120 s (the case's command must be refused)."""
     run.mkdir(parents=True, exist_ok=True)
     code = (
-        f"import time; from stableopd.runctl import RunLock; l = RunLock({str(run)!r}).acquire(); "
+        f"import time; from stableopd.engine.runctl import RunLock; l = RunLock({str(run)!r}).acquire(); "
         "print('held', flush=True); time.sleep(120)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -791,7 +791,7 @@ def main() -> int:
     a = ap.parse_args()
     todo = [c for c in cases() if a.only in c.name or a.only == c.group]
     root = Path(tempfile.mkdtemp(prefix="stableopd-bad-inputs-"))
-    from stableopd.models import resolve_model_path
+    from stableopd.models.loading import resolve_model_path
 
     for name in ("tiny", "tiny-teacher"):
         resolve_model_path(name)

@@ -1,4 +1,4 @@
-"""Time and peak memory of the fused chunked kernels (stableopd/kernels.py) against naive full-logit losses.
+"""Time and peak memory of the fused chunked kernels (stableopd/core/kernels.py) against naive full-logit losses.
 
 Purpose: check the issue's targets in one run. Losses (forward + backward, all tokens valid):
   logprobs  sum_t w_t * log p(y_t) with per-token weights (the OPD / SFT term), entropy as a detached metric
@@ -62,7 +62,7 @@ def build(loss: str, n: int, d: int, v: int, device: str, dtype: str) -> dict:
 def run_loss(loss: str, impl: str, t: dict, chunk: int) -> None:
     import torch
 
-    from stableopd import kernels as K
+    from stableopd.core import kernels as K
 
     if impl == "naive" and loss == "logprobs":
         logp = (t["h"] @ t["w"].T).float().log_softmax(-1)  # (N, V)
@@ -292,7 +292,7 @@ def chunk_sweep(args, n, d, v):
 
 
 def main() -> None:
-    from stableopd.kernels import DEFAULT_CHUNK_SIZE
+    from stableopd.core.kernels import DEFAULT_CHUNK_SIZE
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="N=1024 only, one round, small scaling sizes")

@@ -28,9 +28,10 @@ import time
 
 import torch
 
-from stableopd.backends.base import SamplingParams, build_backend
+from stableopd.backends.base import build_backend
 from stableopd.backends.hf import _MaskTokens
-from stableopd.models import load_model, stop_token_ids
+from stableopd.models.loading import load_model, stop_token_ids
+from stableopd.types import SamplingParams
 
 SMOL_PROMPTS = [
     "What is 12+345? Explain every step, then give the answer.",
@@ -54,7 +55,8 @@ def workload(name: str, args) -> tuple[object, list[list[int]], SamplingParams]:
             seed=1,
         )
         return loaded, rows[:: cfg.sampling.n], params
-    from stableopd.data import Example, encode_prompts
+    from stableopd.data.sources import encode_prompts
+    from stableopd.types import Example
 
     loaded = load_model(name, dtype="float32", device="cpu")
     prompts = [SMOL_PROMPTS[i % len(SMOL_PROMPTS)] for i in range(args.smol_rows)]

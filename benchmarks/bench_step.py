@@ -1,4 +1,4 @@
-"""Time one distill update (`stableopd.update.accumulate`: forwards, losses, backward) at a model's shape.
+"""Time one distill update (`stableopd.engine.update.accumulate`: forwards, losses, backward) at a model's shape.
 
 Purpose: see what a training step costs at a real vocabulary, per objective, without a hub model: the
 student is a random-init Llama of the given shape (default: SmolLM2-135M's d=576, V=49152, with 2 layers
@@ -25,7 +25,9 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from stableopd.update import GoldSeq, LossSettings, RolloutSeq, accumulate
+from stableopd.engine.objective import Objective
+from stableopd.engine.update import RolloutSeq, accumulate
+from stableopd.types import GoldSeq
 
 
 def main() -> None:
@@ -89,9 +91,7 @@ def main() -> None:
     print(f"{'objective':10s} {'pi_old':8s} {'best s':>8s} {'median s':>9s} {'cpu s (best)':>13s}")
     runs = [(o, p) for o in args.objective for p in (args.pi_old if o != "jsd" else ["-"])]
     for (objective, pi_old), rnd in ((run, r) for r in range(args.rounds) for run in runs):
-        settings = LossSettings(
-            objective=objective, chunk_size=args.chunk, sampler_is_policy=pi_old == "sampler"
-        )
+        settings = Objective(name=objective, chunk_size=args.chunk, sampler_is_policy=pi_old == "sampler")
         walls, cpus = [], []
         for rep in range(args.reps + 1):
             student.zero_grad(set_to_none=True)

@@ -6,7 +6,7 @@ Purpose: one command that regenerates the README's peer table. Two parts, both f
    chunked `LigerFusedLinearJSDLoss` (torch.compile'd chunks); TRL GKD's `generalized_jsd_loss` on full logits.
    KL(student || reference): naive; `linear_kl`; `linear_kl_sum`.
    Each call runs in a fresh process (benchmarks/bench_kernels.py's method and peak-memory measure).
-2. One distill update (`stableopd.update.accumulate`) per objective against a naive update that computes the
+2. One distill update (`stableopd.engine.update.accumulate`) per objective against a naive update that computes the
    same loss from full (B, L, V) logits: a 2-layer Llama with the same head, `--rollouts` responses of
    `--tokens` tokens after 32-token prompts (16 x 256 = N), as many golden solutions for stableopd, all in
    one micro-batch unless `--micro-batch` says otherwise, seq_mean. opd and stableopd run twice: pi_old from
@@ -52,7 +52,8 @@ def step_inputs(spec: dict):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from stableopd.update import GoldSeq, RolloutSeq
+    from stableopd.engine.update import RolloutSeq
+    from stableopd.types import GoldSeq
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
@@ -113,7 +114,7 @@ def naive_update(student, ref, teacher, rollouts, golds, s, micro_batch: int) ->
         mb = rollouts[start : start + micro_batch]
         ls, tgt, mask = logp(student, mb)
         w = mask / torch.tensor([[len(q.target) * len(rollouts)] for q in mb])  # seq_mean
-        if s.objective == "jsd":
+        if s.name == "jsd":
             with torch.no_grad():
                 lt = logp(teacher, mb)[0]
             mix = torch.logaddexp(ls, lt) - math.log(2)
@@ -123,13 +124,13 @@ def naive_update(student, ref, teacher, rollouts, golds, s, micro_batch: int) ->
             old = per_token(mb, lambda q: q.sampler_lp) if s.sampler_is_policy else new.detach()
             adv = per_token(mb, lambda q: q.teacher_lp) - old
             loss = -(w * adv * torch.exp(new - new.detach())).sum()
-        if s.objective != "opd":
+        if s.name != "opd":
             with torch.no_grad():
                 lr = logp(ref, mb)[0]
             loss = loss + s.ref_kl_coef * (w * (ls.exp() * (ls - lr)).sum(-1)).sum()
         loss.backward()
         total += float(loss)
-    if s.objective == "stableopd":
+    if s.name == "stableopd":
         for start in range(0, len(golds), micro_batch):
             mb = golds[start : start + micro_batch]
             lg, tgt, mask = logp(student, mb)
@@ -143,12 +144,13 @@ def naive_update(student, ref, teacher, rollouts, golds, s, micro_batch: int) ->
 def step_child(spec: dict) -> dict:
     import torch
 
-    from stableopd.update import LossSettings, accumulate
+    from stableopd.engine.objective import Objective
+    from stableopd.engine.update import accumulate
 
     torch.set_num_threads(spec["threads"])
     student, ref, teacher, rollouts, golds = step_inputs(spec)
-    settings = LossSettings(
-        objective=spec["objective"], sampler_is_policy=spec["pi_old"] == "sampler", chunk_size=1024
+    settings = Objective(
+        name=spec["objective"], sampler_is_policy=spec["pi_old"] == "sampler", chunk_size=1024
     )
 
     def call(rollouts, golds) -> float:

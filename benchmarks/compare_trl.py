@@ -94,9 +94,9 @@ def stableopd_child(run: str, steps: int, seed: int, out: Path) -> dict:
 def step_prompts(steps: int, seed: int) -> tuple[list[list[int]], object]:
     """The stableopd step order of the quickstart's training prompts (ids after the template), n times each."""
     from stableopd.config import load_config
-    from stableopd.data import encode_prompts, examples_for
-    from stableopd.models import load_tokenizer
-    from stableopd.trainer import step_indices
+    from stableopd.data.sources import encode_prompts, examples_for
+    from stableopd.models.loading import load_tokenizer
+    from stableopd.stages.distill import step_indices
 
     cfg = load_config(QUICKSTART, [f"data.seed={seed}"])
     d = cfg.data
@@ -123,7 +123,7 @@ def trl_child(run: str, steps: int, seed: int, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DistillationConfig, DistillationTrainer
 
-    from stableopd.models import resolve_model_path
+    from stableopd.models.loading import resolve_model_path
 
     rows, cfg = step_prompts(steps, seed)
     s_path, t_path = resolve_model_path(cfg.student.name), resolve_model_path(cfg.teacher.name)

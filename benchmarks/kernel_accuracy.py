@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from stableopd import kernels as K
+from stableopd.core import kernels as K
 
 
 def setup(close: bool):

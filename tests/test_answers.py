@@ -1,6 +1,6 @@
 """Answer extraction and checking on hand-written (response, gold, expected) cases.
 
-Every expected value below was decided by hand from the rules in stableopd/answers.py's docstring, not by
+Every expected value below was decided by hand from the rules in stableopd/eval/answers.py's docstring, not by
 running the checker.
 """
 
@@ -10,7 +10,8 @@ import threading
 
 import pytest
 
-from stableopd.answers import (
+from stableopd.errors import UserError
+from stableopd.eval.answers import (
     Verdict,
     boxed_contents,
     check,
@@ -21,7 +22,6 @@ from stableopd.answers import (
     register_checker,
     to_number,
 )
-from stableopd.errors import UserError
 
 # (response, gold, expected correct) under the default "auto" checker
 AUTO_CASES = [

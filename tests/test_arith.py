@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from stableopd.arith import CHECK_LINE, builtin_examples, parse_source
-from stableopd.data import load_examples
+from stableopd.data.arith import CHECK_LINE, builtin_examples, parse_source
+from stableopd.data.sources import load_examples
 from stableopd.errors import UserError
 
 PROMPT = re.compile(r"^What is (\d+)([+\-*])(\d+)\?$")
@@ -74,7 +74,7 @@ def test_golden_solutions_are_correct(ops, digits):
 
 
 def test_solvers_write_out_carries_and_borrows():
-    from stableopd.arith import solve_add, solve_mul, solve_sub
+    from stableopd.data.arith import solve_add, solve_mul, solve_sub
 
     assert solve_add(587, 645) == [
         "7+5=12, write 2 carry 1",

@@ -15,19 +15,13 @@ import textwrap
 import pytest
 import torch
 
-from stableopd.backends.base import (
-    Backend,
-    Sample,
-    SamplingParams,
-    available_backends,
-    build_backend,
-    split_stop,
-)
+from stableopd.backends.base import Backend, available_backends, build_backend, split_stop
 from stableopd.config import load_config
-from stableopd.data import Example, encode_prompts
+from stableopd.data.sources import encode_prompts
 from stableopd.errors import UserError
-from stableopd.models import stop_token_ids
-from stableopd.rollout import sample_records
+from stableopd.models.loading import stop_token_ids
+from stableopd.stages.rollout import sample_records
+from stableopd.types import Example, Sample, SamplingParams
 
 PROMPTS = ["hi", "What is 12+345? Explain every step, then give the answer.", "Say a word.\nThen stop."]
 

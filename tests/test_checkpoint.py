@@ -1,4 +1,4 @@
-"""Checkpoints (stableopd/checkpoint.py): round trip, atomicity, retention and the fallback on damage.
+"""Checkpoints (stableopd/engine/checkpoint.py): round trip, atomicity, retention and the fallback on damage.
 
 The end-to-end kill-and-resume runs are in tests/test_trainer.py; these are the unit-level facts they
 rest on, each against a real tiny model and a real AdamW state.
@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stableopd.checkpoint import (
+from stableopd.engine.checkpoint import (
     MARKER,
     list_checkpoints,
     load_latest,

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from stableopd.cli import app
-from stableopd.models import stop_token_ids
+from stableopd.models.loading import stop_token_ids
 from tests.test_report import make_run
 
 RECORD_FIELDS = {
@@ -475,7 +475,7 @@ def test_unknown_backend(prompts_file):
 def test_incompatible_student_and_teacher_tokenizers(tmp_path, prompts_file):
     from test_models import permuted_tokenizer
 
-    from stableopd.tiny import build_tiny_model
+    from stableopd.models.tiny import build_tiny_model
 
     teacher = build_tiny_model("tiny-teacher", tmp_path / "swapped-teacher")
     permuted_tokenizer().save_pretrained(teacher)
@@ -584,12 +584,12 @@ def test_rollout_on_smollm2_writes_real_text(tmp_path, smollm2):
     ],
 )
 def test_whatever_escapes_a_command_is_one_line_and_debug_shows_it(monkeypatch, raised, code, line):
-    import stableopd.diagnostics
+    import stableopd.diagnostics.report
 
     def fail(*args, **kwargs):
         raise raised
 
-    monkeypatch.setattr(stableopd.diagnostics, "run_diagnose", fail)
+    monkeypatch.setattr(stableopd.diagnostics.report, "run_diagnose", fail)
     result = invoke("diagnose", "anything.jsonl")
     assert result.exit_code == code and isinstance(result.exception, SystemExit)
     assert result.stderr.splitlines() == [line] and "Traceback" not in result.output

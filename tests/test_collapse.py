@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from stableopd.models import resolve_model_path
+from stableopd.models.loading import resolve_model_path
 
 COLLAPSE = Path(__file__).resolve().parents[1] / "examples" / "collapse.yaml"
 STEPS = 50

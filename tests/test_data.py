@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from stableopd.data import Example, Fields, encode_prompt, encode_prompts, load_examples
+from stableopd.data.sources import Fields, encode_prompt, encode_prompts, load_examples
 from stableopd.errors import UserError
+from stableopd.types import Example
 
 ROWS = [
     {"id": "a", "prompt": "one", "answer": "1", "solution": "s1"},
@@ -360,9 +361,8 @@ def test_openr1_verified_trace_is_the_first_one_flagged_true(tmp_path):
 
 
 def test_openr1_drops_unverified_and_over_long_traces(tmp_path):
-    from stableopd.data import keep_for_training, kept_note
-    from stableopd.tiny import build_tokenizer
-    from stableopd.trainer import solution_ids
+    from stableopd.data.sources import keep_for_training, kept_note, solution_ids
+    from stableopd.models.tiny import build_tokenizer
 
     tok = build_tokenizer()
     examples = load_examples(
@@ -384,7 +384,7 @@ def test_openr1_drops_unverified_and_over_long_traces(tmp_path):
 
 
 def test_keep_for_training_rules_apply_one_at_a_time():
-    from stableopd.data import keep_for_training, kept_note
+    from stableopd.data.sources import keep_for_training, kept_note
 
     examples = [Example("a", "p", solution="s" * 5), Example("b", "p"), Example("c", "p", solution="s" * 9)]
     n_tokens = [5, None, 9]
@@ -406,7 +406,7 @@ def test_keep_for_training_rules_apply_one_at_a_time():
 
 
 def test_keep_for_training_that_keeps_nothing_names_both_keys():
-    from stableopd.data import keep_for_training
+    from stableopd.data.sources import keep_for_training
 
     examples = [Example("a", "p"), Example("b", "p", solution="long one")]
     with pytest.raises(UserError) as exc:
@@ -445,7 +445,7 @@ def test_null_flags_and_text_solutions_are_not_verified(tmp_path):
 
 
 def test_list_answer_keeps_the_form_normalize_gold_reads(tmp_path):
-    from stableopd.answers import normalize_gold
+    from stableopd.eval.answers import normalize_gold
 
     rows = [{"id": "a", "prompt": "p", "final_answer": ["$\\frac12$"]}]  # OlympiadBench's answers
     [ex] = load_examples(str(write_jsonl(tmp_path / "d.jsonl", rows)), fields=Fields(answer="final_answer"))
@@ -532,10 +532,11 @@ def openr1_config(path: Path, *overrides: str):
 
 
 def test_prepare_trains_on_kept_examples_only(tmp_path, tiny, monkeypatch):
-    from stableopd import trainer
+    from stableopd.data import sources
+    from stableopd.stages import training
 
     notes = []
-    monkeypatch.setattr(trainer, "note", lambda message, enabled=True: notes.append((message, enabled)))
+    monkeypatch.setattr(training, "note", lambda message, enabled=True: notes.append((message, enabled)))
     monkeypatch.delenv("RANK", raising=False)
     path = write_openr1(tmp_path / "openr1.parquet")
     cfg = openr1_config(
@@ -544,12 +545,12 @@ def test_prepare_trains_on_kept_examples_only(tmp_path, tiny, monkeypatch):
         f"data.solution_correct_field={FLAGS}",
         "data.max_solution_tokens=40",
     )
-    setup = trainer.prepare(cfg, student_path=None, need_teacher=False, need_ref=False)
+    setup = training.prepare(cfg, student_path=None, need_teacher=False, need_ref=False)
     assert [e.id for e in setup.train] == ["u0", "u1", "u4", "u5"]
     assert [e.solution for e in setup.train] == [SELECTED[u] for u in ("u0", "u1", "u4", "u5")]
     tok = setup.student.tokenizer
     assert setup.train_ids == [encode_prompt(tok, f"problem {u}?") for u in ("u0", "u1", "u4", "u5")]
-    golds = trainer.gold_targets(tok, setup.train, setup.stop_ids[0])
+    golds = sources.gold_targets(tok, setup.train, setup.stop_ids[0])
     assert [len(g) for g in golds] == [len(SELECTED[u]) + 1 for u in ("u0", "u1", "u4", "u5")]
     assert setup.golds == golds  # the ids tokenised for the length rule are the ones training uses
     assert (
@@ -564,19 +565,19 @@ def test_prepare_trains_on_kept_examples_only(tmp_path, tiny, monkeypatch):
         "logging.progress=false",
     )
     notes.clear()
-    setup = trainer.prepare(quiet, student_path=None, need_teacher=False, need_ref=False)
+    setup = training.prepare(quiet, student_path=None, need_teacher=False, need_ref=False)
     assert [e.id for e in setup.train] == ["u0", "u1", "u3", "u4", "u5"]  # no token limit: u3 stays
     assert [enabled for m, enabled in notes if m.startswith("data:")] == [False]
 
 
 def test_prepare_is_unchanged_with_the_new_keys_unset(tmp_path, tiny, monkeypatch):
-    from stableopd import trainer
+    from stableopd.stages import training
 
     notes = []
-    monkeypatch.setattr(trainer, "note", lambda message, enabled=True: notes.append(message))
+    monkeypatch.setattr(training, "note", lambda message, enabled=True: notes.append(message))
     path = write_openr1(tmp_path / "openr1.parquet")
     cfg = openr1_config(path)  # the NuminaMath `solution` string, every row
-    setup = trainer.prepare(cfg, student_path=None, need_teacher=False, need_ref=False)
+    setup = training.prepare(cfg, student_path=None, need_teacher=False, need_ref=False)
     assert setup.train == load_examples(str(path), fields=Fields(id="uuid", prompt="problem"))
     assert [e.solution for e in setup.train] == [f"numina {u}" for u in TRACES]
     assert not [m for m in notes if m.startswith("data:")]

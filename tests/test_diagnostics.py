@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from stableopd.config import DiagnoseConfig
-from stableopd.diagnostics import CollapseGuard, detect, diagnose, read_jsonl, response_metrics
+from stableopd.diagnostics.analysis import CollapseGuard, detect, diagnose, read_jsonl, response_metrics
 from stableopd.errors import UserError
 
 # ------------------------------------------------------------------ synthetic traces

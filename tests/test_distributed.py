@@ -1,4 +1,4 @@
-"""Multi-process distill (stableopd/distributed.py): 2 processes with gloo on CPU against 1 process.
+"""Multi-process distill (stableopd/engine/distributed.py): 2 processes with gloo on CPU against 1 process.
 
 What is checked, and against what:
 - 2 processes (torchrun) and 1 process on the same global batch, greedy sampling, 2 steps: the same rollouts,
@@ -31,7 +31,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stableopd.tracking import read_rows
+from stableopd.engine.tracking import read_rows
 
 COMMON = {
     "train.steps": 2, "train.prompts_per_step": 4, "sampling.n": 1, "sampling.temperature": 0,
@@ -176,7 +176,7 @@ def tied(tmp_path_factory) -> Path:
     """The tiny student with tied input/output embeddings (as Qwen2.5-1.5B), saved as a local model."""
     from transformers import AutoModelForCausalLM
 
-    from stableopd.tiny import build_tiny_model
+    from stableopd.models.tiny import build_tiny_model
 
     path = build_tiny_model("tiny", tmp_path_factory.mktemp("tied") / "model")
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -276,7 +276,7 @@ def test_failing_rank_stops_the_others(data, tmp_path):
 def test_memory_plan_divides_what_is_sharded_and_prints_readable_units():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from stableopd.distributed import human_bytes, memory_plan
+    from stableopd.engine.distributed import human_bytes, memory_plan
 
     assert [human_bytes(n) for n in (512, 1536, 3 * 2**20, 2.5 * 2**30, 5 * 2**40)] == [
         "512 B", "1.5 KiB", "3 MiB", "2.5 GiB", "5 TiB"]  # fmt: skip
@@ -312,7 +312,7 @@ def test_memory_plan_divides_what_is_sharded_and_prints_readable_units():
 
 
 def test_split_gives_contiguous_shares_that_concatenate_to_the_list():
-    from stableopd.distributed import Dist
+    from stableopd.engine.distributed import Dist
 
     items = list(range(7))
     shares = [Dist(rank=r, world=3).split(items) for r in range(3)]

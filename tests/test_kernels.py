@@ -14,16 +14,16 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from stableopd import kernels
-from stableopd.kernels import (
+from stableopd.core import kernels
+from stableopd.core.kernels import (
     linear_jsd,
     linear_jsd_sum,
     linear_kl,
     linear_kl_sum,
     linear_logprobs,
     linear_logprobs_sum,
-    make_adamw,
 )
+from stableopd.engine.optimizer import make_adamw
 
 N, D, V = 47, 19, 123  # deliberately odd
 CHUNKS = [1, 5, 16, 47, 64]  # divides N, does not, equals N, exceeds N

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from stableopd.config import load_config
+from stableopd.engine.tracking import read_rows
 from stableopd.errors import UserError
-from stableopd.tracking import read_rows
 from tests.test_trainer import comparable, distill_cli, pair_args, says, sets, write_jsonl
 
 LORA = ["-s", "student.lora.r=8", "-s", "train.lr=1e-2"]
@@ -68,8 +68,8 @@ def test_lora_learns_and_the_reference_is_the_adapter_off(learned):
 
 
 def test_setup_keeps_one_copy_of_the_student(data, tiny, tiny_teacher):
-    from stableopd import lora
-    from stableopd.trainer import prepare
+    from stableopd.engine import lora
+    from stableopd.stages.training import prepare
 
     cfg = load_config(overrides=[f"data.source={data}", "student.lora.r=4", "train.eval_every=0"])
     setup = prepare(cfg, student_path=None, need_teacher=True, need_ref=True)
@@ -159,7 +159,7 @@ def test_export_merge_of_a_full_weight_run_is_refused(tmp_path, data, tiny, tiny
 
 
 def test_eval_of_a_lora_run_reads_the_adapter(learned, tiny):
-    from stableopd.models import load_model
+    from stableopd.models.loading import load_model
 
     merged = load_model(str(learned / "checkpoints" / "step_000020"), dtype="float32", device="cpu")
     ids = torch.tensor([[2, 7, 11, 4]])
@@ -171,8 +171,8 @@ def test_eval_of_a_lora_run_reads_the_adapter(learned, tiny):
 
 
 def test_vllm_sync_pushes_the_merged_weights(tiny, monkeypatch):
-    from stableopd import lora
     from stableopd.backends.vllm import VLLMBackend, hf_weight_items
+    from stableopd.engine import lora
     from tests.vllm_double import FakeVLLM
 
     FakeVLLM().install(monkeypatch)
@@ -214,7 +214,7 @@ def _adapter_dir(model, monkeypatch) -> Path:
 
 
 def test_lora_trains_in_one_process_only():
-    from stableopd.distributed import check_launch
+    from stableopd.engine.distributed import check_launch
 
     cfg = load_config(overrides=["student.lora.r=4", "train.prompts_per_step=4"])
     check_launch(1, cfg)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stableopd import models
 from stableopd.errors import UserError
-from stableopd.models import Loaded, check_compatible, load_model, resolve_model_path, stop_token_ids
-from stableopd.tiny import CHAT_TEMPLATE, build_tiny_model, build_tokenizer
+from stableopd.models import loading as models
+from stableopd.models.loading import Loaded, check_compatible, load_model, resolve_model_path, stop_token_ids
+from stableopd.models.tiny import CHAT_TEMPLATE, build_tiny_model, build_tokenizer
 
 
 def weights(directory: str | Path) -> dict[str, torch.Tensor]:

@@ -14,16 +14,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from stableopd import trainer
-from stableopd.backends.base import Sample
 from stableopd.cli import app
 from stableopd.config import load_config
-from stableopd.data import encode_prompt
+from stableopd.core.kernels import linear_jsd, linear_kl
+from stableopd.data import sources
+from stableopd.data.sources import encode_prompt
+from stableopd.engine.teacher import score_targets
 from stableopd.errors import UserError
-from stableopd.kernels import linear_jsd, linear_kl
-from stableopd.pairing import end_of_turn_id, pair_tokens, stop_ids
-from stableopd.teacher import score_targets
-from stableopd.tiny import build_tokenizer
+from stableopd.models.pairing import end_of_turn_id, pair_tokens, stop_ids
+from stableopd.models.tiny import build_tokenizer
+from stableopd.stages import distill as trainer
+from stableopd.stages import training
+from stableopd.types import Sample
 from tests import qwen_family
 from tests.push import Push
 
@@ -184,7 +186,7 @@ def paper_pair_setup(root: str, prompts_file, teacher: str, *extra: str):
             "teacher.name": str(qwen_family.model_dir(teacher, root)),
         },
     )
-    return cfg, trainer.prepare(cfg, student_path=None, need_teacher=True, need_ref=False)
+    return cfg, training.prepare(cfg, student_path=None, need_teacher=True, need_ref=False)
 
 
 @pytest.mark.parametrize("teacher,extra,end", [
@@ -195,15 +197,15 @@ def test_a_step_scores_the_teacher_on_its_prompt_and_its_end_token(
     family_root, prompts_file, teacher, extra, end
 ):
     cfg, setup = paper_pair_setup(family_root, prompts_file, teacher, *extra)
-    optimizer = trainer.make_adamw(setup.student.model.parameters(), lr=1e-3)
-    golds = trainer.gold_targets(setup.student.tokenizer, setup.train, setup.stop_ids[0])
+    optimizer = training.make_adamw(setup.student.model.parameters(), lr=1e-3)
+    golds = sources.gold_targets(setup.student.tokenizer, setup.train, setup.stop_ids[0])
     _, records = trainer.train_step(
         cfg,
         setup,
         StopsAt(MATH_EOS),
         optimizer,
         1,
-        settings=trainer.loss_settings(cfg, setup.vocab_size, setup.pair),
+        objective=trainer.objective_for(cfg, setup.vocab_size, setup.pair),
         golds_all=golds,
     )
     s_tok, t_tok = setup.student.tokenizer, setup.teacher.tokenizer
@@ -250,7 +252,7 @@ def test_banned_ids_are_never_sampled_and_a_backend_that_ignores_them_is_stopped
     cfg, setup = paper_pair_setup(
         family_root, prompts_file, "r1_distill", "teacher.mismatched_tokens=suppress"
     )
-    backend = trainer.build_step_backend(cfg, setup)
+    backend = training.build_step_backend(cfg, setup)
     params = trainer.sampling_params(cfg, 1, setup.pair)
     assert params.banned_token_ids == setup.pair.banned
     model = setup.student.model
@@ -263,7 +265,7 @@ def test_banned_ids_are_never_sampled_and_a_backend_that_ignores_them_is_stopped
         assert all(s.token_ids[0] == IM_START for samples in unbanned for s in samples)  # the push works
     finally:
         model.lm_head = head
-    optimizer = trainer.make_adamw(setup.student.model.parameters(), lr=1e-3)
+    optimizer = training.make_adamw(setup.student.model.parameters(), lr=1e-3)
     with pytest.raises(
         UserError, match="produced token id 151644, which SamplingParams.banned_token_ids forbids"
     ):
@@ -273,7 +275,7 @@ def test_banned_ids_are_never_sampled_and_a_backend_that_ignores_them_is_stopped
             StopsAt(IM_START),
             optimizer,
             1,
-            settings=trainer.loss_settings(cfg, setup.vocab_size, setup.pair),
+            objective=trainer.objective_for(cfg, setup.vocab_size, setup.pair),
             golds_all=[None] * 99,
         )
 
@@ -310,14 +312,14 @@ def test_a_vllm_teacher_engine_gets_the_teachers_prompts_and_end_token(
     cfg, setup = paper_pair_setup(family_root, prompts_file, "qwen_instruct", "teacher.engine=vllm")
     seen, real = [], setup.teacher_scorer.score
     setup.teacher_scorer.score = lambda p, t, **kw: seen.append((p, t)) or real(p, t, **kw)
-    optimizer = trainer.make_adamw(setup.student.model.parameters(), lr=1e-3)
+    optimizer = training.make_adamw(setup.student.model.parameters(), lr=1e-3)
     _, records = trainer.train_step(
         cfg,
         setup,
         StopsAt(MATH_EOS),
         optimizer,
         1,
-        settings=trainer.loss_settings(cfg, setup.vocab_size, setup.pair),
+        objective=trainer.objective_for(cfg, setup.vocab_size, setup.pair),
         golds_all=[None] * len(setup.train),
     )
     prompts, targets = seen[0]
@@ -343,7 +345,7 @@ def _swapped(lt: torch.Tensor, swaps) -> torch.Tensor:
 
 
 def test_validation_kl_reads_the_teacher_prompt_and_its_end_column(family_root, prompts_file):
-    from stableopd.teacher import reverse_kl_sums
+    from stableopd.engine.teacher import reverse_kl_sums
 
     cfg, setup = paper_pair_setup(family_root, prompts_file, "qwen_instruct")
     s, t, v, pair = setup.student.model, setup.teacher.model, setup.vocab_size, setup.pair
@@ -351,7 +353,7 @@ def test_validation_kl_reads_the_teacher_prompt_and_its_end_column(family_root, 
     assert prompts[0] != t_prompts[0]
     targets = [[17, 18, MATH_EOS], [19]]
     with torch.no_grad():  # give the teacher's end token real mass, so that reading its column matters
-        from stableopd.batch import pack, target_hidden
+        from stableopd.core.batch import pack, target_hidden
 
         h = target_hidden(t, pack(t_prompts, targets, 0, "cpu")).mean(0)  # (d,)
         t.get_output_embeddings().weight[IM_END] = 6.0 * h / h.norm() ** 2
@@ -404,14 +406,14 @@ def test_jsd_step_compares_with_the_teacher_on_its_own_prompt(family_root, promp
     setup.teacher.model.get_decoder().register_forward_hook(
         lambda mod, args, kw, out: seen.append(kw["input_ids"]), with_kwargs=True
     )
-    optimizer = trainer.make_adamw(setup.student.model.parameters(), lr=1e-3)
+    optimizer = training.make_adamw(setup.student.model.parameters(), lr=1e-3)
     metrics, records = trainer.train_step(
         cfg,
         setup,
         StopsAt(MATH_EOS),
         optimizer,
         1,
-        settings=trainer.loss_settings(cfg, setup.vocab_size, setup.pair),
+        objective=trainer.objective_for(cfg, setup.vocab_size, setup.pair),
         golds_all=[None] * len(setup.train),
     )
     v, b = setup.vocab_size, 0.3
@@ -444,7 +446,8 @@ def test_jsd_step_compares_with_the_teacher_on_its_own_prompt(family_root, promp
         return total / n
 
     want = naive("teacher_prompt_token_ids")
-    assert metrics["loss/opd"] == pytest.approx(want, rel=5e-4)  # fp32 kernels against fp64 logits
+    assert metrics["loss/jsd"] == pytest.approx(want, rel=5e-4)  # fp32 kernels against fp64 logits
+    assert metrics["loss/opd"] is None  # the JSD is logged under its own name
     # the step's only teacher forward (the JSD inside the update, which also gives the records' teacher
     # log-probs) read the teacher's prompts
     rows = [row for ids in seen for row in ids.tolist()]
@@ -469,4 +472,4 @@ def test_the_teacher_context_must_hold_its_own_prompt_and_the_budget(family_root
     with pytest.raises(
         UserError, match="prompt \\+ sampling.max_new_tokens reaches .* over the teacher's context of 200"
     ):
-        trainer.prepare(cfg, student_path=None, need_teacher=True, need_ref=False)
+        training.prepare(cfg, student_path=None, need_teacher=True, need_ref=False)

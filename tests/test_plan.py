@@ -1,4 +1,4 @@
-"""`--dry-run` (stableopd/plan.py), the cross-field rules checked when a config loads, and model config overrides.
+"""`--dry-run` (stableopd/stages/plan.py), the cross-field rules checked when a config loads, and model config overrides.
 
 - Every example file's own first-line command, with `--dry-run`, offline and with an empty model cache, exits
   0 without building, downloading or writing anything; the paper commands reach their 8-process vLLM plan.
@@ -198,8 +198,8 @@ def test_removed_train_dtype_names_the_keys_that_replace_it():
 
 def test_config_overrides_reach_the_model_every_checkpoint_and_a_resumed_run(tmp_path):
     from stableopd.config import load_config
-    from stableopd.models import load_model
-    from stableopd.trainer import run_distill
+    from stableopd.models.loading import load_model
+    from stableopd.stages.distill import run_distill
 
     plain, over = (
         load_model("tiny"),
@@ -268,7 +268,7 @@ def test_sft_dry_run_counts_golden_solutions_and_the_run_directory_rules(offline
 
 
 def test_lora_dry_run_counts_only_the_adapter_as_trained(offline, tmp_path):
-    from stableopd.models import resolve_model_path
+    from stableopd.models.loading import resolve_model_path
 
     student = resolve_model_path("tiny")  # the built-in, built into this test's cache beforehand
     result = invoke(

@@ -7,8 +7,8 @@ import zlib
 
 import pytest
 
-from stableopd import repetition
-from stableopd.repetition import compression_ratio, is_repetitive, repeating_span, repetitive_token_mask
+from stableopd.core import repetition
+from stableopd.core.repetition import compression_ratio, is_repetitive, repeating_span, repetitive_token_mask
 
 WORDS = "the of and to a in is we so that for it as with be this on are by not".split()
 

@@ -10,10 +10,17 @@ import pytest
 from matplotlib.image import imread
 from rich.console import Console
 
-from stableopd.compare import run_compare, run_names
 from stableopd.config import DiagnoseConfig
-from stableopd.diagnostics import diagnose, run_diagnose
-from stableopd.report import highlight_tail, overlay_figures, panel_figures, select_steps, sparkline
+from stableopd.diagnostics.analysis import diagnose
+from stableopd.diagnostics.compare import run_compare, run_names
+from stableopd.diagnostics.report import (
+    highlight_tail,
+    overlay_figures,
+    panel_figures,
+    run_diagnose,
+    select_steps,
+    sparkline,
+)
 
 LOOP = "Wait, I should double-check this step again. "
 
@@ -352,7 +359,7 @@ def test_run_summary_after_a_resume_counts_only_the_steps_it_ran():
 def test_step_profile_of_a_run_without_step_times():
     """Runs written before time/step_s: the step is the sum of the parts it has; step 0 (validation before
     training) is not a training step; a part missing on a step counts 0 there."""
-    from stableopd.profile import step_profile
+    from stableopd.diagnostics.profile import step_profile
 
     series = {"time/rollout_s": {1: 1.0, 2: 3.0}, "time/teacher_s": {1: 1.0, 2: 1.0},
               "time/train_s": {1: 2.0, 2: 2.0}, "time/val_s": {0: 5.0, 2: 2.0}}  # fmt: skip

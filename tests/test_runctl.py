@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from stableopd import runctl
+from stableopd.engine import runctl
+from stableopd.engine.runctl import GracefulStop, Interrupted, RunLock
 from stableopd.errors import UserError
-from stableopd.runctl import GracefulStop, Interrupted, RunLock
 
 
 def test_a_second_lock_on_a_run_directory_is_refused_with_the_holders_pid(tmp_path):
@@ -33,7 +33,7 @@ def test_a_killed_holder_leaves_no_stuck_lock(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from stableopd.runctl import RunLock; "
+            "import sys, time; from stableopd.engine.runctl import RunLock; "
             f"lock = RunLock({str(run)!r}).acquire(); print('held', flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,

@@ -1,4 +1,4 @@
-"""Learning-rate schedules and gradient checkpointing (stableopd/schedule.py, trainer.py, sft.py).
+"""Learning-rate schedules and gradient checkpointing (stableopd/core/schedule.py, stableopd/stages/training.py).
 
 What is checked, and against what:
 - `lr_at_step` against the formulas written out by hand (warmup ramp, constant, linear and cosine ends and
@@ -23,13 +23,14 @@ from typer.testing import CliRunner
 
 from stableopd.cli import app
 from stableopd.config import load_config
+from stableopd.core.schedule import lr_at_step
+from stableopd.engine.objective import Objective
+from stableopd.engine.tracking import read_rows
+from stableopd.engine.update import optimizer_step
 from stableopd.errors import UserError
-from stableopd.models import Loaded, resolve_model_path
-from stableopd.schedule import lr_at_step
-from stableopd.sft import sft_settings, sft_step
-from stableopd.tracking import read_rows
-from stableopd.trainer import enable_checkpointing
-from stableopd.update import GoldSeq
+from stableopd.models.loading import Loaded, resolve_model_path
+from stableopd.stages.training import enable_checkpointing
+from stableopd.types import GoldSeq
 
 # one_cpu_thread is an autouse fixture: importing it applies it to this module too
 from tests.test_trainer import comparable, data_rows, one_cpu_thread, pair_args, write_jsonl  # noqa: F401
@@ -141,7 +142,17 @@ def layer_calls_and_grads(model, checkpointing: bool) -> tuple[int, dict[str, to
     model.get_decoder().layers[0].self_attn.register_forward_pre_hook(lambda *_: calls.append(1))
     golds = [GoldSeq(prompt=[5, 6, 7], target=[8, 9, 10, 11]), GoldSeq(prompt=[12, 13], target=[14, 15, 2])]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    sft_step(model, optimizer, golds, sft_settings(64, None), pad_id=0, micro_batch=2, grad_clip=0.0)
+    model.train()  # checkpointing acts in train mode only
+    optimizer_step(
+        model,
+        optimizer,
+        [],
+        golds,
+        Objective.sft(chunk_size=64, vocab_size=None),
+        pad_id=0,
+        micro_batch=2,
+        grad_clip=0.0,
+    )
     return len(calls), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 

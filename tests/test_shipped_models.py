@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from stableopd import toy
-from stableopd.models import built_dir, resolve_model_path
+from stableopd.models import toy
+from stableopd.models.loading import built_dir, resolve_model_path
 from tools.ship_toy_weights import BUILD, CAPABILITY, build_env
 
 NAMES = list(toy.TOY_FAMILY)

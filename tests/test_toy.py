@@ -16,9 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stableopd import sft, toy
-from stableopd.models import cache_dir, load_model, resolve_model_path
-from stableopd.tiny import TinySpec
+from stableopd.engine import update
+from stableopd.models import toy
+from stableopd.models.loading import cache_dir, load_model, resolve_model_path
+from stableopd.models.tiny import TinySpec
 
 FAST = toy.ToyRecipe(
     spec=TinySpec(hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate=32, vocab_rows=128, seed=3),
@@ -68,13 +69,13 @@ def test_the_build_runs_on_one_thread_and_restores_the_callers_count(tmp_path, m
     # another SFT loss (0.096 vs 0.065) and another accuracy (10% vs 28%) than with 1. One thread makes
     # the cached model the same on every machine with the same torch build and CPU kernels.
     seen = []
-    real = sft.sft_step
+    real = update.optimizer_step
 
     def spy(*args, **kwargs):
         seen.append(torch.get_num_threads())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sft, "sft_step", spy)
+    monkeypatch.setattr(update, "optimizer_step", spy)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -132,7 +133,7 @@ def test_a_changed_recipe_is_a_new_cache_entry(fast_family, monkeypatch):
     "failure", [RuntimeError("disk full"), KeyboardInterrupt()], ids=["error", "interrupt"]
 )
 def test_a_failed_build_leaves_nothing_that_would_be_picked(fast_family, monkeypatch, failure):
-    real = sft.sft_step
+    real = update.optimizer_step
     seen = []
 
     def fail_on_third(*args, **kwargs):
@@ -141,13 +142,13 @@ def test_a_failed_build_leaves_nothing_that_would_be_picked(fast_family, monkeyp
             raise failure
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sft, "sft_step", fail_on_third)  # the build dies after two SFT steps
+    monkeypatch.setattr(update, "optimizer_step", fail_on_third)  # the build dies after two SFT steps
     with pytest.raises(type(failure)):
         resolve_model_path("arith-teacher")
     models = cache_dir() / "models"
     left = [p.name for p in models.iterdir() if not p.name.endswith(".lock")] if models.exists() else []
     assert left == []  # no entry and no temporary directory (the empty lock file may stay)
-    monkeypatch.setattr(sft, "sft_step", real)
+    monkeypatch.setattr(update, "optimizer_step", real)
     path = Path(resolve_model_path("arith-teacher"))  # the next use builds from scratch
     assert (path / "COMPLETE").exists() and len(fast_family) == 2
     ref = toy.build_toy_model(
@@ -218,7 +219,7 @@ def test_a_base_with_another_architecture_is_refused(fast_family, monkeypatch, t
 
 
 def test_a_changed_data_generator_changes_the_key(monkeypatch):
-    from stableopd import arith
+    from stableopd.data import arith
 
     recipe = dataclasses.replace(FAST, data=FAST.data + "&checks=1")
     before = toy.recipe_key(recipe)

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from stableopd.config import load_config
+from stableopd.engine.trackers import check_installed, flat_params, scalars
+from stableopd.engine.tracking import read_rows
 from stableopd.errors import UserError
-from stableopd.trackers import check_installed, flat_params, scalars
-from stableopd.tracking import read_rows
 
 ALL = "[tensorboard,wandb,trackio,mlflow]"
 
@@ -212,7 +212,7 @@ def test_every_tracker_holds_the_metrics_series(tracked):
 
 
 def test_a_failing_tracker_is_switched_off_and_the_others_go_on(capsys):
-    from stableopd.trackers import Trackers
+    from stableopd.engine.trackers import Trackers
 
     class Broken:
         def log(self, step, values):

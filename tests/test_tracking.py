@@ -1,4 +1,4 @@
-"""metrics.jsonl (stableopd/tracking.py): appends, non-finite values, and the trim a resume relies on.
+"""metrics.jsonl (stableopd/engine/tracking.py): appends, non-finite values, and the trim a resume relies on.
 
 pytest tests/test_tracking.py
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 
-from stableopd.tracking import MetricsLog, read_rows
+from stableopd.engine.tracking import MetricsLog, read_rows
 
 
 def test_rows_are_appended_and_non_finite_values_stay_valid_json(tmp_path):

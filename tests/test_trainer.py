@@ -1,4 +1,4 @@
-"""`stableopd distill` end to end and step by step (stableopd/trainer.py, update.py, validation.py).
+"""`stableopd distill` end to end and step by step (stableopd/stages/distill.py, update.py, validation.py).
 
 What is checked, and against what:
 - the CLI smoke run (a subprocess, as a user runs it) writes the DESIGN.md run directory; its metrics are
@@ -38,16 +38,20 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from stableopd import trainer
-from stableopd.backends.base import Sample
-from stableopd.checkpoint import list_checkpoints, load_latest
 from stableopd.cli import app
 from stableopd.config import Config, load_config
+from stableopd.data import sources
+from stableopd.engine import update
+from stableopd.engine.checkpoint import list_checkpoints, load_latest
+from stableopd.engine.objective import Objective
+from stableopd.engine.teacher import score_targets
+from stableopd.engine.tracking import read_rows
+from stableopd.engine.update import RolloutSeq, accumulate
 from stableopd.errors import UserError
-from stableopd.models import resolve_model_path
-from stableopd.teacher import score_targets
-from stableopd.tracking import read_rows
-from stableopd.update import GoldSeq, LossSettings, RolloutSeq, accumulate
+from stableopd.models.loading import resolve_model_path
+from stableopd.stages import distill as trainer
+from stableopd.stages import training
+from stableopd.types import GoldSeq, Sample
 
 STEP_METRICS = [
     "rollout/length_mean", "rollout/length_max", "rollout/trunc_rate", "rollout/rep_rate",
@@ -326,15 +330,14 @@ def step_setup(data_file: Path, teacher: str, *overrides: str):
         ],
         {"data.source": str(data_file), "teacher.name": teacher},
     )
-    need_ref = cfg.loss.objective != "opd" and cfg.loss.ref_kl_coef > 0
-    return cfg, trainer.prepare(cfg, student_path=None, need_teacher=True, need_ref=need_ref)
+    need_ref = trainer.objective_of(cfg).uses_ref
+    return cfg, training.prepare(cfg, student_path=None, need_teacher=True, need_ref=need_ref)
 
 
 def one_step(cfg, setup, optimizer, step: int = 1, backend=None):
-    backend = backend or trainer.build_step_backend(cfg, setup)
-    golds = trainer.gold_targets(setup.student.tokenizer, setup.train, setup.stop_ids[0])
-    return trainer.train_step(cfg, setup, backend, optimizer, step, settings=trainer.loss_settings(cfg, setup.vocab_size),
-                              golds_all=golds)  # fmt: skip
+    backend = backend or training.build_step_backend(cfg, setup)
+    objective = trainer.objective_for(cfg, setup.vocab_size)
+    return trainer.train_step(cfg, setup, backend, optimizer, step, objective=objective)
 
 
 # top_p < 1: the sampler's log-probs are not pi_theta's, so pi_old is the trainer's own and A is exactly 0
@@ -417,7 +420,7 @@ def test_a_step_samples_all_its_prompts_in_one_backend_call(data_file, built):
     cfg, setup = step_setup(
         data_file, built.teacher, "train.prompts_per_step=11", "sampling.options={batch_size: 4}"
     )
-    backend = CountingBackend(trainer.build_step_backend(cfg, setup))
+    backend = CountingBackend(training.build_step_backend(cfg, setup))
     batches = []
     real = backend.inner._generate_batch
     backend.inner._generate_batch = lambda prompts, params, seed: (
@@ -468,7 +471,7 @@ class ShiftedSampler:
 @pytest.mark.parametrize("shift", [0.0, 0.25])
 def test_kl_sample_train_reads_the_sampler_trainer_mismatch(data_file, built, shift):
     cfg, setup = step_setup(data_file, built.teacher, "loss.objective=opd")
-    backend = ShiftedSampler(trainer.build_step_backend(cfg, setup), shift)
+    backend = ShiftedSampler(training.build_step_backend(cfg, setup), shift)
     metrics, _ = one_step(cfg, setup, GradCapture(setup.student.model), backend=backend)
     assert metrics["diag/kl_sample_train"] == pytest.approx(shift, abs=1e-5)
     assert metrics["diag/logprob_diff_max"] == pytest.approx(shift, abs=1e-4)
@@ -476,7 +479,7 @@ def test_kl_sample_train_reads_the_sampler_trainer_mismatch(data_file, built, sh
 
 def test_a_lying_sampler_stops_the_run(tmp_path, data_file, built, monkeypatch):
     """sampling.max_sync_mismatch: a sampler that is not sampling from the trained weights ends the run."""
-    real = trainer.build_step_backend
+    real = training.build_step_backend
     monkeypatch.setattr(
         trainer, "build_step_backend", lambda cfg, setup: ShiftedSampler(real(cfg, setup), 0.25)
     )
@@ -525,10 +528,10 @@ def acc_batch(vocab: int, teacher) -> tuple[list[RolloutSeq], list[GoldSeq]]:
     return rollouts, golds
 
 
-def acc_settings(objective: str, aggregation: str, vocab: int) -> LossSettings:
+def acc_settings(objective: str, aggregation: str, vocab: int) -> Objective:
     # chunk_size 16 does not divide the token count: the chunked kernels' tails are exercised too
-    return LossSettings(
-        objective=objective,
+    return Objective(
+        name=objective,
         aggregation=aggregation,
         ref_kl_coef=0.5,
         gold_coef=0.3,
@@ -574,18 +577,19 @@ def test_gradient_does_not_depend_on_the_micro_batch_split(acc_models, objective
         for key in (
             "loss/total",
             "loss/opd",
+            "loss/jsd",
             "loss/ref_kl",
             "loss/gold_sft",
             "adv/mean",
             "rollout/rep_token_frac",
         ):
-            if whole_m[key] is None:  # a term that is off (gold for opd/jsd) is null for every split
-                assert split_m[key] is None, key
+            if whole_m.get(key) is None:  # a term that is off (gold for opd/jsd) is null for every split
+                assert split_m.get(key) is None, key
             else:
                 assert split_m[key] == pytest.approx(whole_m[key], rel=1e-5, abs=1e-6), key
 
 
-def naive_loss(m, rollouts, golds, s: LossSettings) -> torch.Tensor:
+def naive_loss(m, rollouts, golds, s: Objective) -> torch.Tensor:
     """The step's loss from full (L, V) logits, one unpadded sequence at a time, as the docstrings define it."""
     v = s.vocab_size
 
@@ -600,7 +604,7 @@ def naive_loss(m, rollouts, golds, s: LossSettings) -> torch.Tensor:
         w = 1.0 / n_tokens if s.aggregation == "token_mean" else 1.0 / (len(q.target) * len(rollouts))
         ls = logp(m.student, q.prompt, q.target)  # (T, V)
         new = ls.gather(1, torch.tensor(q.target)[:, None])[:, 0]  # (T,)
-        if s.objective == "jsd":
+        if s.name == "jsd":
             with torch.no_grad():
                 lt = logp(m.teacher, q.prompt, q.target)
             b = s.jsd_beta  # TRL's convention: m = (1 - b) p_s + b p_t
@@ -618,11 +622,11 @@ def naive_loss(m, rollouts, golds, s: LossSettings) -> torch.Tensor:
                     ]
                 )
             total = total - w * (adv * torch.exp(new - new.detach())).sum()  # value -A, gradient -A grad(new)
-        if s.objective != "opd":
+        if s.name != "opd":
             with torch.no_grad():
                 lr = logp(m.ref, q.prompt, q.target)
             total = total + s.ref_kl_coef * w * (ls.exp() * (ls - lr)).sum()
-    if s.objective == "stableopd":
+    if s.name == "stableopd":
         kept = [g for g in golds if g.target]
         for g in kept:
             lg = logp(m.student, g.prompt, g.target).gather(1, torch.tensor(g.target)[:, None])
@@ -658,7 +662,7 @@ def test_opd_on_the_samplers_policy_runs_the_forward_gradient_kernel_and_equals_
 ):
     """With sampler_is_policy, pi_old is the sampler's log-probs (here -4.6 everywhere, far from the student's),
     so the naive loss's advantages come from them; the per-token kernel is never called for the OPD term."""
-    from stableopd import update
+    from stableopd.engine import update
 
     rollouts, golds = acc_batch(acc_models.vocab, acc_models.teacher)
     settings = dataclasses.replace(
@@ -975,7 +979,7 @@ def poison_steps(monkeypatch, bad: set[int]) -> None:
             metrics["loss/total"] = float("nan")
         return metrics
 
-    monkeypatch.setattr(trainer, "accumulate", poisoned)
+    monkeypatch.setattr(update, "accumulate", poisoned)
 
 
 def test_non_finite_steps_are_skipped_counted_and_stop_after_k(tmp_path, data_file, built, monkeypatch):
@@ -1016,7 +1020,8 @@ def no_compute(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("compute started before the pre-flight checks failed")
 
-    monkeypatch.setattr(trainer, "build_step_backend", forbidden)
+    monkeypatch.setattr(training, "build_step_backend", forbidden)
+    monkeypatch.setattr(training, "score_targets", forbidden)
     monkeypatch.setattr(trainer, "score_targets", forbidden)
 
 
@@ -1112,24 +1117,24 @@ def test_existing_run_directory_needs_resume(smoke, data_file, no_compute):
 def test_step_indices_are_a_fresh_permutation_per_epoch(n, per_step):
     epochs = 4
     steps = -(-epochs * n // per_step)
-    flat = [i for step in range(1, steps + 1) for i in trainer.step_indices(n, step, per_step, seed=3)]
+    flat = [i for step in range(1, steps + 1) for i in sources.step_indices(n, step, per_step, seed=3)]
     orders = [flat[e * n : (e + 1) * n] for e in range(epochs)]
     assert all(sorted(o) == list(range(n)) for o in orders)  # every example exactly once per epoch
     if n >= 7:
         assert len({tuple(o) for o in orders}) == epochs  # reshuffled each epoch
         assert orders[0] != list(range(n))
     assert flat == [
-        i for step in range(1, steps + 1) for i in trainer.step_indices(n, step, per_step, seed=3)
+        i for step in range(1, steps + 1) for i in sources.step_indices(n, step, per_step, seed=3)
     ]
     if n >= 7:
         assert flat != [
-            i for step in range(1, steps + 1) for i in trainer.step_indices(n, step, per_step, seed=4)
+            i for step in range(1, steps + 1) for i in sources.step_indices(n, step, per_step, seed=4)
         ]
 
 
 def test_step_indices_depend_only_on_the_step():
     """A resumed run asks for step k alone; it must get what the uninterrupted run got at step k."""
-    together = [trainer.step_indices(9, s, 4, seed=1) for s in range(1, 8)]
-    assert [trainer.step_indices(9, s, 4, seed=1) for s in (7, 3, 5, 1, 2, 6, 4)] == [
+    together = [sources.step_indices(9, s, 4, seed=1) for s in range(1, 8)]
+    assert [sources.step_indices(9, s, 4, seed=1) for s in (7, 3, 5, 1, 2, 6, 4)] == [
         together[s - 1] for s in (7, 3, 5, 1, 2, 6, 4)
     ]

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from stableopd.backends import vllm as vb
-from stableopd.backends.base import SamplingParams, build_backend
+from stableopd.backends.base import build_backend
 from stableopd.errors import UserError
-from stableopd.models import load_model, stop_token_ids
+from stableopd.models.loading import load_model, stop_token_ids
+from stableopd.types import SamplingParams
 from tests.push import Push
 from tests.vllm_double import CompletionOutput, FakeVLLM, Logprob
 
@@ -241,7 +242,7 @@ def _distill_cfg(tmp_path, name: str, **extra):
 def test_distill_with_synced_engine_samples_from_trained_weights(fake_vllm, tmp_path):
     import json
 
-    from stableopd.trainer import run_distill
+    from stableopd.stages.distill import run_distill
 
     assert run_distill(_distill_cfg(tmp_path, "synced")) == 0
     rows = [json.loads(line) for line in (tmp_path / "synced" / "metrics.jsonl").read_text().splitlines()]
@@ -252,7 +253,7 @@ def test_distill_with_synced_engine_samples_from_trained_weights(fake_vllm, tmp_
 
 def test_distill_stops_when_weight_sync_silently_fails(fake_vllm, tmp_path, monkeypatch):
     from stableopd.errors import TrainingStopped
-    from stableopd.trainer import run_distill
+    from stableopd.stages.distill import run_distill
 
     monkeypatch.setattr(
         vb, "push_weights", lambda llm, model: None
@@ -267,7 +268,7 @@ def test_vllm_teacher_engine_scores_the_sampled_tokens(fake_vllm, tmp_path):
     with its own reference."""
     import json
 
-    from stableopd.trainer import run_distill
+    from stableopd.stages.distill import run_distill
 
     run_distill(
         _distill_cfg(tmp_path, "vt", **{"sampling.backend": "hf", "train.steps": 1, "teacher.engine": "vllm"})
@@ -293,7 +294,7 @@ def test_config_overrides_reach_the_engine_so_it_samples_from_the_trained_model(
     log-prob difference would show it."""
     import json
 
-    from stableopd.trainer import run_distill
+    from stableopd.stages.distill import run_distill
 
     over = {"train.steps": 1, "student.config_overrides": "{rope_theta: 300000.0, rms_norm_eps: 5.0}"}
     assert run_distill(_distill_cfg(tmp_path, "over", **over)) == 0

@@ -1,4 +1,4 @@
-"""Build every built-in toy model from its recipe and ship the weights in the package (stableopd/toy_weights).
+"""Build every built-in toy model from its recipe and ship the weights in the package (stableopd/models/toy_weights).
 
 Run it after changing a recipe, its data generator or a base recipe: tests/test_shipped_models.py fails until
 the shipped weights are the current recipes' output again. Each model builds in a fresh cache, in its own
@@ -19,12 +19,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from stableopd.toy import SHIPPED, TOY_FAMILY, file_sha256, shipped_manifest
+from stableopd.models.toy import SHIPPED, TOY_FAMILY, file_sha256, shipped_manifest
 
 CAPABILITY = "avx2"
 # builds the toy models named on its command line, in order; prints their directories as a JSON list
 BUILD = (
-    "import json, sys; from stableopd.models import resolve_model_path; "
+    "import json, sys; from stableopd.models.loading import resolve_model_path; "
     "print(json.dumps([resolve_model_path(n) for n in sys.argv[1:]]))"
 )
 

@@ -1,0 +1,1 @@
+"""Samplers behind one contract: the registry, Hugging Face generate, vLLM."""

@@ -21,11 +21,13 @@ attribute sets how many prompts go in each call where a progress bar is shown (`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from stableopd.errors import UserError
+from stableopd.types import Sample, SamplingParams
+
+__all__ = ["Backend", "Sample", "SamplingParams", "build_backend", "parse_options"]
 
 
 def parse_options(model: type, backend: str, options: dict[str, Any], key: str = "sampling.options"):
@@ -47,40 +49,9 @@ def parse_options(model: type, backend: str, options: dict[str, Any], key: str =
         raise UserError(f"{key}.{loc}: {e['msg']} (got {e.get('input')!r})") from None
 
 
-def check_options(backend: str, options: dict[str, Any]) -> None:
-    """Validate the options of a built-in backend without importing it (UserError naming the key);
-    plugins validate their own when built."""
-    if backend == "hf":
-        from stableopd.backends.hf_options import parse_options
-    elif backend == "vllm":
-        from stableopd.backends.vllm import parse_options
-    else:
-        return
-    parse_options(options)
-
-
 ENTRY_POINT_GROUP = "stableopd.backends"
 # Used when the package's own metadata is missing (e.g. running from a source tree that was not installed).
 BUILTIN_BACKENDS = {"hf": "stableopd.backends.hf:HFBackend", "vllm": "stableopd.backends.vllm:VLLMBackend"}
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    n: int = 1
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    max_new_tokens: int = 128
-    seed: int = 0
-    banned_token_ids: tuple[int, ...] = ()  # ids that must never be sampled (stableopd/pairing.py)
-
-
-@dataclass
-class Sample:
-    token_ids: list[int]  # (T,) includes the stop token when finish_reason == "stop"
-    logprobs: list[float]  # (T,) sampler log-prob of each sampled token
-    finish_reason: Literal["stop", "length"]
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @runtime_checkable

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from stableopd.backends.base import Sample, SamplingParams
 from stableopd.backends.hf_options import parse_options
+from stableopd.types import Sample, SamplingParams
 
 
 class _MaskTokens:

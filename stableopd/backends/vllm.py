@@ -37,8 +37,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from stableopd.backends import base
-from stableopd.backends.base import Sample, SamplingParams
 from stableopd.errors import UserError
+from stableopd.types import Sample, SamplingParams
 
 INSTALL_HINT = "pip install 'stableopd[vllm]' (needs a CUDA machine)"
 MAX_TEMPERATURE = 2.0  # vLLM rejects temperatures above 2
@@ -74,7 +74,7 @@ def engine_kwargs(options: VLLMOptions, hf_overrides: dict[str, Any] | None) -> 
     kw = options.engine_kwargs()
     if hf_overrides:
         kw["hf_overrides"] = dict(hf_overrides)
-    from stableopd.distributed import launched_world
+    from stableopd.engine.distributed import launched_world
 
     if (world := launched_world()) > 1:
         kw.update(distributed_executor_backend="external_launcher", data_parallel_size=world, seed=0)
@@ -135,8 +135,8 @@ def parse_completion(completion: Any, stop_ids: list[int]) -> Sample:
 
 def hf_weight_items(model) -> Iterator[tuple[str, Any]]:
     """(Hugging Face name, full tensor) for every weight, unwrapping compile/DDP/FSDP prefixes and DTensors; a
-    LoRA student's weights are merged with its adapter (stableopd/lora.py)."""
-    from stableopd.lora import is_peft, merged_weights
+    LoRA student's weights are merged with its adapter (stableopd/engine/lora.py)."""
+    from stableopd.engine.lora import is_peft, merged_weights
 
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     for name, tensor in (merged_weights(model) if is_peft(model) else model.state_dict()).items():
@@ -187,14 +187,14 @@ class VLLMBackend:
         self, *, model: Any, tokenizer: Any, model_path: str, stop_ids: list[int], options: dict[str, Any]
     ) -> None:
         self.options = parse_options(options)
-        from stableopd.lora import is_adapter_dir, is_peft
+        from stableopd.engine.lora import is_adapter_dir, is_peft
 
         if is_adapter_dir(model_path):
             raise UserError(
                 f"'{model_path}' is a LoRA adapter, which the vllm backend does not load: write a merged "
                 "model with `stableopd export RUN_DIR --merge --out DIR` and sample DIR"
             )
-        from stableopd.models import config_overrides_of
+        from stableopd.models.loading import config_overrides_of
 
         vllm = import_vllm()
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights pushed without IPC

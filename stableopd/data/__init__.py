@@ -1,0 +1,1 @@
+"""Prompt sources (JSONL, Parquet, the Hub) and the built-in worlds (arith)."""

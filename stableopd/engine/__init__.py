@@ -1,0 +1,1 @@
+"""The training machinery: the fused update, teacher scoring, distributed runs, checkpoints, tracking, run control."""

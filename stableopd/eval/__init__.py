@@ -1,0 +1,1 @@
+"""Answer checking and evaluation presets."""

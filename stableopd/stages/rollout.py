@@ -1,0 +1,226 @@
+"""Sampling rollouts into records, their summary, and the `stableopd rollout` stage.
+
+A record is one sampled response (DESIGN.md "Rollout record"). `response_token_ids` and `response`
+exclude the stop token and padding; `sampler_logprobs` are aligned with `response_token_ids`, and the
+stop token's log-prob, when there is one, is kept as `stop_logprob` (the trainer needs it: learning when
+to stop is half of the length problem). `truncated` is true exactly when no stop token came within
+`max_new_tokens`.
+
+    stableopd rollout --model tiny --data builtin:arith -s sampling.n=2 -s sampling.max_new_tokens=16 --out x.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from stableopd.backends.base import Backend, split_stop
+from stableopd.core.repetition import is_repetitive
+from stableopd.errors import UserError
+from stableopd.progress import progress_bar
+from stableopd.types import Example, Sample, SamplingParams
+
+
+def make_record(
+    ex: Example,
+    prompt_ids: list[int],
+    idx: int,
+    sample: Sample,
+    tokenizer,
+    stop_ids: list[int],
+    *,
+    rep_tail_chars: int,
+    rep_ratio: float,
+) -> dict[str, Any]:
+    ids, lps, truncated = split_stop(sample, stop_ids)
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    repetitive, ratio = is_repetitive(text, rep_tail_chars, rep_ratio)
+    rec: dict[str, Any] = {
+        "prompt_id": ex.id,
+        "sample_idx": idx,
+        "prompt": ex.prompt,
+        "prompt_token_ids": list(prompt_ids),
+        "response": text,
+        "response_token_ids": ids,
+        "sampler_logprobs": lps,
+        "n_tokens": len(ids),
+        "finish_reason": "length" if truncated else "stop",
+        "truncated": truncated,
+        "repetitive": repetitive,
+        "compression_ratio": round(ratio, 4),
+        "stop_token_id": None if truncated else sample.token_ids[-1],
+        "stop_logprob": None if truncated else sample.logprobs[-1],
+    }
+    if ex.answer is not None:
+        rec["answer"] = ex.answer
+    return rec
+
+
+def sample_records(
+    backend: Backend,
+    tokenizer,
+    examples: list[Example],
+    prompt_ids: list[list[int]],
+    params: SamplingParams,
+    stop_ids: list[int],
+    *,
+    rep_tail_chars: int,
+    rep_ratio: float,
+    chunk: int | None = None,
+    progress: bool = True,
+    label: str = "sampling",
+) -> list[dict[str, Any]]:
+    """Sample params.n responses for every prompt; records come back in (prompt, sample) order.
+
+    Without a progress bar every prompt goes to the backend in one call, which batches them as its options
+    say (the hf backend's `batch_size`); with one, `chunk` prompts per call (default: the backend's
+    `prompts_per_call`, else 8) so the bar moves."""
+    if chunk is None:
+        chunk = (getattr(backend, "prompts_per_call", None) or 8) if progress else max(1, len(examples))
+    records: list[dict[str, Any]] = []
+    with progress_bar(label, total=len(examples), enabled=progress) as advance:
+        for start in range(0, len(examples), chunk):
+            exs, pids = examples[start : start + chunk], prompt_ids[start : start + chunk]
+            sub = SamplingParams(**{**params.__dict__, "seed": params.seed * 7919 + start})
+            batch = backend.generate(pids, sub)
+            check_banned(backend, batch, params.banned_token_ids)
+            for ex, pid, samples in zip(exs, pids, batch):
+                records.extend(
+                    make_record(
+                        ex, pid, i, s, tokenizer, stop_ids, rep_tail_chars=rep_tail_chars, rep_ratio=rep_ratio
+                    )
+                    for i, s in enumerate(samples)
+                )
+            advance(len(exs))
+    return records
+
+
+def check_banned(backend: Backend, batch: list[list[Sample]], banned: tuple[int, ...]) -> None:
+    """A backend that ignores SamplingParams.banned_token_ids would hand the teacher tokens it reads differently."""
+    if not banned:
+        return
+    bad = set(banned)
+    for samples in batch:
+        for s in samples:
+            hit = next((t for t in s.token_ids if t in bad), None)
+            if hit is not None:
+                raise UserError(
+                    f"sampling backend '{getattr(backend, 'name', type(backend).__name__)}' produced "
+                    f"token id {hit}, which SamplingParams.banned_token_ids forbids (the teacher reads "
+                    "it as another token); the backend must honour banned_token_ids"
+                )
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Count, length mean/p50/p90/max (tokens), truncation and repetition rates."""
+    if not records:
+        return {"count": 0}
+    lengths = sorted(r["n_tokens"] for r in records)
+
+    def pct(q: float) -> float:
+        return float(lengths[min(len(lengths) - 1, int(q * len(lengths)))])
+
+    return {
+        "count": len(records),
+        "length_mean": statistics.fmean(lengths),
+        "length_p50": pct(0.5),
+        "length_p90": pct(0.9),
+        "length_max": float(lengths[-1]),
+        "trunc_rate": sum(r["truncated"] for r in records) / len(records),
+        "rep_rate": sum(r["repetitive"] for r in records) / len(records),
+    }
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def run_rollout(cfg, *, out: Path) -> dict[str, float]:
+    """The `rollout` stage: load the model and prompts, sample, write records, return the summary."""
+    from stableopd.backends.base import build_backend
+    from stableopd.data.sources import encode_prompts, examples_for
+    from stableopd.files import check_output_file
+    from stableopd.models.loading import load_model, stop_token_ids
+
+    check_output_file(out, "rollout output")
+    d = cfg.data
+    examples = examples_for(d, limit=d.limit)
+    loaded = load_model(
+        cfg.student.name,
+        dtype=cfg.student.dtype,
+        device=cfg.student.device,
+        revision=cfg.student.revision,
+        trust_remote_code=cfg.student.trust_remote_code,
+        config_overrides=cfg.student.config_overrides,
+        overrides_key="student.config_overrides",
+    )
+    prompt_ids = encode_prompts(
+        loaded.tokenizer,
+        examples,
+        chat_template=d.chat_template,
+        system_prompt=d.system_prompt,
+        max_tokens=d.max_prompt_tokens,
+    )
+    stop_ids = stop_token_ids(loaded.tokenizer, loaded.model)
+    backend = build_backend(
+        cfg.sampling.backend,
+        model=loaded.model,
+        tokenizer=loaded.tokenizer,
+        model_path=loaded.path,
+        stop_ids=stop_ids,
+        options=cfg.sampling.options,
+    )
+    s = cfg.sampling
+    params = SamplingParams(
+        n=s.n,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        max_new_tokens=s.max_new_tokens,
+        seed=s.seed,
+    )
+    records = sample_records(
+        backend,
+        loaded.tokenizer,
+        examples,
+        prompt_ids,
+        params,
+        stop_ids,
+        rep_tail_chars=cfg.diagnose.rep_tail_chars,
+        rep_ratio=cfg.diagnose.rep_ratio,
+        progress=cfg.logging.progress,
+    )
+    write_jsonl_atomic(out, records)
+    return summarize(records)
+
+
+def print_rollout_summary(summary: dict[str, float], out: Path) -> None:
+    from rich.table import Table
+
+    from stableopd.progress import console
+
+    table = Table(title=f"rollouts -> {out}", show_header=True)
+    for key in ("count", "length_mean", "length_p50", "length_p90", "length_max", "trunc_rate", "rep_rate"):
+        table.add_column(key.replace("_", " "), justify="right")
+    table.add_row(
+        *(
+            f"{summary.get(k, 0):.3g}" if isinstance(summary.get(k), float) else str(summary.get(k, 0))
+            for k in (
+                "count",
+                "length_mean",
+                "length_p50",
+                "length_p90",
+                "length_max",
+                "trunc_rate",
+                "rep_rate",
+            )
+        )
+    )
+    console.print(table)
