@@ -5,7 +5,8 @@ Every text input (a config, a data file, a JSONL given to `diagnose` or `eval --
 where the whole file is read into memory, no larger than a stated limit. Lines are read with a bound of their
 own, so one absurd line fails fast instead of filling memory, and bytes that are not UTF-8 are an error that
 names the file and line. Output paths are checked by kind (file or directory) and for write permission
-before any model loads, so a bad `--out` costs seconds, not a training run.
+before any model loads, so a bad `--out` costs seconds, not a training run. Every output file is written
+through `atomic_path`: a kill leaves the old file or the new one, never half of one.
 
     for no, text, ends_line in iter_lines(path, max_line_bytes=64 * MIB, key="data.max_line_mb"):
         ...
@@ -13,11 +14,13 @@ before any model loads, so a bad `--out` costs seconds, not a training run.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from stableopd.errors import UserError
@@ -161,3 +164,28 @@ def check_free_space(folder: Path, need_bytes: int, what: str) -> None:
             f"{what} needs about {need_bytes / MIB:,.0f} MiB and '{folder}' has "
             f"{free / MIB:,.0f} MiB free; free some space or choose another --out"
         )
+
+
+@contextmanager
+def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary name next to `path` (ending in `suffix`, for writers that go by the extension) to write;
+    it replaces `path` when the block ends and is removed if the block raises."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_jsonl_atomic(path: Path, rows: Iterable[dict], *, ensure_ascii: bool = False) -> None:
+    """One JSON object a line, streamed to the temporary file."""
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=ensure_ascii) + "\n")

@@ -12,7 +12,7 @@ import pytest
 
 from stableopd.errors import UserError
 from stableopd.eval.answers import (
-    Verdict,
+    AnswerCheck,
     boxed_contents,
     check,
     checker_names,
@@ -142,7 +142,7 @@ def test_extraction(response, extracted):
 
 
 def test_empty_box_extracts_nothing_even_with_numbers_around():
-    assert check(r"We computed 12 and 13. \boxed{}", "13", "numeric") == Verdict(None, False)
+    assert check(r"We computed 12 and 13. \boxed{}", "13", "numeric") == AnswerCheck(None, False)
 
 
 def test_boxed_contents_nesting_and_escaped_braces():
@@ -212,7 +212,7 @@ def test_registry_plugs_in_a_checker_and_rejects_unknown_names():
 
     register_checker(Letter(), replace=True)
     assert "test-letter" in checker_names()
-    assert check("I pick B", "b", "test-letter") == Verdict("B", True)
+    assert check("I pick B", "b", "test-letter") == AnswerCheck("B", True)
     with pytest.raises(ValueError):
         register_checker(Letter())
     with pytest.raises(UserError, match="unknown answer checker 'nope'.*auto"):

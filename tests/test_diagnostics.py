@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from stableopd.config import DiagnoseConfig
-from stableopd.diagnostics.analysis import CollapseGuard, detect, diagnose, read_jsonl, response_metrics
+from stableopd.core.detector import CollapseGuard, detect
+from stableopd.diagnostics.analysis import diagnose
+from stableopd.diagnostics.series import LineProblems, iter_jsonl, response_metrics
 from stableopd.errors import UserError
 
 # ------------------------------------------------------------------ synthetic traces
@@ -243,10 +245,15 @@ def test_length_falls_back_to_words_and_unknown_truncation_is_left_out():
 # ------------------------------------------------------------------ reading
 
 
-def test_read_jsonl_warns_with_line_numbers_and_never_crashes(tmp_path):
+def read_records(path):
+    problems = LineProblems()
+    return list(iter_jsonl(path, problems)), problems.warnings(path.name)
+
+
+def test_reading_jsonl_warns_with_line_numbers_and_never_crashes(tmp_path):
     p = tmp_path / "r.jsonl"
     p.write_text('{"a": 1}\n\nnot json\n[1, 2]\n{"a": 2}\n{"a": 3, "b": [1, 2')  # last line cut off
-    records, warns = read_jsonl(p)
+    records, warns = read_records(p)
     assert [no for no, _ in records] == [1, 5]
     assert warns == [
         "r.jsonl:2: blank line, skipped",
@@ -255,7 +262,7 @@ def test_read_jsonl_warns_with_line_numbers_and_never_crashes(tmp_path):
         "r.jsonl:6: cut off (the file ends mid-record), skipped",
     ]
     p.write_bytes(b'{"a": "\xff"}\n\n\n')  # bad UTF-8 and trailing blank lines: no warning, no crash
-    records, warns = read_jsonl(p)
+    records, warns = read_records(p)
     assert len(records) == 1 and warns == []
 
 

@@ -1,4 +1,4 @@
-"""Multi-process distill (stableopd/engine/distributed.py): 2 processes with gloo on CPU against 1 process.
+"""Multi-process distill and sft (stableopd/engine/distributed.py): 2 processes with gloo on CPU against 1.
 
 What is checked, and against what:
 - 2 processes (torchrun) and 1 process on the same global batch, greedy sampling, 2 steps: the same rollouts,
@@ -9,6 +9,7 @@ What is checked, and against what:
 - the same with a tied-embedding student (as Qwen2.5-1.5B) and `train.shard_frozen=true` (teacher and
   reference FSDP-sharded too), for stableopd and for jsd with 2 passes per batch (the sharded teacher runs
   inside the update, and pi_old is scored on the gathered student) and gradient checkpointing;
+- `stableopd sft --nproc 2` against 1 process: the same metrics, weights and Adam moments (same tolerances);
 - a 2-process run launched with `--nproc 2` resumes from its step-1 checkpoint, and a 2-process checkpoint
   resumes in 1 process; both end where the uninterrupted 1-process run ends (same tolerances);
 - `--nproc 2` with an odd global batch exits 2 with one line; a rank that raises makes the whole launch
@@ -123,7 +124,7 @@ def single(data, tmp_path_factory) -> Path:
     return run
 
 
-def assert_same_run(a: Path, b: Path, grad_rel: float = GRAD_REL) -> None:
+def assert_same_run(a: Path, b: Path, grad_rel: float = GRAD_REL, rollouts: bool = True) -> None:
     rows_a, rows_b = read_rows(a / "metrics.jsonl"), read_rows(b / "metrics.jsonl")
     assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
     for ra, rb in zip(rows_a, rows_b):
@@ -135,7 +136,7 @@ def assert_same_run(a: Path, b: Path, grad_rel: float = GRAD_REL) -> None:
             # diag/* measure float rounding between sampler and trainer themselves: compare them absolutely
             tol = {"abs": 1e-5} if k.startswith("diag/") else {"rel": REL, "abs": 1e-7}
             assert rb[k] == pytest.approx(v, **tol), (ra["step"], k, v, rb[k])
-    for step in (1, 2):
+    for step in (1, 2) if rollouts else ():
         name = f"rollouts/step_{step:06d}.jsonl"
         ids = [
             [json.loads(line)["response_token_ids"] for line in (run / name).read_text().splitlines()]
@@ -169,6 +170,21 @@ def test_two_processes_match_one(data, single, tmp_path):
     assert any(r.get("data/gold_missing") for r in rows)  # ranks held different numbers of golden solutions
     assert_same_run(single, run)
     assert len((run / "val/step_000002.jsonl").read_text().splitlines()) == 2
+
+
+def test_sft_with_two_processes_matches_one(data, tmp_path):
+    # sft runs on the same training stage: its golden solutions split over the ranks (2 of the 4 a step each),
+    # gradients summed over global counts, validation prompts split, rank 0 writing consolidated checkpoints
+    runs = {n: tmp_path / f"sft{n}" for n in (1, 2)}
+    for n, run in runs.items():
+        cli = ["sft", "--student", "tiny", "--data", str(data), "--out", str(run)]
+        proc = launch([*cli, *(a for k, v in COMMON.items() for a in ("-s", f"{k}={v}")), "--nproc", str(n)])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ("memory plan per rank (2 processes)" in proc.stdout + proc.stderr) == (n == 2)
+    rows = read_rows(runs[2] / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2] and rows[-1]["val/accuracy"] is not None
+    assert not (runs[2] / "rollouts").exists()  # an sft step samples nothing
+    assert_same_run(runs[1], runs[2], rollouts=False)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 from stableopd.config import load_config
 from stableopd.errors import UserError
 from stableopd.eval.presets import PRESETS, apply_preset, get_preset
-from stableopd.stages.evaluate import pass_at_k, resolve_target, run_eval, summarize
+from stableopd.stages.evaluate import pass_at_k, resolve_target, run_eval, score
 
 # ---------------------------------------------------------------- pass@k
 
@@ -65,7 +65,7 @@ def test_summary_averages_per_problem_then_over_problems():
         + [_row("b", True) for _ in range(4)]
         + [_row("c", False, truncated=True, extracted=None) for _ in range(4)]
     )
-    s, warnings = summarize(rows, pass_k=[1, 2, 4, 8])
+    s, warnings = score(rows, pass_k=[1, 2, 4, 8])
     assert s["n"] == 3 and s["samples"] == 12 and s["samples_per_problem"] == 4 and s["metric"] == "avg@4"
     assert s["accuracy"] == pytest.approx((0.25 + 1 + 0) / 3)
     assert s["pass@1"] == pytest.approx(s["accuracy"])
@@ -78,7 +78,7 @@ def test_summary_averages_per_problem_then_over_problems():
 
 def test_summary_leaves_unknown_lengths_and_truncation_unknown():
     rows = [_row("a", True, n_tokens=None, truncated=None), _row("b", False, n_tokens=6, truncated=None)]
-    s, _ = summarize(rows, pass_k=[1])
+    s, _ = score(rows, pass_k=[1])
     assert s["length_mean"] == 6 and s["trunc_rate"] is None and s["metric"] == "pass@1"
 
 
@@ -297,7 +297,7 @@ MATH = [
 
 
 def _check_against_samples(summary: dict, samples: list[dict], *, n: int, max_tokens: int) -> None:
-    """Recompute the summary from the per-sample rows, independently of summarize()."""
+    """Recompute the summary from the per-sample rows, independently of score()."""
     assert len(samples) == summary["samples"] == len(MATH) * n
     by_pid: dict[str, list[bool]] = {}
     for r in samples:

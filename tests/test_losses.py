@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from stableopd.core.losses import (
-    masked_mean,
     normalisers,
     opd_loss,
     ref_kl_loss,
@@ -258,16 +257,8 @@ def test_all_masked_inputs_give_zero_and_no_nan():
         (grad,) = torch.autograd.grad(loss, garbage)
         assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
         assert all(torch.isfinite(v) for v in metrics.values())
-    assert masked_mean(garbage, mask).item() == 0.0
     assert weighted_sum(garbage, w).item() == 0.0
     assert torch.equal(reward_to_go(adv, mask, gamma=1.0), torch.zeros(1, 3))
-
-
-def test_masked_mean():
-    x = torch.tensor([[1.0, 2.0, math.nan], [4.0, math.inf, 6.0]])
-    m = torch.tensor([[1, 1, 0], [0, 0, 0]], dtype=torch.bool)
-    assert masked_mean(x, m).item() == 1.5
-    torch.testing.assert_close(masked_mean(x, m, dim=-1), torch.tensor([1.5, 0.0]))
 
 
 def test_bf16_inputs_give_fp32_losses_equal_to_upcast_references():

@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 from stableopd.cli import app
 from stableopd.config import load_config
 from stableopd.core.kernels import linear_jsd, linear_kl
-from stableopd.data import sources
 from stableopd.data.sources import encode_prompt
 from stableopd.engine.teacher import score_targets
 from stableopd.errors import UserError
@@ -198,15 +197,13 @@ def test_a_step_scores_the_teacher_on_its_prompt_and_its_end_token(
 ):
     cfg, setup = paper_pair_setup(family_root, prompts_file, teacher, *extra)
     optimizer = training.make_adamw(setup.student.model.parameters(), lr=1e-3)
-    golds = sources.gold_targets(setup.student.tokenizer, setup.train, setup.stop_ids[0])
     _, records = trainer.train_step(
         cfg,
         setup,
         StopsAt(MATH_EOS),
         optimizer,
         1,
-        objective=trainer.objective_for(cfg, setup.vocab_size, setup.pair),
-        golds_all=golds,
+        objective=training.bind(trainer.objective_of(cfg), cfg, setup.vocab_size, setup.pair),
     )
     s_tok, t_tok = setup.student.tokenizer, setup.teacher.tokenizer
     for r in records:
@@ -275,8 +272,7 @@ def test_banned_ids_are_never_sampled_and_a_backend_that_ignores_them_is_stopped
             StopsAt(IM_START),
             optimizer,
             1,
-            objective=trainer.objective_for(cfg, setup.vocab_size, setup.pair),
-            golds_all=[None] * 99,
+            objective=training.bind(trainer.objective_of(cfg), cfg, setup.vocab_size, setup.pair),
         )
 
 
@@ -312,6 +308,7 @@ def test_a_vllm_teacher_engine_gets_the_teachers_prompts_and_end_token(
     cfg, setup = paper_pair_setup(family_root, prompts_file, "qwen_instruct", "teacher.engine=vllm")
     seen, real = [], setup.teacher_scorer.score
     setup.teacher_scorer.score = lambda p, t, **kw: seen.append((p, t)) or real(p, t, **kw)
+    setup.golds = [None] * len(setup.train)  # no golden term
     optimizer = training.make_adamw(setup.student.model.parameters(), lr=1e-3)
     _, records = trainer.train_step(
         cfg,
@@ -319,8 +316,7 @@ def test_a_vllm_teacher_engine_gets_the_teachers_prompts_and_end_token(
         StopsAt(MATH_EOS),
         optimizer,
         1,
-        objective=trainer.objective_for(cfg, setup.vocab_size, setup.pair),
-        golds_all=[None] * len(setup.train),
+        objective=training.bind(trainer.objective_of(cfg), cfg, setup.vocab_size, setup.pair),
     )
     prompts, targets = seen[0]
     assert prompts == [r["teacher_prompt_token_ids"] for r in records]
@@ -406,6 +402,7 @@ def test_jsd_step_compares_with_the_teacher_on_its_own_prompt(family_root, promp
     setup.teacher.model.get_decoder().register_forward_hook(
         lambda mod, args, kw, out: seen.append(kw["input_ids"]), with_kwargs=True
     )
+    setup.golds = [None] * len(setup.train)  # no golden term: the decoder's inputs are the teacher's only
     optimizer = training.make_adamw(setup.student.model.parameters(), lr=1e-3)
     metrics, records = trainer.train_step(
         cfg,
@@ -413,8 +410,7 @@ def test_jsd_step_compares_with_the_teacher_on_its_own_prompt(family_root, promp
         StopsAt(MATH_EOS),
         optimizer,
         1,
-        objective=trainer.objective_for(cfg, setup.vocab_size, setup.pair),
-        golds_all=[None] * len(setup.train),
+        objective=training.bind(trainer.objective_of(cfg), cfg, setup.vocab_size, setup.pair),
     )
     v, b = setup.vocab_size, 0.3
     assert all(r["teacher_stop_token_id"] == IM_END for r in records)

@@ -1,7 +1,7 @@
 """`stableopd distill` end to end and step by step (stableopd/stages/distill.py, update.py, validation.py).
 
 What is checked, and against what:
-- the CLI smoke run (a subprocess, as a user runs it) writes the DESIGN.md run directory; its metrics are
+- the CLI smoke run (a subprocess, as a user runs it) writes the documented run directory; its metrics are
   recomputed from the rollout and validation files it wrote, its checkpoint is loaded with transformers;
 - with teacher == student the advantage, the OPD gradient and the reference KL are exactly 0, and a real
   teacher makes them non-zero (so the zero is not vacuous);
@@ -336,7 +336,7 @@ def step_setup(data_file: Path, teacher: str, *overrides: str):
 
 def one_step(cfg, setup, optimizer, step: int = 1, backend=None):
     backend = backend or training.build_step_backend(cfg, setup)
-    objective = trainer.objective_for(cfg, setup.vocab_size)
+    objective = training.bind(trainer.objective_of(cfg), cfg, setup.vocab_size)
     return trainer.train_step(cfg, setup, backend, optimizer, step, objective=objective)
 
 
@@ -481,7 +481,7 @@ def test_a_lying_sampler_stops_the_run(tmp_path, data_file, built, monkeypatch):
     """sampling.max_sync_mismatch: a sampler that is not sampling from the trained weights ends the run."""
     real = training.build_step_backend
     monkeypatch.setattr(
-        trainer, "build_step_backend", lambda cfg, setup: ShiftedSampler(real(cfg, setup), 0.25)
+        training, "build_step_backend", lambda cfg, setup: ShiftedSampler(real(cfg, setup), 0.25)
     )
     run = tmp_path / "run"
     result = distill_cli(*pair_args(data_file, run), "-s", "train.steps=3", *sets(train__eval_every=0))
@@ -733,7 +733,7 @@ def test_thirty_opd_steps_lower_the_validation_reverse_kl(tmp_path, built):
     kl = {s: rows[s]["val/reverse_kl"] for s in sorted(rows)}
     print(f"\nval/reverse_kl by step: {kl} ({time.perf_counter() - t0:.1f} s)")
     assert sorted(kl) == [0, 10, 20, 30]
-    for row in read_rows(tmp_path / "run" / "metrics.jsonl")[1:]:  # `opd` logs every DESIGN.md name too
+    for row in read_rows(tmp_path / "run" / "metrics.jsonl")[1:]:  # `opd` logs every documented name too
         assert all(k in row for k in STEP_METRICS), sorted(set(STEP_METRICS) - set(row))
         assert row["loss/gold_sft"] is None and row["loss/ref_kl"] is None  # terms that are off: null, not 0
     assert kl[30] < 0.6 * kl[0]

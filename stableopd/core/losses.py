@@ -1,5 +1,5 @@
 """Losses of on-policy distillation: shaped advantages, global token weights, the OPD surrogate,
-golden-solution SFT and the reference-KL term (PAPER.md sections 3, 5, 7).
+golden-solution SFT and the reference-KL term (the paper's sections 3, 5, 7).
 
 Everything here is a pure function of (B, T) tensors: no model, no config, no state. The trainer
 calls them in this order, once per micro-batch:
@@ -71,20 +71,6 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
 def _masked(x: Tensor, keep: Tensor, dtype: torch.dtype) -> Tensor:
     # torch.where, not a product: 0 * nan = nan, and padding may hold nan or -inf.
     return torch.where(keep, x.to(dtype), torch.zeros((), dtype=dtype, device=x.device))
-
-
-def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """Mean of `values` where `mask` is true (over everything, or along `dim`); 0 where nothing is.
-
-    Never nan: masked positions are ignored even if they hold nan or inf. fp32 (fp64 for fp64 input),
-    0-dim when `dim` is None; differentiable, so detach it for metrics.
-    """
-    keep = mask.bool()
-    dtype = _compute_dtype(values)
-    total = _masked(values, keep, dtype)
-    if dim is None:
-        return total.sum() / keep.sum().clamp_min(1).to(dtype)
-    return total.sum(dim) / keep.sum(dim).clamp_min(1).to(dtype)
 
 
 def weighted_sum(per_token: Tensor, weights: Tensor) -> Tensor:

@@ -1,6 +1,6 @@
 """Repetition of a response: the paper's zlib rule, a per-token rule, and the looping span of a text.
 
-1. Response level (PAPER.md section 2). A response is repetitive when it is longer than `tail_chars` (L)
+1. Response level (the paper's section 2). A response is repetitive when it is longer than `tail_chars` (L)
    characters and the last L characters, UTF-8 encoded, compress by more than `ratio` (tau):
    len(tail) / len(zlib.compress(tail)) > tau. The paper uses L = 10,000 and tau = 10, sized for 8k-token
    reasoning traces; responses of a few hundred characters need a smaller L or they can never count.

@@ -1,6 +1,6 @@
 """Diagnose a run: read per-step series, then decide healthy / length inflation / truncation collapse.
 
-Inputs (detected from PATH): a run directory (DESIGN.md: metrics.jsonl, rollouts/step_N.jsonl,
+Inputs (detected from PATH): a run directory (README, "Run directory": metrics.jsonl, rollouts/step_N.jsonl,
 val/step_N.jsonl), a metrics.jsonl (objects with "step" and slash-named metrics), or any JSONL of responses
 (our rollout records, or another tool's generations: text in `text_field`, optional finish reason,
 truncated flag and step). Reading never crashes on bad lines: blank, non-JSON, non-object and cut-off lines
@@ -37,26 +37,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from stableopd.core.detector import (  # noqa: F401 (CollapseGuard, detect and Verdict are re-exported)
+from stableopd.core.detector import (
     LENGTH,
     REP,
     TRUNC,
-    CollapseGuard,
     Verdict,
-    VerdictName,
     _median,
     _number,
     detect,
 )
 from stableopd.diagnostics.profile import step_profile
-from stableopd.diagnostics.series import (  # noqa: F401 (Example, read_jsonl and response_metrics are re-exported)
-    MAX_LINE_WARNINGS,
-    Example,
+from stableopd.diagnostics.series import (
     LineProblems,
+    ShownResponse,
     StepStats,
     iter_jsonl,
-    read_jsonl,
-    response_metrics,
 )
 from stableopd.errors import UserError
 from stableopd.files import check_input
@@ -75,7 +70,7 @@ class Diagnosis:
     series: dict[str, dict[int, float]]  # metric -> step -> value
     verdict: Verdict
     warnings: list[str]
-    examples: list[Example]
+    examples: list[ShownResponse]
     length_unit: str = "tokens"
 
     @property
@@ -185,7 +180,7 @@ class _Reader:
         self.warnings: list[str] = []
         self.units: set[str] = set()
         self.responses = self.longer_than_tail = 0
-        self._heap: list[tuple[tuple, int, Example]] = []  # min-heap of the worst examples so far
+        self._heap: list[tuple[tuple, int, ShownResponse]] = []  # min-heap of the worst examples so far
         self._order = itertools.count()  # tie-breaker: Examples do not compare
 
     def stats(self, prefix: str, step: int) -> StepStats:
@@ -239,7 +234,7 @@ class _Reader:
         )
         self.warnings += [f"{path.parent.name}/{w}" for w in problems.warnings(path.name)]
 
-    def examples(self) -> list[Example]:
+    def examples(self) -> list[ShownResponse]:
         return [ex for _, _, ex in sorted(self._heap, key=lambda item: item[0], reverse=True)]
 
 

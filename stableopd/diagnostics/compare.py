@@ -30,7 +30,7 @@ from rich.text import Text
 
 from stableopd.diagnostics import report
 from stableopd.diagnostics.analysis import Diagnosis, diagnose, require_path
-from stableopd.files import check_output_dir
+from stableopd.files import check_output_dir, write_text_atomic
 
 if TYPE_CHECKING:  # the config is the stages' own; this package reads one section
     from stableopd.config import DiagnoseConfig
@@ -79,7 +79,7 @@ def _mean_from(values: dict[int, float] | None, start: int | None) -> float | No
     return sum(xs) / len(xs) if xs else None
 
 
-def summarize(diag: Diagnosis, name: str) -> dict[str, Any]:
+def table_row(diag: Diagnosis, name: str) -> dict[str, Any]:
     """One comparison row, keyed as COLUMNS (None where a run lacks the series)."""
     onset = diag.verdict.onset_step
     acc = diag.series.get("val/accuracy") or {}
@@ -144,8 +144,8 @@ def write_comparison(
     lines = [f"# stableopd diagnose: {len(diags)} runs", "", *_markdown_table(rows), "", ADV_NOTE, ""]
     lines += report.markdown_images(pngs) + report.markdown_warnings(warnings)
     md, js = out_dir / "report.md", out_dir / "comparison.json"
-    report.write_atomic(md, "\n".join(lines))
-    report.write_atomic(js, json.dumps({"runs": _payload(diags, names), "table": rows}, indent=2) + "\n")
+    write_text_atomic(md, "\n".join(lines))
+    write_text_atomic(js, json.dumps({"runs": _payload(diags, names), "table": rows}, indent=2) + "\n")
     return [*pngs, md, js]
 
 
@@ -164,7 +164,7 @@ def run_compare(
     check_output_dir(out_dir, "plots folder")
     diags = [diagnose(Path(path), cfg, progress=console is not None) for path, cfg in runs]
     names = run_names([path for path, _ in runs])
-    rows = [summarize(diag, name) for diag, name in zip(diags, names, strict=True)]
+    rows = [table_row(diag, name) for diag, name in zip(diags, names, strict=True)]
     written = write_comparison(diags, names, rows, out_dir)
     if as_json:
         payload = {"runs": _payload(diags, names), "report": [str(p) for p in written]}

@@ -31,9 +31,9 @@ from rich.table import Table
 from rich.text import Text
 
 from stableopd.core.repetition import repeating_span
-from stableopd.diagnostics.analysis import Diagnosis, Example, diagnose
+from stableopd.diagnostics.analysis import Diagnosis, ShownResponse, diagnose
 from stableopd.diagnostics.profile import step_profile
-from stableopd.files import check_output_dir
+from stableopd.files import atomic_path, check_output_dir, write_text_atomic
 
 if TYPE_CHECKING:  # the config is the stages' own; this package reads one section
     from stableopd.config import DiagnoseConfig
@@ -128,7 +128,7 @@ def highlight_tail(text: str, max_chars: int = 600) -> Text:
     return out
 
 
-def _example_panel(ex: Example) -> Panel:
+def _example_panel(ex: ShownResponse) -> Panel:
     flags = ", ".join(name for name, on in (("truncated", ex.truncated), ("repetitive", ex.repetitive)) if on)
     title = f"{ex.source}  step {ex.step}  zlib ratio {ex.ratio:.1f}" + (f"  [{flags}]" if flags else "")
     return Panel(highlight_tail(ex.text), title=Text(title), title_align="left", border_style="dim")
@@ -238,12 +238,6 @@ def print_written(console: Console, written: list[Path]) -> None:
         console.print(Text(f"wrote {p}"), soft_wrap=True)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _figure(title: str, ylabel: str, lines: list[Line], onsets: list[tuple[int, dict]]) -> Figure:
     """One panel: `lines` are (step -> value, plot style) pairs, `onsets` dashed vertical lines."""
     fig = Figure(figsize=(7, 3.6), dpi=110)
@@ -306,9 +300,8 @@ def write_figures(figures: dict[str, Figure], out_dir: Path) -> list[Path]:
     written = []
     for stem, fig in figures.items():
         path = out_dir / f"{stem}.png"
-        tmp = path.with_suffix(".tmp.png")
-        fig.savefig(tmp)
-        tmp.replace(path)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp)
         written.append(path)
     return written
 
@@ -342,7 +335,7 @@ def write_markdown(diag: Diagnosis, out_dir: Path, pngs: list[Path]) -> Path:
     ]
     lines += markdown_images(pngs) + markdown_profile(diag) + markdown_warnings(diag.warnings)
     path = out_dir / "report.md"
-    write_atomic(path, "\n".join(lines))
+    write_text_atomic(path, "\n".join(lines))
     return path
 
 
@@ -352,7 +345,7 @@ def write_report(diag: Diagnosis, out_dir: Path) -> list[Path]:
     pngs = write_plots(diag, out_dir)
     md = write_markdown(diag, out_dir, pngs)
     js = out_dir / "diagnosis.json"
-    write_atomic(js, json.dumps(diag.to_json(), indent=2) + "\n")
+    write_text_atomic(js, json.dumps(diag.to_json(), indent=2) + "\n")
     return [*pngs, md, js]
 
 

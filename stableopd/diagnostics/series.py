@@ -22,7 +22,7 @@ MAX_LINE_WARNINGS = 5  # per file and kind; the rest are counted in one summary 
 
 
 @dataclass
-class Example:
+class ShownResponse:
     """One response kept for the report: the most repetitive truncated ones come first."""
 
     source: str  # "rollouts/step_000012.jsonl:7"
@@ -81,13 +81,6 @@ def iter_jsonl(path: Path, problems: LineProblems, *, max_line_mb: int = 64) -> 
             problems.add(f"a JSON {type(obj).__name__}, not an object", no)
             continue
         yield no, obj
-
-
-def read_jsonl(path: Path, *, max_line_mb: int = 64) -> tuple[list[tuple[int, dict]], list[str]]:
-    """(line number, object) pairs of a JSONL file and warnings for every line that had to be skipped."""
-    problems = LineProblems()
-    records = list(iter_jsonl(path, problems, max_line_mb=max_line_mb))
-    return records, problems.warnings(path.name)
 
 
 def _truncated(rec: Mapping, truncated_field: str, finish_field: str) -> bool | None:
@@ -162,8 +155,8 @@ class StepStats:
         else:
             self.more_warnings += 1
 
-    def add(self, label: str, rec: Mapping) -> Example | None:
-        """Count one record; its Example, or None (with a warning) when it has no text."""
+    def add(self, label: str, rec: Mapping) -> ShownResponse | None:
+        """Count one record; the response kept for the report, or None (with a warning) when it has no text."""
         text = rec.get(self.text_field)
         if not isinstance(text, str):
             self._warn(f"{label}: no text field '{self.text_field}', skipped")
@@ -194,7 +187,7 @@ class StepStats:
         if truncated is not None:
             self.n_trunc_known += 1
             self.n_trunc += truncated
-        return Example(label, self.step, text, r, truncated, rep)
+        return ShownResponse(label, self.step, text, r, truncated, rep)
 
     @property
     def unit(self) -> str:
@@ -218,7 +211,7 @@ class StepStats:
             m[f"{p}/rep_token_frac"] = sums["rep_tokens"] / sums["tokens"]
         if self.n_correct:
             m[f"{p}/accuracy"] = self.correct_sum / self.n_correct
-        if p == "rollout":  # DESIGN.md names these without a prefix; validation has no teacher
+        if p == "rollout":  # the record fields have no prefix; validation has no teacher
             n_lp = sums["n_regular"] + sums["n_repetitive"]
             for kind in ("regular", "repetitive"):
                 if sums[f"n_{kind}"]:
@@ -241,7 +234,7 @@ def response_metrics(
     ratio: float,
     ngram: int,
     step: int | None = None,
-) -> tuple[dict[str, float], list[Example], list[str], str]:
+) -> tuple[dict[str, float], list[ShownResponse], list[str], str]:
     """One step's metrics from its responses: (metrics, examples, warnings, length unit).
 
     `records` are (source label, record) pairs; records without a string `text_field` are skipped with a

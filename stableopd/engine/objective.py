@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 Name = Literal["opd", "stableopd", "jsd", "sft"]
 POLICY_TERM = {"opd": "opd", "stableopd": "opd", "jsd": "jsd", "sft": None}
-# present in every step's metrics, null when the term does not run (DESIGN.md metric names)
+# present in every step's metrics, null when the term does not run (the documented metric names)
 ALWAYS_LOGGED = ("loss/opd", "loss/gold_sft", "loss/ref_kl")
 
 
@@ -110,7 +110,7 @@ class Objective:
         return sum(weight * losses.get(metric, 0.0) for metric, weight in self.terms())
 
     def metric_names(self) -> tuple[str, ...]:
-        """The loss metrics every step logs (null when off): the DESIGN.md names and the policy term's."""
+        """The loss metrics every step logs (null when off): the documented names and the policy term's."""
         extra = (
             (self.policy_metric,) if self.policy_metric and self.policy_metric not in ALWAYS_LOGGED else ()
         )

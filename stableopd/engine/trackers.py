@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from stableopd.errors import UserError
+from stableopd.files import write_text_atomic
 from stableopd.progress import console
 
 # tracker -> (module it needs, the pip extra that installs it)
@@ -264,9 +265,7 @@ class Trackers:
                 )
             except Exception as exc:  # a tracker that cannot start never stops the run
                 _warn(name, "could not start", exc)
-        tmp = state_file.with_name(state_file.name + ".tmp")
-        tmp.write_text(json.dumps(state, indent=1) + "\n")
-        tmp.replace(state_file)
+        write_text_atomic(state_file, json.dumps(state, indent=1) + "\n")
         return cls(active, table_limit)
 
     def log(self, row: dict[str, Any]) -> None:

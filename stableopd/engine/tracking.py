@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from stableopd.files import write_jsonl_atomic
+
 
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -52,9 +54,7 @@ class MetricsLog:
             path.write_text("")
             return log
         log.rows = [r for r in read_rows(path) if r["step"] <= keep_until]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in log.rows))
-        tmp.replace(path)
+        write_jsonl_atomic(path, log.rows, ensure_ascii=True)
         return log
 
     @classmethod

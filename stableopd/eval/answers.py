@@ -57,7 +57,7 @@ class Checker(Protocol):
 
 
 @dataclass(frozen=True)
-class Verdict:
+class AnswerCheck:
     extracted: str | None  # None: the response commits to no answer
     correct: bool
 
@@ -341,10 +341,10 @@ def normalize_gold(answer: str) -> str:
     return _unwrap_env(s).strip()
 
 
-def check(response: str, gold: str, checker: str | Checker = "auto") -> Verdict:
+def check(response: str, gold: str, checker: str | Checker = "auto") -> AnswerCheck:
     """Extract the answer of `response` and compare it with `gold`; an unextractable answer is wrong."""
     chk = get_checker(checker) if isinstance(checker, str) else checker
     extracted = chk.extract(response)
     if extracted is None:
-        return Verdict(None, False)
-    return Verdict(extracted, bool(chk.equal(extracted, normalize_gold(gold))))
+        return AnswerCheck(None, False)
+    return AnswerCheck(extracted, bool(chk.equal(extracted, normalize_gold(gold))))

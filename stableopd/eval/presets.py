@@ -1,4 +1,4 @@
-"""Presets for the paper's six evaluation benchmarks (PAPER.md section 6).
+"""Presets for the paper's six evaluation benchmarks (the paper's section 6).
 
 `-s eval.preset=NAME` fills in, for the named benchmark, the Hugging Face dataset, its split and field
 names, the samples per problem that its metric needs (avg@32 for AIME24, AIME25 and AMC; pass@1 for
@@ -32,7 +32,7 @@ from stableopd.types import Example
 if TYPE_CHECKING:  # the config is the stages' own: a preset updates the one it is handed
     from stableopd.config import Config
 
-PAPER_TEMPERATURE = 0.6  # PAPER.md section 6
+PAPER_TEMPERATURE = 0.6  # the paper's section 6
 BOX_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 

@@ -29,8 +29,9 @@ from stableopd.engine.teacher import score_targets
 from stableopd.engine.update import RolloutSeq
 from stableopd.errors import TrainingStopped
 from stableopd.models.pairing import TokenPair
+from stableopd.stages.build import pad_id_of, train_sampling
 from stableopd.stages.rollout import sample_records, summarize
-from stableopd.stages.training import Setup, Stage, pad_id_of, run_stage, sampler_is_policy, train_lr, update
+from stableopd.stages.training import Setup, Stage, run_stage, train_lr, update
 from stableopd.types import GoldSeq, SamplingParams
 
 
@@ -38,27 +39,12 @@ def run_distill(cfg: Config, *, resume: bool = False) -> int:
     return run_stage(cfg, DISTILL, resume=resume)
 
 
-def objective_for(cfg: Config, vocab_size: int, pair: TokenPair | None = None) -> Objective:
-    """The run's objective (loss section) bound to the loaded models' vocabulary and token pairing."""
-    swaps = pair.swaps if pair else ()
-    return objective_of(cfg).bound(vocab_size, swaps=swaps, sampler_is_policy=sampler_is_policy(cfg, pair))
-
-
 def objective_of(cfg: Config) -> Objective:
     return Objective.from_loss(cfg.loss, multi_pass=cfg.train.epochs_per_batch > 1)
 
 
 def sampling_params(cfg: Config, step: int, pair: TokenPair | None = None) -> SamplingParams:
-    s = cfg.sampling
-    return SamplingParams(
-        n=s.n,
-        temperature=s.temperature,
-        top_p=s.top_p,
-        top_k=s.top_k,
-        max_new_tokens=s.max_new_tokens,
-        seed=s.seed * 1_000_003 + step,
-        banned_token_ids=pair.banned if pair else (),
-    )
+    return train_sampling(cfg, step, banned=pair.banned if pair else ())
 
 
 def train_step(

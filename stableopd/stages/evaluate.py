@@ -29,7 +29,7 @@ allow, `metric` ("avg@n" / "pass@1", the paper's name for `accuracy`), `answered
 `rep_rate` (the zlib rule with `diagnose.rep_tail_chars` / `diagnose.rep_ratio`), `unknown_prompt_ids`,
 `problems_without_responses`, `checker`, `source`, `preset`.
 
-Deviation: the paper evaluates at temperature 0.6 with avg@32 / pass@1 (PAPER.md section 6) but does not
+Deviation: the paper evaluates at temperature 0.6 with avg@32 / pass@1 (the paper's section 6) but does not
 state its response budget or answer extraction; ours are in stableopd/eval/answers.py.
 
     stableopd eval --model tiny --data problems.jsonl -s eval.n=4 -s eval.pass_k=[1,4] --out eval_out
@@ -40,7 +40,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import statistics
 from collections import defaultdict
 from fractions import Fraction
@@ -57,7 +56,7 @@ from stableopd.data.sources import examples_for, read_jsonl
 from stableopd.errors import UserError
 from stableopd.eval.answers import Checker, check, get_checker
 from stableopd.eval.presets import Preset, apply_preset, load_preset_examples
-from stableopd.files import check_output_dir, check_output_file
+from stableopd.files import check_output_dir, check_output_file, write_jsonl_atomic, write_text_atomic
 from stableopd.progress import console as stderr_console
 from stableopd.progress import progress_bar
 from stableopd.types import Example
@@ -249,7 +248,7 @@ def _mean(values: list) -> float | None:
     return statistics.fmean(known) if known else None
 
 
-def summarize(rows: list[dict[str, Any]], *, pass_k: list[int]) -> tuple[dict[str, Any], list[str]]:
+def score(rows: list[dict[str, Any]], *, pass_k: list[int]) -> tuple[dict[str, Any], list[str]]:
     """Per-model summary of scored samples -> (summary, warnings)."""
     per_problem: dict[str, list[bool]] = defaultdict(list)
     for r in rows:
@@ -289,46 +288,15 @@ def generate_records(
     cfg: Config, model_ref: str, examples: list[Example], *, label: str, progress: bool
 ) -> list[dict[str, Any]]:
     """Load one model, sample eval.n responses per problem, free the model."""
-    from stableopd.backends.base import build_backend
-    from stableopd.data.sources import encode_prompts
-    from stableopd.models.loading import load_model, stop_token_ids
+    from stableopd.models.loading import stop_token_ids
+    from stableopd.stages.build import encode, eval_sampling, load_spec, sampler
     from stableopd.stages.rollout import sample_records
-    from stableopd.types import SamplingParams
 
-    spec, d, ev = cfg.student, cfg.data, cfg.eval
-    loaded = load_model(
-        model_ref,
-        dtype=spec.dtype,
-        device=spec.device,
-        revision=spec.revision,
-        trust_remote_code=spec.trust_remote_code,
-        config_overrides=spec.config_overrides,
-        overrides_key="student.config_overrides",
-    )
-    prompt_ids = encode_prompts(
-        loaded.tokenizer,
-        examples,
-        chat_template=d.chat_template,
-        system_prompt=d.system_prompt,
-        max_tokens=d.max_prompt_tokens,
-    )
+    loaded = load_spec(cfg.student, name=model_ref)
+    prompt_ids = encode(cfg, loaded.tokenizer, examples)
     stop_ids = stop_token_ids(loaded.tokenizer, loaded.model)
-    backend = build_backend(
-        cfg.sampling.backend,
-        model=loaded.model,
-        tokenizer=loaded.tokenizer,
-        model_path=loaded.path,
-        stop_ids=stop_ids,
-        options=cfg.sampling.options,
-    )
-    params = SamplingParams(
-        n=ev.n,
-        temperature=ev.temperature,
-        top_p=ev.top_p,
-        top_k=0,
-        max_new_tokens=ev.max_new_tokens or cfg.sampling.max_new_tokens,
-        seed=cfg.sampling.seed,
-    )
+    backend = sampler(cfg, loaded, stop_ids)
+    params = eval_sampling(cfg, seed=cfg.sampling.seed)
     records = sample_records(
         backend,
         loaded.tokenizer,
@@ -383,16 +351,9 @@ def render_table(summaries: list[dict[str, Any]]) -> Table:
     return table
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_outputs(out: Path, rows: list[dict[str, Any]], payload: Any) -> None:
-    _write_atomic(out / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    _write_atomic(out / "summary.json", json.dumps(payload, indent=2) + "\n")
+    write_jsonl_atomic(out / "samples.jsonl", rows)
+    write_text_atomic(out / "summary.json", json.dumps(payload, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------- the stage
@@ -417,7 +378,7 @@ def _evaluate_one(
         rep_ratio=cfg.diagnose.rep_ratio,
         progress=progress,
     )
-    summary, warnings = summarize(rows, pass_k=cfg.eval.pass_k)
+    summary, warnings = score(rows, pass_k=cfg.eval.pass_k)
     scored = {r["prompt_id"] for r in rows}
     summary = {
         "model": label,

@@ -1,6 +1,6 @@
 """Sampling rollouts into records, their summary, and the `stableopd rollout` stage.
 
-A record is one sampled response (DESIGN.md "Rollout record"). `response_token_ids` and `response`
+A record is one sampled response (README, "Run directory"). `response_token_ids` and `response`
 exclude the stop token and padding; `sampler_logprobs` are aligned with `response_token_ids`, and the
 stop token's log-prob, when there is one, is kept as `stop_logprob` (the trainer needs it: learning when
 to stop is half of the length problem). `truncated` is true exactly when no stop token came within
@@ -11,7 +11,6 @@ to stop is half of the length problem). `truncated` is true exactly when no stop
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from stableopd.backends.base import Backend, split_stop
 from stableopd.core.repetition import is_repetitive
 from stableopd.errors import UserError
+from stableopd.files import write_jsonl_atomic
 from stableopd.progress import progress_bar
 from stableopd.types import Example, Sample, SamplingParams
 
@@ -133,59 +133,21 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-
-
 def run_rollout(cfg, *, out: Path) -> dict[str, float]:
     """The `rollout` stage: load the model and prompts, sample, write records, return the summary."""
-    from stableopd.backends.base import build_backend
-    from stableopd.data.sources import encode_prompts, examples_for
+    from stableopd.data.sources import examples_for
     from stableopd.files import check_output_file
-    from stableopd.models.loading import load_model, stop_token_ids
+    from stableopd.models.loading import stop_token_ids
+    from stableopd.stages.build import encode, load_spec, sampler, train_sampling
 
     check_output_file(out, "rollout output")
     d = cfg.data
     examples = examples_for(d, limit=d.limit)
-    loaded = load_model(
-        cfg.student.name,
-        dtype=cfg.student.dtype,
-        device=cfg.student.device,
-        revision=cfg.student.revision,
-        trust_remote_code=cfg.student.trust_remote_code,
-        config_overrides=cfg.student.config_overrides,
-        overrides_key="student.config_overrides",
-    )
-    prompt_ids = encode_prompts(
-        loaded.tokenizer,
-        examples,
-        chat_template=d.chat_template,
-        system_prompt=d.system_prompt,
-        max_tokens=d.max_prompt_tokens,
-    )
+    loaded = load_spec(cfg.student)
+    prompt_ids = encode(cfg, loaded.tokenizer, examples)
     stop_ids = stop_token_ids(loaded.tokenizer, loaded.model)
-    backend = build_backend(
-        cfg.sampling.backend,
-        model=loaded.model,
-        tokenizer=loaded.tokenizer,
-        model_path=loaded.path,
-        stop_ids=stop_ids,
-        options=cfg.sampling.options,
-    )
-    s = cfg.sampling
-    params = SamplingParams(
-        n=s.n,
-        temperature=s.temperature,
-        top_p=s.top_p,
-        top_k=s.top_k,
-        max_new_tokens=s.max_new_tokens,
-        seed=s.seed,
-    )
+    backend = sampler(cfg, loaded, stop_ids)
+    params = train_sampling(cfg)
     records = sample_records(
         backend,
         loaded.tokenizer,

@@ -20,11 +20,10 @@ from typing import Any
 
 import torch
 
-from stableopd.backends.base import build_backend
-from stableopd.config import Config, TeacherSpec, check_rules, dump_config
+from stableopd.config import Config, check_rules, dump_config
 from stableopd.core.detector import CollapseGuard
 from stableopd.core.schedule import lr_at_step
-from stableopd.data.sources import encode_prompts, examples_for, keep_for_training, kept_note, solution_ids
+from stableopd.data.sources import examples_for, keep_for_training, kept_note, solution_ids
 from stableopd.diagnostics.profile import StepClock
 from stableopd.engine import lora
 from stableopd.engine.checkpoint import list_checkpoints, load_latest, save_checkpoint, set_rng_state
@@ -45,14 +44,13 @@ from stableopd.engine.trackers import Trackers, check_installed
 from stableopd.engine.tracking import MetricsLog
 from stableopd.engine.update import optimizer_step
 from stableopd.errors import CollapseStop, TrainingStopped, UserError
-from stableopd.files import check_free_space, check_output_dir
+from stableopd.files import check_free_space, check_output_dir, write_jsonl_atomic, write_text_atomic
 from stableopd.models.loading import (
     BUILTINS,
     Loaded,
     check_compatible,
     check_scorer,
     load_generation_config,
-    load_model,
     load_tokenizer,
     overridden_config,
     resolve_model_path,
@@ -60,7 +58,7 @@ from stableopd.models.loading import (
 )
 from stableopd.models.pairing import TokenPair, pair_tokens, stop_ids
 from stableopd.progress import console, duration, note, run_summary
-from stableopd.stages.rollout import write_jsonl_atomic
+from stableopd.stages.build import encode, load_spec, pad_id_of, sampler
 from stableopd.stages.validation import validate
 from stableopd.types import Example
 
@@ -102,20 +100,6 @@ class Setup:
     )
 
 
-def _load(spec, *, device: str | None = None, name: str | None = None, tokenizer: Any = None) -> Loaded:
-    role = "teacher" if isinstance(spec, TeacherSpec) else "student"
-    return load_model(
-        name or spec.name,
-        dtype=spec.dtype,
-        device=device or spec.device,
-        revision=spec.revision,
-        trust_remote_code=spec.trust_remote_code,
-        tokenizer=tokenizer,
-        config_overrides=spec.config_overrides,
-        overrides_key=f"{role}.config_overrides",
-    )
-
-
 def _examples(cfg: Config, split: str, source: str, limit: int | None) -> list[Example]:
     return examples_for(cfg.data, source=source, split=split, limit=limit)
 
@@ -135,7 +119,7 @@ def prepare(cfg: Config, *, student_path: str | None, need_teacher: bool, need_r
     # before any prompt is indexed, so steps sample kept examples only; their solutions' ids when tokenised
     train, solutions = keep_training(cfg, train, s_tok)
     pair, t_tok = _pair(cfg, s_name, s_tok) if need_teacher else (None, None)
-    student = _load(cfg.student, name=s_name, tokenizer=s_tok)
+    student = load_spec(cfg.student, name=s_name, tokenizer=s_tok)
     if spec.lora:
         student.model = lora.attach(
             student.model, spec.lora, base_name=spec.name, adapter_dir=student_path, seed=cfg.train.seed
@@ -143,7 +127,7 @@ def prepare(cfg: Config, *, student_path: str | None, need_teacher: bool, need_r
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(student)
     teacher, scorer = _load_teacher(cfg, t_tok) if need_teacher else (None, None)
-    ref = _load(cfg.student) if need_ref and not spec.lora else None
+    ref = load_spec(cfg.student) if need_ref and not spec.lora else None
     vocab = len(student.tokenizer) if pair is None else pair.vocab_size
     if ref is not None:
         vocab = min(vocab, check_compatible(student, ref, chat_template=d.chat_template))
@@ -160,11 +144,10 @@ def prepare(cfg: Config, *, student_path: str | None, need_teacher: bool, need_r
     if teacher is not None:
         check_scorer(student, "student", vocab, chat_template=d.chat_template)
         check_scorer(teacher, "teacher", vocab, chat_template=d.chat_template)
-    enc = dict(chat_template=d.chat_template, system_prompt=d.system_prompt, max_tokens=d.max_prompt_tokens)
-    train_ids = encode_prompts(student.tokenizer, train, **enc)
-    val_ids = encode_prompts(student.tokenizer, val, **enc)
+    train_ids = encode(cfg, student.tokenizer, train)
+    val_ids = encode(cfg, student.tokenizer, val)
     t_ids = (
-        (encode_prompts(teacher.tokenizer, train, **enc), encode_prompts(teacher.tokenizer, val, **enc))
+        (encode(cfg, teacher.tokenizer, train), encode(cfg, teacher.tokenizer, val))
         if teacher is not None
         else (None, None)
     )
@@ -262,7 +245,7 @@ def _load_teacher(cfg: Config, tokenizer) -> tuple[Loaded, Any]:
     """The HF teacher, or (tokenizer-only Loaded, VLLMScorer) when teacher.engine is vllm."""
     spec = cfg.teacher
     if spec.engine == "hf":
-        return _load(spec, tokenizer=tokenizer), None
+        return load_spec(spec, tokenizer=tokenizer), None
     from stableopd.backends.vllm import VLLMScorer
 
     path = resolve_model_path(spec.name)
@@ -281,6 +264,13 @@ def _load_teacher(cfg: Config, tokenizer) -> tuple[Loaded, Any]:
         Loaded(name=spec.name, path=path, model=None, tokenizer=tokenizer),
         VLLMScorer(path, spec.engine_options, hf_overrides=overrides),
     )
+
+
+def bind(objective: Objective, cfg: Config, vocab_size: int, pair: TokenPair | None = None) -> Objective:
+    """The run's objective bound to the loaded models: their vocabulary, the teacher's swapped columns, and
+    whether the sampler draws from the policy itself."""
+    swaps = pair.swaps if pair else ()
+    return objective.bound(vocab_size, swaps=swaps, sampler_is_policy=sampler_is_policy(cfg, pair))
 
 
 def sampler_is_policy(cfg: Config, pair: TokenPair | None) -> bool:
@@ -344,10 +334,7 @@ def announce(line: str) -> None:
 
 def write_config(run_dir: Path, cfg: Config) -> None:
     """RUN_DIR/config.yaml, replaced atomically (a kill never leaves half a config for --resume)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(dump_config(cfg))
-    tmp.replace(run_dir / "config.yaml")
+    write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
 
 
 def checkpoint_bytes(model) -> int:
@@ -491,10 +478,6 @@ def train_lr(cfg: Config, step: int) -> float:
     )
 
 
-def pad_id_of(tok) -> int:
-    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-
 def update(cfg: Config, setup: Setup, optimizer, rollouts, golds, objective: Objective, prompts, targets):
     """train.epochs_per_batch optimizer passes over one batch (pi_old frozen before the first when several)."""
     model = setup.student.model
@@ -556,15 +539,7 @@ def stop_for_nonfinite(k: int) -> TrainingStopped:
 
 
 def build_step_backend(cfg: Config, setup: Setup):
-    s = setup.student
-    return build_backend(
-        cfg.sampling.backend,
-        model=s.model,
-        tokenizer=s.tokenizer,
-        model_path=s.path,
-        stop_ids=setup.stop_ids,
-        options=cfg.sampling.options,
-    )
+    return sampler(cfg, setup.student, setup.stop_ids)
 
 
 def _loop(
@@ -645,11 +620,7 @@ def _steps(
     tcfg = cfg.train
     dist = setup.dist
     backend = dist.sampler(build_step_backend(cfg, setup), setup.student.model)
-    objective = objective.bound(
-        setup.vocab_size,
-        swaps=setup.pair.swaps if setup.pair else (),
-        sampler_is_policy=sampler_is_policy(cfg, setup.pair),
-    )
+    objective = bind(objective, cfg, setup.vocab_size, setup.pair)
     bad = int(restored_state.get("consecutive_bad", 0))
     skipped = int(restored_state.get("skipped_total", 0))
     chatty = cfg.logging.progress and dist.is_main

@@ -18,8 +18,9 @@ from typing import Any
 
 from stableopd.engine.teacher import reverse_kl_sums
 from stableopd.eval.answers import check
-from stableopd.stages.rollout import sample_records, summarize, write_jsonl_atomic
-from stableopd.types import SamplingParams
+from stableopd.files import write_jsonl_atomic
+from stableopd.stages.build import eval_sampling, pad_id_of
+from stableopd.stages.rollout import sample_records, summarize
 
 VAL_SEED = 424_242
 
@@ -30,15 +31,7 @@ def validate(cfg, setup, backend, step: int, run_dir: Path, *, write: bool = Tru
     t0 = time.perf_counter()
     tok = setup.student.tokenizer
     pair = setup.pair
-    params = SamplingParams(
-        n=cfg.eval.n,
-        temperature=cfg.eval.temperature,
-        top_p=cfg.eval.top_p,
-        top_k=0,
-        max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens,
-        seed=cfg.sampling.seed + VAL_SEED,
-        banned_token_ids=pair.banned if pair else (),
-    )
+    params = eval_sampling(cfg, seed=cfg.sampling.seed + VAL_SEED, banned=pair.banned if pair else ())
     dist = setup.dist  # each rank validates its contiguous share; records are gathered in prompt order
     records = sample_records(
         backend,
@@ -71,7 +64,7 @@ def validate(cfg, setup, backend, step: int, run_dir: Path, *, write: bool = Tru
                         setup.teacher.model,
                         [r["prompt_token_ids"] for r in records],
                         targets,
-                        pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                        pad_id=pad_id_of(tok),
                         micro_batch=cfg.train.micro_batch,
                         chunk_size=cfg.loss.chunk_size,
                         vocab_size=setup.vocab_size,
