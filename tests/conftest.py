@@ -4,6 +4,10 @@
 models are built once per run and never touch the user's cache. Tests that change a model must work on
 a copy (`copy.deepcopy(tiny.model)`): the loaded models are shared by the session.
 
+`fake_backend` registers tests/fake_backend.py as sampling backend `fake` through the real entry-point group
+(a distribution's metadata on sys.path and on PYTHONPATH, so subprocesses find it too): tests of a run's
+machinery sample with it in one forward instead of a decode loop.
+
 The toy models install from the weights shipped in the package. tests/test_shipped_models.py rebuilds them
 from their recipes, which takes minutes: that file runs last, and its builds start at once in a background
 process, into its own cache (`rebuild_cache`). A build runs on one thread, so on a machine with two cores or
@@ -38,6 +42,26 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.environ.pop("STABLEOPD_CACHE", None)
     else:
         os.environ["STABLEOPD_CACHE"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fake_backend(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Backend `fake` (tests/fake_backend.py) in the `stableopd.backends` entry-point group, as a plugin is."""
+    site = tmp_path_factory.mktemp("site")
+    info = site / "stableopd_test_backends-0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: stableopd-test-backends\nVersion: 0\n")
+    (info / "entry_points.txt").write_text("[stableopd.backends]\nfake = tests.fake_backend:FakeBackend\n")
+    root = str(Path(__file__).resolve().parents[1])
+    old = os.environ.get("PYTHONPATH")
+    sys.path.append(str(site))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), root, old) if p)
+    yield "fake"
+    sys.path.remove(str(site))
+    if old is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = old
 
 
 @pytest.fixture(scope="session")

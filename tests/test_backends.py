@@ -506,3 +506,27 @@ def test_sample_records_hands_the_backend_its_batch(tiny, per_call, progress, ca
 
 def test_hf_backend_prompts_per_call_is_its_batch_size(tiny):
     assert hf_backend(tiny, batch_size=3).prompts_per_call == 3
+
+
+def test_the_fake_test_sampler_keeps_the_backend_contract(tiny, fake_backend):
+    """tests/fake_backend.py stands in for hf in the run-machinery tests: registered like a plugin, seeded,
+    never drawing a banned id, "length" exactly when the budget is used up, and log-probs that are the
+    model's own (what the trainer's sampler/trainer agreement check reads)."""
+    from stableopd.engine.teacher import score_targets
+
+    stops = stop_token_ids(tiny.tokenizer, tiny.model)
+    backend = build_backend(fake_backend, model=tiny.model, tokenizer=tiny.tokenizer, model_path="",
+                            stop_ids=stops, options={})  # fmt: skip
+    prompts = encode_prompts(tiny.tokenizer, [Example(str(i), f"{i}+{i}=") for i in range(6)])
+    params = SamplingParams(n=3, max_new_tokens=9, seed=5, banned_token_ids=(7, 8))
+    batch = backend.generate(prompts, params)
+    assert [len(s) for s in batch] == [3] * 6 and batch == backend.generate(prompts, params)
+    samples = [s for row in batch for s in row]
+    assert {s.finish_reason for s in samples} == {"stop", "length"}
+    for s in samples:
+        assert (s.finish_reason == "length") == (len(s.token_ids) == 9 and s.token_ids[-1] not in stops)
+        assert not {7, 8} & set(s.token_ids) and all(t not in stops for t in s.token_ids[:-1])
+    want = score_targets(tiny.model, [p for p in prompts for _ in range(3)], [s.token_ids for s in samples],
+                         pad_id=0, micro_batch=4, chunk_size=64, vocab_size=len(tiny.tokenizer))  # fmt: skip
+    for s, w in zip(samples, want):
+        assert s.logprobs == pytest.approx(w, abs=1e-5)

@@ -146,6 +146,7 @@ def tracked(tmp_path_factory, tiny, tiny_teacher):
         "logging.report_to": ALL,
         "logging.project": "opd-test",
         "logging.table_rows": 3,
+        "sampling.backend": "fake",  # the trackers' series need rollouts, not the model's own text
     }
     args = [a for k, v in sets.items() for a in ("-s", f"{k}={v}")]
     first = subprocess.run([*base, *args, "-s", "train.steps=2"], env=env, capture_output=True, text=True)

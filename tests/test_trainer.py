@@ -68,9 +68,10 @@ RECORD_FIELDS = [
 ]  # fmt: skip
 
 # Small enough for a 2-core CPU, large enough that every code path runs (several prompts, validation).
+# The run's machinery does not need the model's own text: the fake sampler (conftest.py) draws in one forward.
 SMALL = {
     "train.prompts_per_step": 2, "sampling.n": 2, "sampling.max_new_tokens": 12, "train.eval_every": 2,
-    "data.val_limit": 2, "train.save_every": 2, "logging.progress": "false",
+    "data.val_limit": 2, "train.save_every": 2, "logging.progress": "false", "sampling.backend": "fake",
 }  # fmt: skip
 
 
@@ -173,7 +174,8 @@ class GradCapture:
 def smoke(tmp_path_factory, data_file, built) -> SimpleNamespace:
     run = tmp_path_factory.mktemp("smoke") / "run"
     flags = pair_args(data_file, run)
-    overrides = ["-s", "train.steps=4", *sets(logging__progress="true")]  # the user's view: progress bars on
+    # the user's view: progress bars on, the model's own samples (hf)
+    overrides = ["-s", "train.steps=4", *sets(logging__progress="true", sampling__backend="hf")]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(distill_cmd(*flags, *overrides), capture_output=True, text=True, timeout=600)
@@ -373,7 +375,7 @@ def test_teacher_equal_to_student_on_the_samplers_policy_leaves_only_rounding(da
     path), so A = log pi_T - log pi_sampler is the sampler/trainer rounding, not exactly 0; the update
     vanishes with it (the control below moves the student by more than 1e-3)."""
     cfg, setup = step_setup(data_file, built.student, "loss.objective=opd")
-    assert trainer.sampler_is_policy(cfg, setup.pair)
+    assert training.sampler_is_policy(cfg, setup.pair)
     capture = GradCapture(setup.student.model)
     metrics, _ = one_step(cfg, setup, capture)
     assert abs(metrics["adv/mean"]) < 1e-6 and abs(metrics["diag/kl_sample_train"]) < 1e-6
@@ -828,7 +830,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(smoke, tmp_pat
     shutil.copytree(smoke.run, run)
     weights = run / "checkpoints" / "step_000004" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    result = distill_cli(*pair_args(smoke.data, run), "-s", "train.steps=4", *sets(), "--resume")
+    result = distill_cli(
+        *pair_args(smoke.data, run), "-s", "train.steps=4", *sets(sampling__backend="hf"), "--resume"
+    )
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert says(result.output, "warning: checkpoint step_000004 is unreadable")
     assert says(result.output, f"resuming from {run / 'checkpoints' / 'step_000002'}")
@@ -871,7 +875,7 @@ def test_a_signal_stops_after_the_step_saves_and_resumes_to_the_same_run(smoke, 
     """SIGTERM mid-run: the step in flight finishes, a checkpoint of it is saved, exit 143 with the resume
     command; --resume then ends identical to the uninterrupted smoke run."""
     run = tmp_path / "run"
-    args = [*pair_args(smoke.data, run), "-s", "train.steps=4", *sets()]
+    args = [*pair_args(smoke.data, run), "-s", "train.steps=4", *sets(sampling__backend="hf")]  # as smoke
     proc = subprocess.Popen(distill_cmd(*args), stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
@@ -899,7 +903,7 @@ def test_a_signal_stops_after_the_step_saves_and_resumes_to_the_same_run(smoke, 
 
 def test_a_second_writer_on_a_run_directory_is_refused(smoke, tmp_path):
     run = tmp_path / "run"
-    args = [*pair_args(smoke.data, run), "-s", "train.steps=4", *sets()]
+    args = [*pair_args(smoke.data, run), "-s", "train.steps=4", *sets(sampling__backend="hf")]  # as smoke
     first = subprocess.Popen(distill_cmd(*args), stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not (run / ".lock").exists() or not (run / ".lock").read_text().strip():
@@ -925,9 +929,10 @@ def test_a_second_writer_on_a_run_directory_is_refused(smoke, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # 7. The collapse guard
 
-# max_new_tokens 4: the random-init student almost never stops that early, so truncation is about 1
+# max_new_tokens 4: the random-init student almost never stops that early, so truncation is about 1 (its own
+# samples: the hf sampler)
 COLLAPSE = dict(sampling__max_new_tokens=4, train__eval_every=0, loss__objective="opd", diagnose__collapse_trunc=0.5,
-                diagnose__collapse_rep_jump=0, diagnose__patience=1)  # fmt: skip
+                diagnose__collapse_rep_jump=0, diagnose__patience=1, sampling__backend="hf")  # fmt: skip
 
 
 def test_collapse_guard_stops_with_exit_code_3_and_a_checkpoint(tmp_path, data_file, built):
