@@ -20,8 +20,8 @@ from stableopd.config import load_config
 from stableopd.data.sources import encode_prompts
 from stableopd.errors import UserError
 from stableopd.models.loading import stop_token_ids
-from stableopd.stages.rollout import sample_records
-from stableopd.types import Example, Sample, SamplingParams
+from stableopd.stages.rollout import make_record, sample_records
+from stableopd.types import Example, Rollout, Sample, SamplingParams
 
 PROMPTS = ["hi", "What is 12+345? Explain every step, then give the answer.", "Say a word.\nThen stop."]
 
@@ -58,10 +58,11 @@ def teacher_forced(
 
 
 def records_for(loaded, params: SamplingParams, prompts=PROMPTS, **options) -> list[dict]:
+    """The records as a records file holds them."""
     tok = loaded.tokenizer
     examples = [Example(f"p{i}", p) for i, p in enumerate(prompts)]
     stop_ids = stop_token_ids(tok, loaded.model)
-    return sample_records(
+    records = sample_records(
         hf_backend(loaded, **options),
         tok,
         examples,
@@ -72,6 +73,7 @@ def records_for(loaded, params: SamplingParams, prompts=PROMPTS, **options) -> l
         rep_ratio=10.0,
         progress=False,
     )
+    return [r.to_json() for r in records]
 
 
 def assert_consistent(loaded, records: list[dict], tol: float = 1e-4, **reference) -> int:
@@ -415,7 +417,9 @@ def test_hf_backend_is_built_by_name(tiny):
 def test_unknown_backend_lists_the_available_ones(tiny):
     with pytest.raises(UserError) as exc:
         build_backend("sglang", model=None, tokenizer=tiny.tokenizer, model_path="x", stop_ids=[2])
-    assert str(exc.value) == "unknown sampling backend 'sglang'; available: hf, vllm"
+    assert (
+        str(exc.value) == "unknown sampling backend 'sglang'; available: fake, hf, vllm"
+    )  # fake: the test plugin (conftest.py)
 
 
 def test_plugin_backend_is_found_and_used(tiny, echo_plugin):
@@ -438,7 +442,7 @@ def test_plugin_errors(tiny, echo_plugin):
     kw = dict(model=None, tokenizer=tiny.tokenizer, model_path="x", stop_ids=[2])
     with pytest.raises(UserError) as exc:
         build_backend("nope", **kw)
-    assert str(exc.value) == "unknown sampling backend 'nope'; available: broken, echo, hf, missing, vllm"
+    assert str(exc.value) == "unknown sampling backend 'nope'; available: broken, echo, fake, hf, missing, vllm"
     with pytest.raises(UserError) as exc:
         build_backend("broken", **kw)
     assert str(exc.value) == (
@@ -499,9 +503,7 @@ def test_sample_records_hands_the_backend_its_batch(tiny, per_call, progress, ca
         progress=progress,
     )
     assert backend.calls == calls
-    assert [(r["prompt_id"], r["sample_idx"]) for r in records] == [
-        (f"q{i}", j) for i in range(19) for j in (0, 1)
-    ]
+    assert [(r.prompt_id, r.sample_idx) for r in records] == [(f"q{i}", j) for i in range(19) for j in (0, 1)]
 
 
 def test_hf_backend_prompts_per_call_is_its_batch_size(tiny):
@@ -530,3 +532,20 @@ def test_the_fake_test_sampler_keeps_the_backend_contract(tiny, fake_backend):
                          pad_id=0, micro_batch=4, chunk_size=64, vocab_size=len(tiny.tokenizer))  # fmt: skip
     for s, w in zip(samples, want):
         assert s.logprobs == pytest.approx(w, abs=1e-5)
+
+
+def test_a_rollout_record_reads_back_from_its_line(tiny):
+    """The typed record and the records file's line are one thing: the stop token trained after the response,
+    the file's keys in the record's order, `answer` only when there is one, stage fields last."""
+    sample = Sample(token_ids=[5, 6, 2], logprobs=[-0.5, -0.25, -0.125], finish_reason="stop")
+    ex = Example("q1", "1+1=", answer="2")
+    rec = make_record(ex, [9, 9], 0, sample, tiny.tokenizer, [2], rep_tail_chars=48, rep_ratio=1.5)
+    assert (rec.target, rec.target_logprobs) == ([5, 6, 2], [-0.5, -0.25, -0.125])
+    assert (rec.response_token_ids, rec.stop_token_id, rec.truncated) == ([5, 6], 2, False)
+    rec.extra.update(step=3, correct=True)
+    row = json.loads(json.dumps(rec.to_json()))
+    assert list(row)[-4:] == ["stop_logprob", "answer", "step", "correct"] and list(row)[0] == "prompt_id"
+    assert Rollout.from_json(row) == rec
+    cut = make_record(Example("q2", "x"), [9], 1, Sample([5, 6], [-1.0, -2.0], "length"), tiny.tokenizer, [2],
+                      rep_tail_chars=48, rep_ratio=1.5)  # fmt: skip
+    assert cut.target == [5, 6] and cut.truncated and "answer" not in cut.to_json()

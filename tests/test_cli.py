@@ -469,7 +469,9 @@ def test_unknown_backend(prompts_file):
     result = invoke(
         "rollout", "--model", "tiny", "--data", str(prompts_file), "-s", "sampling.backend=sglang"
     )
-    assert_one_line_error(result, "unknown sampling backend 'sglang'; available: hf, vllm")
+    assert_one_line_error(
+        result, "unknown sampling backend 'sglang'; available: fake, hf, vllm"
+    )  # fake: the test plugin (conftest.py)
 
 
 def test_incompatible_student_and_teacher_tokenizers(tmp_path, prompts_file):

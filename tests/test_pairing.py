@@ -24,7 +24,7 @@ from stableopd.models.pairing import end_of_turn_id, pair_tokens, stop_ids
 from stableopd.models.tiny import build_tokenizer
 from stableopd.stages import distill as trainer
 from stableopd.stages import training
-from stableopd.types import Sample
+from stableopd.types import Rollout, Sample
 from tests import qwen_family
 from tests.push import Push
 
@@ -227,7 +227,7 @@ def test_a_step_scores_the_teacher_on_its_prompt_and_its_end_token(
         )[0]
         assert r["teacher_logprobs"] == pytest.approx(want[:2], rel=1e-5, abs=1e-6)
     # the stop position's teacher log-prob (the last advantage term) is the teacher's own end token's
-    rollouts = trainer.teacher_view(setup, [0], records[:1], [[17, 18, MATH_EOS]], 1)
+    rollouts = trainer.teacher_view(setup, [0], [Rollout.from_json(records[0])], [[17, 18, MATH_EOS]], 1)
     assert rollouts[1] == [[17, 18, end]]
     ids = torch.tensor([records[0]["teacher_prompt_token_ids"] + [17, 18]])
     with torch.no_grad():

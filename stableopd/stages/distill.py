@@ -32,7 +32,7 @@ from stableopd.models.pairing import TokenPair
 from stableopd.stages.build import pad_id_of, train_sampling
 from stableopd.stages.rollout import sample_records, summarize
 from stableopd.stages.training import Setup, Stage, run_stage, train_lr, update
-from stableopd.types import GoldSeq, SamplingParams
+from stableopd.types import GoldSeq, Rollout, SamplingParams
 
 
 def run_distill(cfg: Config, *, resume: bool = False) -> int:
@@ -56,7 +56,8 @@ def train_step(
     *,
     objective: Objective,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """One distillation step: sample, score, update. Returns (metrics, rollout records)."""
+    """One distillation step: sample, score, update. Returns (metrics, the global batch's records as the
+    rollouts file holds them)."""
     tok, model = setup.student.tokenizer, setup.student.model
     dist = setup.dist
     maybe_fail(dist.rank, step)
@@ -75,8 +76,8 @@ def train_step(
         progress=False,
     )
     t1 = time.perf_counter()
-    targets = [r["response_token_ids"] + ([] if r["truncated"] else [r["stop_token_id"]]) for r in records]
-    prompts = [r["prompt_token_ids"] for r in records]
+    targets = [r.target for r in records]
+    prompts = [r.prompt_token_ids for r in records]
     t_prompts, t_targets = teacher_view(setup, idx, records, targets, cfg.sampling.n)
     if objective.teacher_in_update:  # the update runs the teacher for the JSD and reads its log-probs there
         teacher_lp = [None] * len(records)
@@ -104,7 +105,7 @@ def train_step(
             target=t,
             teacher_lp=tl,
             repetitive=repetitive_token_mask(t, ngram),
-            sampler_lp=r["sampler_logprobs"] + ([] if r["truncated"] else [r["stop_logprob"]]),
+            sampler_lp=r.target_logprobs,
             teacher_prompt=None if tp == p else tp,
             teacher_target=None if tt == t else tt,
         )
@@ -115,10 +116,12 @@ def train_step(
     metrics = update(cfg, setup, optimizer, rollouts, golds, objective, prompts, targets)
     t3 = time.perf_counter()
     for r, q, tp, tt in zip(records, rollouts, t_prompts, t_targets):
-        r["teacher_logprobs"] = q.teacher_lp[: r["n_tokens"]]
-        r["teacher_prompt_token_ids"] = tp
-        r["teacher_stop_token_id"] = None if r["truncated"] else tt[-1]
-        r["step"] = step
+        r.extra.update(
+            teacher_logprobs=q.teacher_lp[: r.n_tokens],
+            teacher_prompt_token_ids=tp,
+            teacher_stop_token_id=None if r.truncated else tt[-1],
+            step=step,
+        )
     records = dist.concat(records)  # every rank gets the global batch's records, in single-process order
     summary = summarize(records)
     n_gold, n_idx = dist.all_sum([len(golds), len(idx)])
@@ -138,22 +141,22 @@ def train_step(
         }
     )
     model.train()
-    return metrics, records
+    return metrics, [r.to_json() for r in records]
 
 
 def teacher_view(
-    setup: Setup, idx: list[int], records: list[dict[str, Any]], targets: list[list[int]], n: int
+    setup: Setup, idx: list[int], records: list[Rollout], targets: list[list[int]], n: int
 ) -> tuple[list[list[int]], list[list[int]]]:
     """Each record's prompt in the teacher's own template and its target with the stop token mapped
     (records come n per prompt, in the order of idx)."""
     if setup.teacher_train_ids is None:
-        prompts = [r["prompt_token_ids"] for r in records]
+        prompts = [r.prompt_token_ids for r in records]
     else:
         if len(records) != len(idx) * n:
             raise RuntimeError(f"{len(records)} rollouts for {len(idx)} prompts x {n} samples")
         prompts = [setup.teacher_train_ids[i] for i in idx for _ in range(n)]
     pair = setup.pair
-    mapped = [pair.teacher_target(t, not r["truncated"]) if pair else t for t, r in zip(targets, records)]
+    mapped = [pair.teacher_target(t, not r.truncated) if pair else t for t, r in zip(targets, records)]
     return prompts, mapped
 
 

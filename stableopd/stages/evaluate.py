@@ -311,7 +311,7 @@ def generate_records(
     )
     del backend, loaded
     gc.collect()
-    return records
+    return [r.to_json() for r in records]  # scored like the rows of a responses file
 
 
 # ---------------------------------------------------------------- output

@@ -1,26 +1,19 @@
-"""Sampling rollouts into records, their summary, and the `stableopd rollout` stage.
+"""Sampling rollouts into records (`types.Rollout`), their summary, and the `stableopd rollout` stage.
 
-A record is one sampled response (README, "Run directory"). `response_token_ids` and `response`
-exclude the stop token and padding; `sampler_logprobs` are aligned with `response_token_ids`, and the
-stop token's log-prob, when there is one, is kept as `stop_logprob` (the trainer needs it: learning when
-to stop is half of the length problem). `truncated` is true exactly when no stop token came within
-`max_new_tokens`.
-
-    stableopd rollout --model tiny --data builtin:arith -s sampling.n=2 -s sampling.max_new_tokens=16 --out x.jsonl
+stableopd rollout --model tiny --data builtin:arith -s sampling.n=2 -s sampling.max_new_tokens=16 --out x.jsonl
 """
 
 from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import Any
 
 from stableopd.backends.base import Backend, split_stop
 from stableopd.core.repetition import is_repetitive
 from stableopd.errors import UserError
 from stableopd.files import write_jsonl_atomic
 from stableopd.progress import progress_bar
-from stableopd.types import Example, Sample, SamplingParams
+from stableopd.types import Example, Rollout, Sample, SamplingParams
 
 
 def make_record(
@@ -33,29 +26,27 @@ def make_record(
     *,
     rep_tail_chars: int,
     rep_ratio: float,
-) -> dict[str, Any]:
+) -> Rollout:
     ids, lps, truncated = split_stop(sample, stop_ids)
     text = tokenizer.decode(ids, skip_special_tokens=True)
     repetitive, ratio = is_repetitive(text, rep_tail_chars, rep_ratio)
-    rec: dict[str, Any] = {
-        "prompt_id": ex.id,
-        "sample_idx": idx,
-        "prompt": ex.prompt,
-        "prompt_token_ids": list(prompt_ids),
-        "response": text,
-        "response_token_ids": ids,
-        "sampler_logprobs": lps,
-        "n_tokens": len(ids),
-        "finish_reason": "length" if truncated else "stop",
-        "truncated": truncated,
-        "repetitive": repetitive,
-        "compression_ratio": round(ratio, 4),
-        "stop_token_id": None if truncated else sample.token_ids[-1],
-        "stop_logprob": None if truncated else sample.logprobs[-1],
-    }
-    if ex.answer is not None:
-        rec["answer"] = ex.answer
-    return rec
+    return Rollout(
+        prompt_id=ex.id,
+        sample_idx=idx,
+        prompt=ex.prompt,
+        prompt_token_ids=list(prompt_ids),
+        response=text,
+        response_token_ids=ids,
+        sampler_logprobs=lps,
+        n_tokens=len(ids),
+        finish_reason="length" if truncated else "stop",
+        truncated=truncated,
+        repetitive=repetitive,
+        compression_ratio=round(ratio, 4),
+        stop_token_id=None if truncated else sample.token_ids[-1],
+        stop_logprob=None if truncated else sample.logprobs[-1],
+        answer=ex.answer,
+    )
 
 
 def sample_records(
@@ -71,7 +62,7 @@ def sample_records(
     chunk: int | None = None,
     progress: bool = True,
     label: str = "sampling",
-) -> list[dict[str, Any]]:
+) -> list[Rollout]:
     """Sample params.n responses for every prompt; records come back in (prompt, sample) order.
 
     Without a progress bar every prompt goes to the backend in one call, which batches them as its options
@@ -79,7 +70,7 @@ def sample_records(
     `prompts_per_call`, else 8) so the bar moves."""
     if chunk is None:
         chunk = (getattr(backend, "prompts_per_call", None) or 8) if progress else max(1, len(examples))
-    records: list[dict[str, Any]] = []
+    records: list[Rollout] = []
     with progress_bar(label, total=len(examples), enabled=progress) as advance:
         for start in range(0, len(examples), chunk):
             exs, pids = examples[start : start + chunk], prompt_ids[start : start + chunk]
@@ -113,11 +104,11 @@ def check_banned(backend: Backend, batch: list[list[Sample]], banned: tuple[int,
                 )
 
 
-def summarize(records: list[dict[str, Any]]) -> dict[str, float]:
+def summarize(records: list[Rollout]) -> dict[str, float]:
     """Count, length mean/p50/p90/max (tokens), truncation and repetition rates."""
     if not records:
         return {"count": 0}
-    lengths = sorted(r["n_tokens"] for r in records)
+    lengths = sorted(r.n_tokens for r in records)
 
     def pct(q: float) -> float:
         return float(lengths[min(len(lengths) - 1, int(q * len(lengths)))])
@@ -128,8 +119,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, float]:
         "length_p50": pct(0.5),
         "length_p90": pct(0.9),
         "length_max": float(lengths[-1]),
-        "trunc_rate": sum(r["truncated"] for r in records) / len(records),
-        "rep_rate": sum(r["repetitive"] for r in records) / len(records),
+        "trunc_rate": sum(r.truncated for r in records) / len(records),
+        "rep_rate": sum(r.repetitive for r in records) / len(records),
     }
 
 
@@ -159,7 +150,7 @@ def run_rollout(cfg, *, out: Path) -> dict[str, float]:
         rep_ratio=cfg.diagnose.rep_ratio,
         progress=cfg.logging.progress,
     )
-    write_jsonl_atomic(out, records)
+    write_jsonl_atomic(out, (r.to_json() for r in records))
     return summarize(records)
 
 

@@ -45,15 +45,13 @@ def validate(cfg, setup, backend, step: int, run_dir: Path, *, write: bool = Tru
         progress=False,
     )
     for r in records:
-        r["step"] = step
-        if r.get("answer") is not None:
-            verdict = check(r["response"], r["answer"], cfg.eval.checker)
-            r["extracted"], r["correct"] = verdict.extracted, verdict.correct
+        r.extra["step"] = step
+        if r.answer is not None:
+            verdict = check(r.response, r.answer, cfg.eval.checker)
+            r.extra.update(extracted=verdict.extracted, correct=verdict.correct)
     kl_sums = None
     if setup.teacher is not None and setup.teacher.model is not None:
-        targets = [
-            r["response_token_ids"] + ([] if r["truncated"] else [r["stop_token_id"]]) for r in records
-        ]
+        targets = [r.target for r in records]
         t_prompts = [p for p in dist.split(setup.teacher_val_ids or []) for _ in range(cfg.eval.n)] or None
         n_batches = int(dist.all_max([-(-len(records) // cfg.train.micro_batch)])[0])
         with dist.gathered_root(setup.teacher.model):
@@ -62,7 +60,7 @@ def validate(cfg, setup, backend, step: int, run_dir: Path, *, write: bool = Tru
                     reverse_kl_sums(
                         setup.student.model,
                         setup.teacher.model,
-                        [r["prompt_token_ids"] for r in records],
+                        [r.prompt_token_ids for r in records],
                         targets,
                         pad_id=pad_id_of(tok),
                         micro_batch=cfg.train.micro_batch,
@@ -76,16 +74,16 @@ def validate(cfg, setup, backend, step: int, run_dir: Path, *, write: bool = Tru
             )
     records = dist.concat(records)
     if write:  # False on ranks other than 0 of a multi-process run
-        write_jsonl_atomic(run_dir / "val" / f"step_{step:06d}.jsonl", records)
+        write_jsonl_atomic(run_dir / "val" / f"step_{step:06d}.jsonl", (r.to_json() for r in records))
     s = summarize(records)
     out: dict[str, Any] = {
         "val/length_mean": s["length_mean"],
         "val/trunc_rate": s["trunc_rate"],
         "val/rep_rate": s["rep_rate"],
     }
-    checked = [r for r in records if "correct" in r]
+    checked = [r.extra["correct"] for r in records if "correct" in r.extra]
     if checked:
-        out["val/accuracy"] = sum(r["correct"] for r in checked) / len(checked)
+        out["val/accuracy"] = sum(checked) / len(checked)
     if kl_sums is not None:
         out["val/reverse_kl"] = kl_sums[0] / kl_sums[1] if kl_sums[1] else None
     out["time/val_s"] = time.perf_counter() - t0
