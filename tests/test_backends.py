@@ -442,7 +442,9 @@ def test_plugin_errors(tiny, echo_plugin):
     kw = dict(model=None, tokenizer=tiny.tokenizer, model_path="x", stop_ids=[2])
     with pytest.raises(UserError) as exc:
         build_backend("nope", **kw)
-    assert str(exc.value) == "unknown sampling backend 'nope'; available: broken, echo, fake, hf, missing, vllm"
+    assert (
+        str(exc.value) == "unknown sampling backend 'nope'; available: broken, echo, fake, hf, missing, vllm"
+    )
     with pytest.raises(UserError) as exc:
         build_backend("broken", **kw)
     assert str(exc.value) == (
