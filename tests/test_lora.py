@@ -13,7 +13,14 @@ from safetensors.torch import load_file
 from stableopd.config import load_config
 from stableopd.engine.tracking import read_rows
 from stableopd.errors import UserError
-from tests.test_trainer import comparable, distill_cli, pair_args, says, sets, write_jsonl
+from tests.test_trainer import comparable, distill_cli, pair_args, says, write_jsonl
+from tests.test_trainer import sets as small_sets
+
+
+def sets(**overrides) -> list[str]:
+    """test_trainer's small run on the model's own samples (hf): LoRA learning and resume read them."""
+    return small_sets(sampling__backend="hf", **overrides)
+
 
 LORA = ["-s", "student.lora.r=8", "-s", "train.lr=1e-2"]
 

@@ -774,7 +774,9 @@ def rollout_files(run: Path) -> dict[str, str]:
 @pytest.mark.slow
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, data_file, built):
     # default objective (stableopd: OPD + golden SFT + reference KL), validation at steps 0, 3, 6
-    common = ["-s", "train.steps=6", *sets(train__eval_every=3, train__lr=1e-3, train__keep_last=10)]
+    # the hf sampler: resume must restore the RNG state its draws come from
+    common = ["-s", "train.steps=6", *sets(train__eval_every=3, train__lr=1e-3, train__keep_last=10,
+                                           sampling__backend="hf")]  # fmt: skip
     run_a, run_b = tmp_path / "a", tmp_path / "b"
     hook = tmp_path / "kill_in_checkpoint.py"
     hook.write_text(KILL_IN_CHECKPOINT)
