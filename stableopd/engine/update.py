@@ -3,12 +3,14 @@
 `accumulate` runs the student over the step's rollouts (and golden solutions) in micro-batches and
 calls `backward` on each micro-batch's share of the loss. Every term is normalised by the counts of
 the whole step (losses.token_weights), so the accumulated gradient does not depend on how the step is
-split into micro-batches. The caller owns `zero_grad`, clipping and `optimizer.step`.
+split into micro-batches. `optimizer_step` wraps it into one optimizer pass: `zero_grad`, `accumulate`,
+clipping, and `optimizer.step` unless the loss or the gradient norm is not finite. The terms that run and
+their weights are the `Objective`'s (engine/objective.py).
 
 Per rollout token t (the response's tokens, plus its stop token when it stopped):
     A_t   = shaped( log pi_T(y_t) - log pi_old(y_t) )                       detached
     L     = L_OPD(A) + gold_coef * L_SFT(golden) + ref_kl_coef * sum_t w_t KL_t(pi_theta || pi_ref)
-With `objective="jsd"` the OPD term is replaced by the full-vocabulary generalized JSD to the teacher
+Under the jsd objective (logged as loss/jsd) the OPD term is replaced by the full-vocabulary generalized JSD to the teacher
 at the same prefixes (TRL's GKD family), which needs the teacher's hidden states in the training pass;
 that forward is the step's only teacher forward, and it also fills the rollouts' teacher log-probs.
 Truncated rollouts stay in the batch as they are, as in the paper: the point of StableOPD is to keep
