@@ -288,28 +288,11 @@ def generate_records(
     cfg: Config, model_ref: str, examples: list[Example], *, label: str, progress: bool
 ) -> list[dict[str, Any]]:
     """Load one model, sample eval.n responses per problem, free the model."""
-    from stableopd.models.loading import stop_token_ids
-    from stableopd.stages.build import encode, eval_sampling, load_spec, sampler
-    from stableopd.stages.rollout import sample_records
+    from stableopd.stages.build import eval_sampling
+    from stableopd.stages.rollout import sample_model
 
-    loaded = load_spec(cfg.student, name=model_ref)
-    prompt_ids = encode(cfg, loaded.tokenizer, examples)
-    stop_ids = stop_token_ids(loaded.tokenizer, loaded.model)
-    backend = sampler(cfg, loaded, stop_ids)
     params = eval_sampling(cfg, seed=cfg.sampling.seed)
-    records = sample_records(
-        backend,
-        loaded.tokenizer,
-        examples,
-        prompt_ids,
-        params,
-        stop_ids,
-        rep_tail_chars=cfg.diagnose.rep_tail_chars,
-        rep_ratio=cfg.diagnose.rep_ratio,
-        progress=progress,
-        label=f"sampling {label}",
-    )
-    del backend, loaded
+    records = sample_model(cfg, model_ref, examples, params, progress=progress, label=f"sampling {label}")
     gc.collect()
     return [r.to_json() for r in records]  # scored like the rows of a responses file
 

@@ -124,31 +124,47 @@ def summarize(records: list[Rollout]) -> dict[str, float]:
     }
 
 
-def run_rollout(cfg, *, out: Path) -> dict[str, float]:
-    """The `rollout` stage: load the model and prompts, sample, write records, return the summary."""
-    from stableopd.data.sources import examples_for
-    from stableopd.files import check_output_file
+def sample_model(
+    cfg,
+    model: str,
+    examples: list[Example],
+    params: SamplingParams,
+    *,
+    progress: bool,
+    label: str = "sampling",
+) -> list[Rollout]:
+    """Load `model` with the student section's settings, then sample `params.n` responses per example with the
+    configured sampler; the model is freed when this returns."""
     from stableopd.models.loading import stop_token_ids
-    from stableopd.stages.build import encode, load_spec, sampler, train_sampling
+    from stableopd.stages.build import encode, load_spec, sampler
 
-    check_output_file(out, "rollout output")
-    d = cfg.data
-    examples = examples_for(d, limit=d.limit)
-    loaded = load_spec(cfg.student)
-    prompt_ids = encode(cfg, loaded.tokenizer, examples)
+    loaded = load_spec(cfg.student, name=model)
     stop_ids = stop_token_ids(loaded.tokenizer, loaded.model)
-    backend = sampler(cfg, loaded, stop_ids)
-    params = train_sampling(cfg)
-    records = sample_records(
-        backend,
+    return sample_records(
+        sampler(cfg, loaded, stop_ids),
         loaded.tokenizer,
         examples,
-        prompt_ids,
+        encode(cfg, loaded.tokenizer, examples),
         params,
         stop_ids,
         rep_tail_chars=cfg.diagnose.rep_tail_chars,
         rep_ratio=cfg.diagnose.rep_ratio,
-        progress=cfg.logging.progress,
+        progress=progress,
+        label=label,
+    )
+
+
+def run_rollout(cfg, *, out: Path) -> dict[str, float]:
+    """The `rollout` stage: load the model and prompts, sample, write records, return the summary."""
+    from stableopd.data.sources import examples_for
+    from stableopd.files import check_output_file
+    from stableopd.stages.build import train_sampling
+
+    check_output_file(out, "rollout output")
+    d = cfg.data
+    examples = examples_for(d, limit=d.limit)
+    records = sample_model(
+        cfg, cfg.student.name, examples, train_sampling(cfg), progress=cfg.logging.progress
     )
     write_jsonl_atomic(out, (r.to_json() for r in records))
     return summarize(records)
